@@ -1,0 +1,133 @@
+"""The ``mltk`` command: thin Typer commands over the library.
+
+Heavy modules (torch, timm, faiss, pytorch-metric-learning) are imported inside the commands
+that need them, so ``mltk --help`` starts fast.
+"""
+
+import json
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mltk.errors import MltkError
+
+app = typer.Typer(
+    name="mltk",
+    help="Metric learning for PyTorch: train, evaluate and serve embedding models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err = Console(stderr=True)
+
+
+class Kind(str, Enum):
+    backbones = "backbones"
+    losses = "losses"
+    miners = "miners"
+    metrics = "metrics"
+    datasets = "datasets"
+
+
+def warn_plugin_errors() -> None:
+    from mltk.plugins import errors
+
+    for plugin, message in errors.items():
+        err.print(f"warning: plugin {plugin!r} failed: {message}", soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command("list")
+def list_(
+    kind: Annotated[Kind, typer.Argument(help="What to list.")],
+    pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g. 'arc*'.")] = "*",
+) -> None:
+    """List what can be composed: backbones, losses, miners, metrics or datasets."""
+    from mltk import registry
+
+    entries = registry.catalogue(kind.value)
+    names = registry.names(kind.value, pattern)
+    if not names and not any(c in pattern for c in "*?["):
+        registry.get(kind.value, pattern)  # an exact name that does not exist: say so, with suggestions
+    table = Table("name", "plugin", "description", box=None, header_style="bold")
+    for name in names:
+        entry = entries[name]
+        table.add_row(name, plugin_label(entry.plugin), entry.description)
+    console.print(table, soft_wrap=True)
+    warn_plugin_errors()
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show each plugin: its version, what it registers, and why it failed to load."""
+    from mltk import registry
+    from mltk.plugins import distributions, errors, pm
+
+    catalogues = {kind: registry.catalogue(kind) for kind in registry.KINDS}
+    rows = []
+    for name in sorted({pm.get_name(p) for p in pm.get_plugins()} | set(errors)):
+        dist, version = distributions.get(name, ("mltk", _version()) if name.startswith("mltk.") else (name, ""))
+        registers = {
+            kind: sorted(n for n, e in entries.items() if e.plugin == name) for kind, entries in catalogues.items()
+        }
+        rows.append(
+            {
+                "name": name,
+                "distribution": dist,
+                "version": version,
+                "registers": {k: v for k, v in registers.items() if v},
+                "error": errors.get(name),
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("plugin", "version", "registers", "status", header_style="bold")
+    for row in rows:
+        summary = ", ".join(
+            f"{len(v)} {k}" if len(v) > 6 else f"{k}: {' '.join(v)}" for k, v in row["registers"].items()
+        )
+        status = f"[red]error: {row['error']}[/red]" if row["error"] else "[green]ok[/green]"
+        table.add_row(row["name"], row["version"], summary or "-", status)
+    console.print(table)
+
+
+def plugin_label(plugin: str) -> str:
+    """Built-in plugins show as ``mltk``; third-party ones by their entry-point name."""
+    return "mltk" if plugin.startswith("mltk.default_plugins.") else plugin
+
+
+def _version() -> str:
+    from mltk import __version__
+
+    return __version__
+
+
+def _add_plugin_commands() -> None:
+    from mltk.plugins import errors, pm
+
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:
+            errors[impl.plugin_name] = f"register_commands: {type(exc).__name__}: {exc}"
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit code."""
+    _add_plugin_commands()
+    try:
+        app(prog_name="mltk")
+    except MltkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,59 @@
+"""Built-in losses: center, ce, arcface, and every pytorch-metric-learning loss by its class name."""
+
+import functools
+import inspect
+
+import mltk
+
+# PML classes that are building blocks or wrappers, not losses one composes by name.
+NOT_LOSSES = {
+    "BaseMetricLossFunction", "BaseLossWrapper", "GenericPairLoss", "MultipleLosses", "CrossBatchMemory",
+    "SelfSupervisedLoss", "EmbeddingRegularizerMixin", "WeightRegularizerMixin",
+}
+
+
+def pml_loss(class_name: str, num_classes: int, embedding_size: int, **kwargs):
+    """A PML loss; ``num_classes``/``embedding_size`` are passed only to losses that take them."""
+    from pytorch_metric_learning import losses
+
+    cls = getattr(losses, class_name)
+    from mltk.errors import UsageError
+
+    # Subclasses often take *args/**kwargs and pass them on: look at every __init__ in the MRO.
+    inits = [inspect.signature(c.__init__).parameters for c in cls.__mro__ if "__init__" in vars(c)]
+    params = {name for p in inits for name in p}
+    # ManifoldLoss calls the embedding size ``l``, P2SGradLoss ``descriptors_dim``.
+    sizes = {"num_classes": num_classes, "embedding_size": embedding_size, "l": embedding_size, "descriptors_dim": embedding_size}
+    try:
+        return cls(**{k: v for k, v in sizes.items() if k in params}, **kwargs)
+    except TypeError as exc:  # a required option without default, or an option it does not take
+        raise UsageError(f"loss {class_name!r}: {exc}; set its options under loss_options in the config file") from None
+
+
+def center(num_classes: int, embedding_size: int, **kwargs):
+    from mltk.losses import CenterLoss
+
+    return CenterLoss(num_classes, embedding_size, **kwargs)
+
+
+def ce(num_classes: int, embedding_size: int, **kwargs):
+    from mltk.losses import CrossEntropyLoss
+
+    return CrossEntropyLoss(num_classes, embedding_size, **kwargs)
+
+
+def arcface(num_classes: int, embedding_size: int, **kwargs):
+    """PML's ArcFaceLoss (margin in degrees, default 28.6; scale 64)."""
+    return pml_loss("ArcFaceLoss", num_classes, embedding_size, **kwargs)
+
+
+@mltk.hookimpl
+def register_losses(register):
+    from pytorch_metric_learning import losses
+
+    register("center", center, description="CenterLoss: distance of each embedding to its learned class center")
+    register("ce", ce, description="softmax cross-entropy through a linear classifier on the embedding")
+    register("arcface", arcface, description="pytorch-metric-learning ArcFaceLoss")
+    for name, cls in sorted(vars(losses).items()):
+        if inspect.isclass(cls) and issubclass(cls, losses.BaseMetricLossFunction) and name not in NOT_LOSSES:
+            register(name, functools.partial(pml_loss, name), description="pytorch-metric-learning")

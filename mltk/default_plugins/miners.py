@@ -1,0 +1,33 @@
+"""Built-in miners: every pytorch-metric-learning miner by its class name, short aliases for the common ones."""
+
+import functools
+import inspect
+
+import mltk
+
+ALIASES = {
+    "hard": "BatchHardMiner",
+    "easyhard": "BatchEasyHardMiner",
+    "multisimilarity": "MultiSimilarityMiner",
+    "triplet": "TripletMarginMiner",
+    "pair": "PairMarginMiner",
+    "distance": "DistanceWeightedMiner",
+}
+NOT_MINERS = {"BaseMiner", "BaseTupleMiner", "BaseSubsetBatchMiner", "EmbeddingsAlreadyPackagedAsTriplets"}
+
+
+def pml_miner(class_name: str, **kwargs):
+    from pytorch_metric_learning import miners
+
+    return getattr(miners, class_name)(**kwargs)
+
+
+@mltk.hookimpl
+def register_miners(register):
+    from pytorch_metric_learning import miners
+
+    for alias, name in ALIASES.items():
+        register(alias, functools.partial(pml_miner, name), description=f"alias of {name}")
+    for name, cls in sorted(vars(miners).items()):
+        if inspect.isclass(cls) and issubclass(cls, miners.BaseMiner) and name not in NOT_MINERS:
+            register(name, functools.partial(pml_miner, name), description="pytorch-metric-learning")

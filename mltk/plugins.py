@@ -1,0 +1,59 @@
+"""The plugin manager: built-in plugins, then the ``mltk`` entry-point group, loaded once."""
+
+import importlib
+import os
+from importlib.metadata import entry_points
+
+import pluggy
+
+from mltk import hookspecs
+
+DEFAULT_PLUGINS = (
+    "mltk.default_plugins.backbones",
+    "mltk.default_plugins.losses",
+    "mltk.default_plugins.miners",
+    "mltk.default_plugins.datasets",
+)
+
+pm = pluggy.PluginManager("mltk")
+pm.add_hookspecs(hookspecs)
+
+#: plugin name -> error text, for plugins that could not be loaded or whose hook failed
+errors: dict[str, str] = {}
+#: plugin name -> (distribution name, version) for plugins that came from an entry point
+distributions: dict[str, tuple[str, str]] = {}
+
+
+def _allowed() -> set[str] | None:
+    """``MLTK_LOAD_PLUGINS``: unset loads every plugin, ``''`` none, ``a,b`` only those."""
+    value = os.environ.get("MLTK_LOAD_PLUGINS")
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _load_entry_points() -> None:
+    allowed = _allowed()
+    for ep in entry_points(group="mltk"):
+        dist = (ep.dist.name, ep.dist.version) if ep.dist else (ep.name, "")
+        if allowed is not None and ep.name not in allowed and dist[0] not in allowed:
+            continue
+        distributions[ep.name] = dist
+        try:
+            if pm.has_plugin(ep.name):
+                raise ValueError(f"the plugin name {ep.name!r} is already taken")
+            pm.register(ep.load(), name=ep.name)
+        except Exception as exc:  # a broken plugin must not take the others down
+            errors[ep.name] = f"{type(exc).__name__}: {exc}"
+    while True:  # a plugin implementing an unknown hook is reported, then dropped
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            errors[pm.get_name(exc.plugin)] = f"PluginValidationError: {exc}"
+            pm.unregister(exc.plugin)
+
+
+for _name in DEFAULT_PLUGINS:
+    pm.register(importlib.import_module(_name), name=_name)
+_load_entry_points()

@@ -1,0 +1,116 @@
+"""Lookups over what the plugins register: ``list_*`` with fnmatch patterns, ``create_*`` by name.
+
+Catalogues are rebuilt from the hooks on every call, so registering or unregistering a plugin
+is seen at once. A duplicate name or a hook that raises is recorded in ``mltk.plugins.errors``
+under the plugin's name; the other plugins' entries stay available.
+"""
+
+import difflib
+import fnmatch
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mltk.errors import UsageError
+from mltk.plugins import errors, pm
+
+KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics": "metric", "datasets": "dataset"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+
+
+def catalogue(kind: str) -> dict[str, Entry]:
+    """Every entry of one kind, by name, built-ins first."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    entries: dict[str, Entry] = {}
+    hook = getattr(pm.hook, f"register_{kind}")
+    # get_hookimpls() lists plugins in registration order: built-ins, then entry points.
+    for impl in hook.get_hookimpls():
+        plugin = impl.plugin_name
+        added: dict[str, Entry] = {}
+
+        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+            owner = entries.get(name) or added.get(name)
+            if owner is not None:
+                raise ValueError(f"{KINDS[kind]} {name!r} is already registered by {owner.plugin!r}")
+            added[name] = Entry(name, factory, plugin, description)
+
+        try:
+            impl.function(register=register)
+        except Exception as exc:  # report the plugin by name, keep everything else
+            errors[plugin] = f"register_{kind}: {type(exc).__name__}: {exc}"
+            continue
+        entries.update(added)
+    return entries
+
+
+def names(kind: str, pattern: str = "*") -> list[str]:
+    """Sorted names of one kind matching an fnmatch pattern."""
+    return sorted(n for n in catalogue(kind) if fnmatch.fnmatchcase(n, pattern))
+
+
+def get(kind: str, name: str) -> Entry:
+    """The entry for ``name``, or a UsageError that suggests close names."""
+    entries = catalogue(kind)
+    if name in entries:
+        return entries[name]
+    close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; see `mltk list {kind}`"
+    raise UsageError(f"unknown {KINDS[kind]} {name!r}{hint}")
+
+
+def call_with_accepted(factory: Callable[..., Any], *args: Any, optional: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Call ``factory``, passing each of ``optional`` only where its signature accepts it."""
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in (optional or {}).items() if takes_any or k in params}
+    return factory(*args, **extra, **kwargs)
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    return names("backbones", pattern)
+
+
+def list_losses(pattern: str = "*") -> list[str]:
+    return names("losses", pattern)
+
+
+def list_miners(pattern: str = "*") -> list[str]:
+    return names("miners", pattern)
+
+
+def list_metrics(pattern: str = "*") -> list[str]:
+    return names("metrics", pattern)
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    return names("datasets", pattern)
+
+
+def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, **kwargs: Any):
+    """A backbone module with ``num_features``; ``weights`` is a local weights file."""
+    return get("backbones", name).factory(pretrained=pretrained, weights=weights, **kwargs)
+
+
+def create_loss(name: str, num_classes: int, embedding_size: int, **kwargs: Any):
+    """A pytorch-metric-learning loss; its own parameters (if any) are its ``parameters()``."""
+    return get("losses", name).factory(num_classes=num_classes, embedding_size=embedding_size, **kwargs)
+
+
+def create_miner(name: str, **kwargs: Any):
+    return get("miners", name).factory(**kwargs)
+
+
+def get_metric(name: str) -> Callable[..., Any]:
+    return get("metrics", name).factory
+
+
+def create_dataset(name: str, **kwargs: Any):
+    return get("datasets", name).factory(**kwargs)

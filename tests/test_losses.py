@@ -1,0 +1,53 @@
+"""CenterLoss and the cross-entropy loss against values computed by hand."""
+
+import pytest
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+
+from mltk.losses import CenterLoss, CrossEntropyLoss
+
+
+def test_center_loss_raw_features_equals_hand_computation():
+    loss_fn = CenterLoss(num_classes=2, embedding_size=2, distance=LpDistance(normalize_embeddings=False, p=2, power=2))
+    with torch.no_grad():
+        loss_fn.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 3.0]])
+    y = torch.tensor([0, 0, 1])
+    # 1/2 |x - c|^2 per sample: 0.5 * 1, 0.5 * 4, 0.5 * (0 + 4); mean = (0.5 + 2 + 2) / 3
+    # (torch's pairwise_distance adds eps=1e-6 to the difference, hence the tolerance)
+    assert loss_fn(x, y).item() == pytest.approx(1.5, abs=1e-5)
+
+
+def test_center_loss_default_is_on_the_unit_sphere():
+    loss_fn = CenterLoss(num_classes=1, embedding_size=2)
+    with torch.no_grad():
+        loss_fn.centers.copy_(torch.tensor([[0.0, 5.0]]))
+    x = torch.tensor([[3.0, 0.0], [0.0, 0.1]])
+    # normalised: (1,0) vs (0,1) -> 1/2 * 2 = 1; (0,1) vs (0,1) -> 0
+    assert loss_fn(x, torch.tensor([0, 0])).item() == pytest.approx(0.5)
+    similarity = CenterLoss(num_classes=1, embedding_size=2, distance=CosineSimilarity())
+    with torch.no_grad():
+        similarity.centers.copy_(torch.tensor([[0.0, 5.0]]))
+    assert similarity(x, torch.tensor([0, 0])).item() == pytest.approx(0.5)  # 1 - cos: 1 and 0
+
+
+def test_center_loss_centers_receive_gradients_and_move():
+    torch.manual_seed(0)
+    loss_fn = CenterLoss(num_classes=3, embedding_size=2)
+    x = torch.randn(6, 2, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    before = loss_fn.centers.detach().clone()
+    loss = loss_fn(x, y)
+    loss.backward()
+    assert loss_fn.centers.grad is not None and loss_fn.centers.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0
+    torch.optim.SGD(loss_fn.parameters(), lr=0.5).step()
+    assert loss_fn(x, y).item() < loss.item() and not torch.equal(before, loss_fn.centers)
+
+
+def test_cross_entropy_matches_torch():
+    torch.manual_seed(0)
+    loss_fn = CrossEntropyLoss(num_classes=4, embedding_size=3)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])
+    expected = torch.nn.functional.cross_entropy(loss_fn.classifier(x), y)
+    assert loss_fn(x, y).item() == pytest.approx(expected.item(), rel=1e-6)
