@@ -1,26 +1,47 @@
-"""Datasets: labelled images from a folder, a CSV or a registered name."""
+"""Datasets (folder, CSV or registered name), class-disjoint splits, transforms and the m-per-class sampler."""
 
+import csv
+import random
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from PIL import Image
 
+from mltk.errors import MltkError
+
 Source = Union[str, Path, Image.Image]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
 class LabelledImages:
-    """Images (paths or PIL images) with integer labels indexing ``classes``."""
+    """Images (paths or PIL images) with integer labels indexing ``classes``.
+
+    ``hints`` are settings a dataset suggests where the user gave none (digits are 8x8: 32 px is plenty).
+    """
 
     sources: list[Source]
     labels: list[int]
     classes: list[str]
     name: str = ""
-    root: Path | None = field(default=None)
+    hints: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.sources)
+
+    def subset(self, class_ids: list[int], name: str = "") -> "LabelledImages":
+        """The images of some classes, relabelled 0..len(class_ids)-1."""
+        new_id = {c: i for i, c in enumerate(class_ids)}
+        keep = [i for i, y in enumerate(self.labels) if y in new_id]
+        return LabelledImages(
+            [self.sources[i] for i in keep],
+            [new_id[self.labels[i]] for i in keep],
+            [self.classes[c] for c in class_ids],
+            name or self.name,
+            self.hints,
+        )
 
 
 def digits() -> LabelledImages:
@@ -29,4 +50,168 @@ def digits() -> LabelledImages:
 
     bunch = load_digits()
     images = [Image.fromarray((img * 255 / 16).astype("uint8")) for img in bunch.images]
-    return LabelledImages(images, [int(t) for t in bunch.target], [str(c) for c in range(10)], name="digits")
+    return LabelledImages(images, [int(t) for t in bunch.target], [str(c) for c in range(10)], "digits", {"image_size": 32, "m_per_class": 16})
+
+
+def image_folder(root: Path) -> LabelledImages:
+    """``root/<class>/<image>``; files at the root are ignored."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    sources, labels, classes = [], [], []
+    for class_dir in class_dirs:
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if files:
+            labels += [len(classes)] * len(files)
+            sources += files
+            classes.append(class_dir.name)
+    if not sources:
+        raise MltkError(f"no images found in {str(root)!r}; expected <class>/<image> folders")
+    return LabelledImages(sources, labels, classes, root.name)
+
+
+def csv_list(path: Path) -> LabelledImages:
+    """A CSV with columns ``path,label``; paths relative to the CSV's folder."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise MltkError(f"{str(path)!r} needs a header with the columns path,label (has {reader.fieldnames})")
+        rows = [(line, row["path"], row["label"]) for line, row in enumerate(reader, start=2)]
+    classes = sorted({label for _, _, label in rows})
+    class_id = {c: i for i, c in enumerate(classes)}
+    sources = []
+    for line, rel, _ in rows:
+        full = (path.parent / rel).resolve()
+        if not full.is_file():
+            raise MltkError(f"{str(path)!r} line {line}: image {rel!r} does not exist")
+        sources.append(full)
+    if not sources:
+        raise MltkError(f"{str(path)!r} lists no images")
+    return LabelledImages(sources, [class_id[label] for _, _, label in rows], classes, path.stem)
+
+
+def load_data(spec: str) -> LabelledImages:
+    """DATA as the CLI takes it: a folder, a CSV file, or a registered dataset name."""
+    path = Path(spec)
+    if path.is_dir():
+        return image_folder(path)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return csv_list(path)
+    if path.exists() or "/" in spec or path.suffix:
+        raise MltkError(f"data {spec!r} is neither a folder of <class>/<image> nor a .csv file")
+    from mltk import registry
+
+    return registry.create_dataset(spec)
+
+
+def select_classes(data: LabelledImages, patterns: list[str]) -> LabelledImages:
+    """The classes whose names match any of the fnmatch ``patterns``."""
+    import fnmatch
+
+    keep = [i for i, name in enumerate(data.classes) if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not keep:
+        raise MltkError(f"no class of {data.name!r} matches {', '.join(patterns)}")
+    return data.subset(keep)
+
+
+def split_classes(data: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """Hold out ``fraction`` of the classes (class-disjoint, the metric-learning protocol)."""
+    order = list(range(len(data.classes)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(order)))
+    if n_val >= len(order):
+        raise MltkError(f"--val-classes {fraction} leaves no class to train on ({len(order)} classes)")
+    return data.subset(sorted(order[n_val:]), data.name), data.subset(sorted(order[:n_val]), f"{data.name}-val")
+
+
+def open_image(source: Source, mode: str) -> Image.Image:
+    """An image in ``mode`` ('RGB' or 'L'): greyscale works with RGB backbones and the other way round."""
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    return image.convert(mode)
+
+
+class ImageDataset:
+    """A map-style dataset of (tensor, label) for torch's DataLoader."""
+
+    def __init__(self, data: LabelledImages, transform, mode: str = "RGB"):
+        self.data, self.transform, self.mode = data, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.data.sources[i], self.mode)), self.data.labels[i]
+
+
+def data_config(model, image_size: int | None) -> dict:
+    """timm's preprocessing for ``model``, at ``image_size`` when given."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    if image_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], image_size, image_size)
+    return cfg
+
+
+def make_transform(cfg: dict, augment: bool, options: dict | None = None):
+    """timm's transform: random resized crop, flip and colour jitter with ``augment``; else resize and centre crop."""
+    from timm.data import create_transform
+
+    return create_transform(**cfg, is_training=augment, **(options or {}) if augment else {})
+
+
+class MPerClassSampler:
+    """Batches of ``batch_size // m`` classes with ``m`` images each, reshuffled per epoch from (seed, epoch).
+
+    Each image is used once per epoch (a class whose count is not a multiple of m repeats a few);
+    classes with one image have no positive pair and are left out. With ``num_replicas > 1`` each
+    rank takes every num_replicas-th batch, so no image is seen twice in an epoch across ranks.
+    """
+
+    def __init__(self, labels: list[int], m: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        self.m, self.batch_size, self.seed = m, batch_size, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        by_class: dict[int, list[int]] = {}
+        for i, y in enumerate(labels):
+            by_class.setdefault(y, []).append(i)
+        self.by_class = {y: idx for y, idx in by_class.items() if len(idx) > 1}
+        self.left_out = sorted(set(by_class) - set(self.by_class))
+        self.label_of = {i: y for y, idx in self.by_class.items() for i in idx}
+        self.classes_per_batch = batch_size // m
+        if len(self.by_class) < self.classes_per_batch:
+            raise MltkError(
+                f"a batch of {batch_size} with {m} per class needs {self.classes_per_batch} classes with 2+ images; "
+                f"the data has {len(self.by_class)}: lower --batch-size or raise --m-per-class"
+            )
+        self.batches_per_epoch = max(1, len(self.label_of) // batch_size // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        chunks: list[list[int]] = []  # each class's shuffled images, dealt out m at a time
+        for idx in self.by_class.values():
+            idx = rng.sample(idx, len(idx))
+            idx += rng.choices(idx, k=-len(idx) % self.m)
+            chunks += [idx[i : i + self.m] for i in range(0, len(idx), self.m)]
+        rng.shuffle(chunks)
+        needed = self.batches_per_epoch * self.num_replicas
+        batches, pending = [], deque(chunks)
+        while len(batches) < needed:
+            batch, used, skipped = [], set(), []
+            while pending and len(used) < self.classes_per_batch:
+                chunk = pending.popleft()
+                label = self.label_of[chunk[0]]
+                if label in used:
+                    skipped.append(chunk)
+                else:
+                    batch += chunk
+                    used.add(label)
+            pending.extendleft(reversed(skipped))
+            if len(used) < self.classes_per_batch:  # too few classes left: a fresh random batch
+                classes = rng.sample(list(self.by_class), self.classes_per_batch)
+                batch = [i for y in classes for i in rng.choices(self.by_class[y], k=self.m)]
+            batches.append(batch)
+        yield from batches[self.rank :: self.num_replicas]

@@ -68,3 +68,128 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
         ]
         raise MltkError(f"{str(path)!r} does not fit this model: {'; '.join(parts)}")
     model.load_state_dict(state)
+
+
+class Embedder(nn.Module):
+    """Backbone, then a neck (Linear + BatchNorm to ``dim``); ``embed`` L2-normalises for inference.
+
+    ``dim=None`` keeps the backbone's features as they are (no neck): an untrained backbone.
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int | None):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.num_features
+        self.neck = nn.Sequential(nn.Linear(width, dim), nn.BatchNorm1d(dim)) if dim else nn.Identity()
+        self.dim = dim or width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings, as the losses take them."""
+        return self.neck(self.backbone(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.forward(x).float(), dim=1)
+
+
+def build_embedder(cfg, from_checkpoint: bool = False) -> Embedder:
+    """The Embedder a RunConfig describes.
+
+    ``from_checkpoint``: the weights will come from a checkpoint, so nothing is downloaded or read
+    (``pretrained``, ``weights`` and any ``*_weights`` backbone option are left out).
+    """
+    from mltk.registry import create_backbone
+
+    kwargs = dict(cfg.backbone_kwargs)
+    if from_checkpoint:
+        kwargs = {k: v for k, v in kwargs.items() if not k.endswith("weights")}
+    backbone = create_backbone(
+        cfg.backbone,
+        pretrained=cfg.pretrained and not from_checkpoint,
+        weights=None if from_checkpoint else cfg.weights,
+        img_size=cfg.image_size,
+        **kwargs,
+    )
+    return Embedder(backbone, cfg.dim)
+
+
+CHECKPOINT_FORMAT = "mltk-checkpoint-1"
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, flushed, then renamed over ``path``."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint dict, read with ``weights_only=True`` (a pickle that would run code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MltkError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MltkError(f"{str(path)!r} is not a safe mltk checkpoint ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise MltkError(f"{str(path)!r} is not an mltk checkpoint")
+    return state
+
+
+def find_checkpoint(run: str | Path) -> Path:
+    """``run`` is a checkpoint file or a run directory (best.pt, else last.pt)."""
+    run = Path(run)
+    if run.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (run / name).is_file():
+                return run / name
+        raise MltkError(f"run directory {str(run)!r} has no best.pt or last.pt")
+    return run
+
+
+class EmbeddingModel:
+    """A trained embedder with its preprocessing: ``embed(images_or_paths)`` gives L2-normalised vectors."""
+
+    def __init__(self, embedder: Embedder, data_config: dict, config=None, classes=None, device: str | None = None):
+        from mltk.data import make_transform
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.embedder = embedder.to(self.device).eval()
+        self.data_config = data_config
+        self.transform = make_transform(data_config, augment=False)
+        self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+        self.config, self.classes = config, classes
+
+    @torch.no_grad()
+    def embed(self, images, batch_size: int = 64) -> torch.Tensor:
+        """``images``: paths or PIL images (one or a list); returns an (N, dim) float32 CPU tensor."""
+        from mltk.data import open_image
+
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.transform(open_image(im, self.mode)) for im in images[start : start + batch_size]])
+            out.append(self.embedder.embed(batch.to(self.device)).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embedder.dim)
+
+
+def load(run: str | Path, device: str | None = None) -> EmbeddingModel:
+    """The trained embedder of a run directory (or checkpoint file), ready for inference."""
+    from mltk.config import make_config
+
+    state = load_checkpoint(find_checkpoint(run))
+    cfg = make_config(state["config"], source=f"checkpoint {run}")
+    embedder = build_embedder(cfg, from_checkpoint=True)
+    embedder.load_state_dict(state["model"])
+    return EmbeddingModel(embedder, state["data_config"], cfg, state.get("classes"), device)

@@ -66,14 +66,6 @@ def get(kind: str, name: str) -> Entry:
     raise UsageError(f"unknown {KINDS[kind]} {name!r}{hint}")
 
 
-def call_with_accepted(factory: Callable[..., Any], *args: Any, optional: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-    """Call ``factory``, passing each of ``optional`` only where its signature accepts it."""
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    extra = {k: v for k, v in (optional or {}).items() if takes_any or k in params}
-    return factory(*args, **extra, **kwargs)
-
-
 def list_backbones(pattern: str = "*") -> list[str]:
     return names("backbones", pattern)
 
@@ -94,9 +86,15 @@ def list_datasets(pattern: str = "*") -> list[str]:
     return names("datasets", pattern)
 
 
-def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, **kwargs: Any):
-    """A backbone module with ``num_features``; ``weights`` is a local weights file."""
-    return get("backbones", name).factory(pretrained=pretrained, weights=weights, **kwargs)
+def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs: Any):
+    """A backbone module with ``num_features``; ``weights`` is a local weights file.
+
+    ``img_size`` goes to builders that declare it (models with a fixed input size need it).
+    """
+    factory = get("backbones", name).factory
+    if img_size is not None and "img_size" in inspect.signature(factory).parameters:
+        kwargs["img_size"] = img_size
+    return factory(pretrained=pretrained, weights=weights, **kwargs)
 
 
 def create_loss(name: str, num_classes: int, embedding_size: int, **kwargs: Any):

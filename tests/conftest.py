@@ -23,3 +23,28 @@ def run_mltk(*args: str, env: dict | None = None, cwd: str | Path | None = None,
 @pytest.fixture
 def mltk_cli():
     return run_mltk
+
+
+def make_image_folder(root: Path, classes: int = 8, per_class: int = 4, size: int = 24, mode: str = "RGB", seed: int = 0) -> Path:
+    """A tiny ImageFolder tree: each class a colour/stripe pattern plus noise; a stray file at the root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.zeros((size, size, 3), dtype=np.float32)
+        base[..., c % 3] = 120 + 15 * c
+        base[(c * 3) % size : (c * 3) % size + 3, :, :] = 255
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype("uint8")
+            image = Image.fromarray(pixels)
+            (image.convert("L") if mode == "L" else image).save(folder / f"{i}.png")
+    (root / "README.txt").write_text("not an image class")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images")

@@ -99,6 +99,26 @@ def plugins(
     console.print(table)
 
 
+def render_summary(result) -> None:
+    """The end of a run: a table of the last epoch and where the run directory is."""
+    table = Table("", "", box=None, show_header=False)
+    table.add_row("train images / classes", f"{result.train_images} / {result.train_classes}")
+    if result.val_images:
+        table.add_row("validation images / classes", f"{result.val_images} / {result.val_classes}")
+    if result.history:
+        last = result.history[-1]
+        table.add_row("epochs", str(last["epoch"]))
+        for key in sorted(k for k in last if k.startswith("loss") and k != "loss_lr"):
+            table.add_row(key, f"{last[key]:.4f}")
+        table.add_row("images/s", f"{last['images_per_s']:.0f}")
+        if "val_recall@1" in last:
+            table.add_row("val recall@1", f"{last['val_recall@1']:.4f}")
+    if result.best:
+        table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
+    console.print(table)
+    console.print(f"run directory: [bold]{result.run_dir}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
+
+
 def plugin_label(plugin: str) -> str:
     """Built-in plugins show as ``mltk``; third-party ones by their entry-point name."""
     return "mltk" if plugin.startswith("mltk.default_plugins.") else plugin
@@ -108,6 +128,11 @@ def _version() -> str:
     from mltk import __version__
 
     return __version__
+
+
+from mltk.cli.run import run  # noqa: E402  (light: heavy imports happen inside the command)
+
+app.command()(run)
 
 
 def _add_plugin_commands() -> None:

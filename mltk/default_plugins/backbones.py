@@ -3,16 +3,20 @@
 import mltk
 
 
-def timm_backbone(model_name: str, pretrained: bool = False, weights: str | None = None, **kwargs):
+def timm_backbone(model_name: str, pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs):
     """A timm model without its classifier (pooled features, ``num_features`` wide).
 
     ``weights`` is a local file (state dict or safetensors) loaded the way timm loads pretrained
-    weights: classifier keys dropped, channels adapted, ``weights_only=True``.
+    weights: classifier keys dropped, channels adapted, ``weights_only=True``. ``img_size`` is
+    passed on to models built for a fixed input size (ViT, Swin); CNNs take any size.
     """
     import timm
 
     from mltk.model import check_weights_file
 
+    pretrained_cfg = timm.get_pretrained_cfg(model_name)
+    if img_size is not None and getattr(pretrained_cfg, "fixed_input_size", False):
+        kwargs["img_size"] = img_size
     overlay = None
     if weights is not None:
         overlay = {"file": str(check_weights_file(weights)), "hf_hub_id": None, "url": None}
@@ -21,11 +25,11 @@ def timm_backbone(model_name: str, pretrained: bool = False, weights: str | None
     )
 
 
-def resnet50(pretrained: bool = False, weights: str | None = None, **kwargs):
+def resnet50(pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs):
     return timm_backbone("resnet50", pretrained, weights, **kwargs)
 
 
-def resnet101(pretrained: bool = False, weights: str | None = None, **kwargs):
+def resnet101(pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs):
     return timm_backbone("resnet101", pretrained, weights, **kwargs)
 
 
@@ -37,9 +41,7 @@ def swin(
     **kwargs,
 ):
     """A Swin Transformer (timm); ``img_size`` other than the model's own is accepted."""
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    return timm_backbone(model, pretrained, weights, **kwargs)
+    return timm_backbone(model, pretrained, weights, img_size=img_size, **kwargs)
 
 
 def hybrid(

@@ -1,0 +1,76 @@
+"""``mltk run``: train an embedding model composed from the registry."""
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mltk.errors import MltkError
+
+
+def run(
+    data: Annotated[Optional[str], typer.Option(help="Folder of <class>/<image>, a CSV (path,label) or a dataset name. Default: digits.")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="Validation images (same forms as --data).")] = None,
+    val_classes: Annotated[Optional[float], typer.Option(help="Hold out this fraction of the classes for validation.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone name: `mltk list backbones`.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Losses joined by '+', each with an optional weight: 0.01*center+ce+arcface.")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="Embedding dimension.")] = None,
+    miner: Annotated[Optional[str], typer.Option(help="Miner name: `mltk list miners`.")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random resized crops, flips, colour jitter.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs to train (0: save the untrained model).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
+    m_per_class: Annotated[Optional[int], typer.Option(help="Images per class in a batch.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of the model.")] = None,
+    loss_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the losses' own parameters.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the backbone's).")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained weights (downloads them).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local backbone weights file (.pt/.pth/.safetensors).")] = None,
+    freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--train-backbone", help="Train only the neck and the losses.")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default: on with a GPU).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<time>).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+) -> None:
+    """Train an embedding model: backbone + neck, weighted losses, m-per-class batches."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from mltk import config as config_mod
+    from mltk.cli import console, render_summary
+
+    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "out", "config_mod", "Progress")}
+    options = {k: v for k, v in options.items() if k in config_mod.FIELDS}
+    if resume:
+        if out is None or not (out / "last.pt").is_file():
+            raise MltkError("--resume needs --out RUN_DIR of a run that has a last.pt")
+        config = config or out / "config.yaml"
+    cfg = config_mod.resolve(config, options)
+    run_dir = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = str(run_dir)
+
+    from mltk.train import train
+
+    with Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("train", total=None, epoch="-", loss=float("nan"), ips=0.0)
+
+        def on_step(epoch: int, step: int, steps: int, logs: dict) -> None:
+            progress.update(task, completed=step, total=steps, epoch=f"{epoch + 1}/{cfg.epochs}", loss=logs["loss"], ips=logs["images_per_s"])
+
+        def on_epoch(record: dict) -> None:
+            val = f"  val recall@1 {record['val_recall@1']:.4f}" if "val_recall@1" in record else ""
+            progress.console.print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s{val}")
+
+        result = train(cfg, run_dir, resume=resume, on_step=on_step, on_epoch=on_epoch)
+    render_summary(result)

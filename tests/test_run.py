@@ -1,0 +1,128 @@
+"""mltk run: a short run writes its run directory, losses learn, resume is exact, examples build."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mltk
+from mltk.config import RunConfig, make_config, parse_loss_spec
+from mltk.errors import UsageError
+from mltk.model import build_embedder, load_checkpoint
+from mltk.train import build_losses, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=2, seed=3)
+
+
+def tiny_config(data, **overrides) -> RunConfig:
+    return make_config({**TINY, "data": str(data), **overrides})
+
+
+def test_short_run_writes_every_run_dir_file(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, loss="0.01*center+ce+arcface", val_data=str(image_folder), augment=True)
+    result = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["loss"] == "0.01*center+ce+arcface" and saved["image_size"] == 32
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] == [r["epoch"] for r in result.history]
+    for key in ("loss", "loss/center", "loss/ce", "loss/arcface", "lr", "loss_lr", "images_per_s", "val_recall@1"):
+        assert all(key in r for r in records), key
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and set(state["losses"]) == {"losses.center.centers", "losses.ce.classifier.weight", "losses.ce.classifier.bias", "losses.arcface.W"}
+
+
+def test_loss_owned_parameters_change_after_a_step(image_folder):
+    cfg = tiny_config(image_folder, loss="center+ce+arcface")
+    losses = build_losses(cfg, num_classes=8, dim=16)
+    before = {k: v.clone() for k, v in losses.state_dict().items()}
+    model = build_embedder(cfg)
+    optimizer = torch.optim.AdamW([{"params": model.parameters()}, {"params": losses.parameters(), "lr": 0.01}])
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(4).repeat_interleave(2)
+    total, parts = losses(model(images), labels)
+    total.backward()
+    optimizer.step()
+    assert set(parts) == {"center", "ce", "arcface"}
+    for name, value in losses.state_dict().items():
+        assert not torch.equal(before[name], value), name
+
+
+def test_loss_spec_weights_and_bad_input():
+    assert parse_loss_spec("0.01*center+ce+arcface") == [(0.01, "center"), (1.0, "ce"), (1.0, "arcface")]
+    for bad in ("x*center", "-1*ce", "center+center", "ce++arcface"):
+        with pytest.raises(UsageError):
+            parse_loss_spec(bad)
+    with pytest.raises(UsageError, match="unknown key 'epoch' in config; did you mean 'epochs'"):
+        make_config({"epoch": 3})
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, loss="0.1*center+arcface", augment=True, epochs=3)
+    train(cfg, tmp_path / "straight")
+    train(replace(cfg, epochs=1), tmp_path / "interrupted")  # stopped after epoch 1 ...
+    train(cfg, tmp_path / "interrupted", resume=True)  # ... and resumed for epochs 2 and 3
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "interrupted" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for part in ("model", "losses"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), key
+    history = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]
+
+
+def test_hybrid_at_8192_dims_trains_a_step_on_the_cpu(image_folder, tmp_path):
+    towers = dict(cnn="resnet18", swin_model="swin_tiny_patch4_window7_224", swin_kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4))
+    cfg = tiny_config(image_folder, backbone="hybrid", backbone_kwargs=towers, dim=8192, loss="0.01*center+ce+arcface", epochs=1)
+    result = train(cfg, tmp_path / "hybrid")
+    assert torch.isfinite(torch.tensor(result.history[0]["loss"]))
+    state = load_checkpoint(tmp_path / "hybrid" / "last.pt")
+    assert state["model"]["neck.0.weight"].shape == (8192, 512 + 32)
+
+
+def test_load_embeds_paths_and_images_l2_normalised(image_folder, tmp_path):
+    train(tiny_config(image_folder, epochs=1), tmp_path / "run")
+    model = mltk.load(tmp_path / "run")
+    paths = sorted(image_folder.glob("class_0*/0.png"))
+    vectors = model.embed(paths)
+    assert vectors.shape == (8, 16)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(8), atol=1e-5)
+    from PIL import Image
+
+    assert torch.allclose(model.embed(Image.open(paths[0]))[0], vectors[0], atol=1e-5)
+
+
+def test_greyscale_images_train_an_rgb_backbone(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "grey", mode="L")
+    result = train(tiny_config(folder, epochs=1), tmp_path / "run")
+    assert result.train_classes == 8
+
+
+def test_run_without_data_trains_on_digits(mltk_cli, tmp_path):
+    result = mltk_cli("run", "--epochs", "1", "--backbone", "test_resnet", "--workers", "0", "--out", str(tmp_path / "digits"))
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((tmp_path / "digits" / "config.yaml").read_text())
+    assert saved["data"] == "digits" and saved["image_size"] == 32 and saved["m_per_class"] == 16
+    assert "run directory" in result.stdout and "1797 / 10" in result.stdout
+
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_config_parses_and_builds_its_model(path):
+    cfg = make_config(yaml.safe_load(path.read_text()), source=str(path))
+    model = build_embedder(replace(cfg, pretrained=False, weights=None)).eval()
+    size = cfg.image_size or 224
+    if "cpu" in path.stem or "omniglot" in path.stem:  # the CPU-sized ones also run a forward pass
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, size, size)).shape == (2, model.dim)
+    assert model.dim == (cfg.dim or model.backbone.num_features)
+    if cfg.epochs:
+        build_losses(cfg, num_classes=10, dim=model.dim)
