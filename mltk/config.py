@@ -44,7 +44,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     grad_clip: float | None = 5.0
-    amp: bool | None = None
+    amp: bool | None = None  # None: on with a GPU or a CPU with AMX (fast bf16)
     # run
     seed: int = 0
     workers: int = 2

@@ -142,12 +142,17 @@ class ImageDataset:
 
 
 def data_config(model, image_size: int | None) -> dict:
-    """timm's preprocessing for ``model``, at ``image_size`` when given."""
+    """timm's preprocessing for ``model``, at ``image_size`` when given, for as many channels as it takes."""
     from timm.data import resolve_data_config
+    from torch import nn
 
     cfg = resolve_data_config({}, model=model)
-    if image_size is not None:
-        cfg["input_size"] = (cfg["input_size"][0], image_size, image_size)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else cfg["input_size"][0]
+    if channels == 1 and len(cfg["mean"]) == 3:  # a greyscale model (in_chans=1): one mean, one std
+        cfg["mean"], cfg["std"] = (sum(cfg["mean"]) / 3,), (sum(cfg["std"]) / 3,)
+    size = (image_size, image_size) if image_size is not None else cfg["input_size"][1:]
+    cfg["input_size"] = (channels, *size)
     return cfg
 
 

@@ -32,6 +32,15 @@ class WeightedLosses(nn.Module):
         return total, {name: value.detach() for name, value in parts.items()}
 
 
+def check_names(cfg: RunConfig) -> None:
+    registry.get("backbones", cfg.backbone)
+    if cfg.epochs:
+        for _, name in parse_loss_spec(cfg.loss):
+            registry.get("losses", name)
+    if cfg.miner:
+        registry.get("miners", cfg.miner)
+
+
 def build_losses(cfg: RunConfig, num_classes: int, dim: int) -> WeightedLosses:
     terms = []
     for weight, name in parse_loss_spec(cfg.loss):
@@ -90,6 +99,14 @@ def pick_device(cfg: RunConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def default_amp(device: torch.device) -> bool:
+    """Mixed precision where it pays: on a GPU, and on CPUs with AMX tiles (bf16 matmuls ~1.3x faster)."""
+    if device.type == "cuda":
+        return True
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return device.type == "cpu" and is_amx()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -124,6 +141,7 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt."""
+    check_names(cfg)  # a misspelt name fails now, not after the data is read
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg)
@@ -153,7 +171,8 @@ def train(
     steps_per_epoch = len(sampler)
     schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    cfg = replace(cfg, amp=amp)  # config.yaml records what ran
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 

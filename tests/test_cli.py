@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_help_does_not_import_heavy_modules():
     code = "import sys, mltk.cli; print(sorted(m for m in ('torch', 'timm', 'faiss', 'pytorch_metric_learning', 'sklearn', 'umap') if m in sys.modules))"
@@ -38,3 +40,26 @@ def test_plugins_json_lists_builtins_and_what_they_register(mltk_cli):
     assert rows["mltk.default_plugins.losses"]["registers"]["losses"][:3] == ["AngularLoss", "ArcFaceLoss", "CircleLoss"]
     assert rows["mltk.default_plugins.datasets"]["registers"] == {"datasets": ["digits"]}
     assert all(row["error"] is None for row in rows.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--loss", "0.01*center+arcfce"], "error: unknown loss 'arcfce'; did you mean 'arcface'?"),
+        (["--backbone", "resnet5"], "error: unknown backbone 'resnet5'; did you mean"),
+        (["--dim", "0"], "error: --dim must be a positive number of dimensions, got 0"),
+        (["--loss", "x*ce"], "error: bad weight 'x' in loss spec 'x*ce'"),
+        (["--miner", "hardd"], "error: unknown miner 'hardd'; did you mean 'hard'"),
+    ],
+)
+def test_run_rejects_bad_options_with_one_line(mltk_cli, tmp_path, args, message):
+    result = mltk_cli("run", "--out", str(tmp_path / "run"), *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_rejects_an_unknown_config_key(mltk_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
+    result = mltk_cli("run", "--config", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2 and "unknown key 'learning_rate'" in result.stderr

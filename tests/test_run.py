@@ -104,6 +104,13 @@ def test_greyscale_images_train_an_rgb_backbone(tmp_path):
     assert result.train_classes == 8
 
 
+def test_rgb_images_train_a_greyscale_backbone(image_folder, tmp_path):
+    train(tiny_config(image_folder, epochs=1, backbone="resnet18", backbone_kwargs={"in_chans": 1}), tmp_path / "run")
+    model = mltk.load(tmp_path / "run")
+    assert model.mode == "L" and model.data_config["input_size"] == (1, 32, 32)
+    assert model.embed(sorted(image_folder.glob("class_00/*.png"))).shape == (4, 16)
+
+
 def test_run_without_data_trains_on_digits(mltk_cli, tmp_path):
     result = mltk_cli("run", "--epochs", "1", "--backbone", "test_resnet", "--workers", "0", "--out", str(tmp_path / "digits"))
     assert result.returncode == 0, result.stderr

@@ -27,7 +27,7 @@ def run(
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained weights (downloads them).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local backbone weights file (.pt/.pth/.safetensors).")] = None,
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--train-backbone", help="Train only the neck and the losses.")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default: on with a GPU).")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on the CPU, fp16/bf16 on a GPU (default: on with a GPU or an AMX CPU).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
