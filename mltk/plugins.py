@@ -12,6 +12,7 @@ DEFAULT_PLUGINS = (
     "mltk.default_plugins.backbones",
     "mltk.default_plugins.losses",
     "mltk.default_plugins.miners",
+    "mltk.default_plugins.metrics",
     "mltk.default_plugins.datasets",
 )
 

@@ -1,0 +1,15 @@
+"""Built-in metrics: recall@k, precision@k and MAP@R from one kNN pass; ROC-AUC, TAR@FAR, EER and
+cross-validated accuracy from pair scores. Each is ``fn(evaluation) -> dict[str, float]``."""
+
+import mltk
+
+
+@mltk.hookimpl
+def register_metrics(register):
+    from mltk import metrics
+
+    for function in (
+        metrics.recall_at_k, metrics.precision_at_k, metrics.map_at_r,
+        metrics.roc_auc, metrics.tar_at_far, metrics.eer, metrics.accuracy_10fold,
+    ):
+        register(function.__name__, function, description=function.__doc__.splitlines()[0])

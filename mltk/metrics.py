@@ -1,0 +1,679 @@
+"""Embeddings → metric values: retrieval from one nearest-neighbour pass, verification from pair scores.
+
+A metric is a function ``fn(evaluation: Evaluation) -> dict[str, float]``, registered through the
+``register_metrics`` hook. It reads the shared work from ``evaluation.neighbours()`` (the k nearest
+gallery items of every query) and ``evaluation.pair_counts()`` (positive/negative pair counts per
+score bin), each computed once, on first use.
+
+Embeddings are float32 and L2-normalised; scores are cosine similarities. The rules:
+
+- Neighbours are ranked by similarity; a tie is broken by the lower gallery index, as a stable sort
+  of ``-similarity`` does. Both engines give exactly that order for the similarities they compute
+  (the engines' float rounding may differ from numpy's in the last bit).
+- A query whose class has no other item in the gallery is left out of recall@k, precision@k and
+  MAP@R (as pytorch-metric-learning does); ``queries_excluded`` counts them.
+- Without an explicit pair list, the pairs are every pair of the evaluated set (i < j; with a
+  query/gallery split, every query-gallery pair), counted in a histogram of ``BINS`` bins over
+  [-1, 1]; two scores in one bin count as a tie (half, in ROC-AUC). Past ``max_pairs`` pairs,
+  ``sample_pairs`` pairs drawn uniformly at random (seeded) are scored exactly instead.
+- Accuracy is 10-fold cross-validated: the threshold that maximises accuracy on nine folds (the
+  highest one among equals) is applied to the tenth. Explicit pairs keep their folds (LFW's
+  pairs.txt has ten) or are dealt into folds at random; for all pairs, the folds are ten
+  contiguous ranges of the items holding about a tenth of the pairs each, a pair i < j belonging
+  to the fold of item i.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mltk.errors import UsageError
+
+KS = (1, 2, 4, 8)
+FARS = (1e-1, 1e-2, 1e-3, 1e-4)
+FOLDS = 10
+MAX_PAIRS = 10**10
+SAMPLE_PAIRS = 10**7
+BINS = 1 << 20
+BLOCK = 4096
+ENGINES = ("blocks", "faiss")
+_WORST = -3.0  # below any cosine similarity: an empty heap slot
+
+
+class NotApplicable(UsageError):
+    """A metric that cannot be computed from what was given (no labels, a single class, ...)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Pairs:
+    """An explicit pair list: a score per pair (higher = more alike), same or not, optional fold."""
+
+    scores: np.ndarray
+    same: np.ndarray
+    folds: np.ndarray | None = None
+
+    @classmethod
+    def from_indices(cls, embeddings, first, second, same, folds=None) -> Pairs:
+        """Pairs of rows of ``embeddings``, scored by cosine similarity."""
+        e = np.asarray(embeddings, np.float32)
+        return cls(_row_dots(e, e, np.asarray(first), np.asarray(second)), np.asarray(same, bool), folds)
+
+
+@dataclass(frozen=True, eq=False)
+class Neighbours:
+    """The k nearest gallery items of each query, best first, as indices into the embeddings."""
+
+    indices: np.ndarray  # (queries, k)
+    similarities: np.ndarray  # (queries, k)
+    match: np.ndarray  # (queries, k): the neighbour has the query's label
+    relevant: np.ndarray  # (queries,): R, the other items of the query's class in the gallery
+
+    @property
+    def included(self) -> np.ndarray:
+        return self.relevant > 0
+
+
+@dataclass(frozen=True, eq=False)
+class Binned:
+    """Pair counts per score bin and fold; bins in descending order, bin t holds scores >= thresholds[t]."""
+
+    thresholds: np.ndarray  # (T,)
+    positive: np.ndarray  # (folds, T)
+    negative: np.ndarray  # (folds, T)
+
+
+@dataclass(frozen=True, eq=False)
+class Roc:
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+
+
+@dataclass
+class Results:
+    """What ``evaluate_embeddings`` returns: flat values (metrics and info), the ROC curve, the evaluation."""
+
+    values: dict[str, float]
+    roc: Roc | None
+    evaluation: Evaluation
+
+
+@dataclass
+class Evaluation:
+    """Embeddings, labels and the work metrics share, computed once.
+
+    ``query``/``gallery`` (indices or boolean masks into ``embeddings``) split the items; without
+    them every item is a query against all the others (leave-one-out). ``pairs`` replaces the
+    all-pairs verification with an explicit pair list. ``engine`` picks the kNN pass: "blocks"
+    (torch matmul in blocks, one pass that also fills the pair histogram) or "faiss".
+    """
+
+    embeddings: np.ndarray | None
+    labels: np.ndarray | None = None
+    query: np.ndarray | None = None
+    gallery: np.ndarray | None = None
+    pairs: Pairs | None = None
+    ks: tuple[int, ...] = KS
+    fars: tuple[float, ...] = FARS
+    folds: int = FOLDS
+    max_pairs: int = MAX_PAIRS
+    sample_pairs: int = SAMPLE_PAIRS
+    seed: int = 0
+    engine: str = "blocks"
+    block: int = BLOCK
+    info: dict[str, float] = field(default_factory=dict)
+    loo: bool = field(default=True, init=False)
+    _neighbours: Neighbours | None = field(default=None, init=False, repr=False)
+    _counts: Binned | None = field(default=None, init=False, repr=False)
+    _roc: Roc | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.embeddings is None:
+            if self.pairs is None:
+                raise UsageError("give embeddings, or pairs to score")
+            return
+        self.embeddings = _check_embeddings(self.embeddings)
+        n = len(self.embeddings)
+        if self.labels is not None:
+            self.labels = np.unique(np.asarray(self.labels), return_inverse=True)[1].reshape(-1)
+            if len(self.labels) != n:
+                raise UsageError(f"{len(self.labels)} labels for {n} embeddings")
+        self.loo, self.query, self.gallery = _split(self.query, self.gallery, n)
+
+    @property
+    def total_pairs(self) -> int:
+        nq, ng = len(self.query), len(self.gallery)
+        return nq * (nq - 1) // 2 if self.loo else nq * ng
+
+    def neighbours(self) -> Neighbours:
+        """The k nearest of every query, k = max(ks, largest R); computed on first use."""
+        if self._neighbours is None:
+            if self.labels is None or self.embeddings is None:
+                raise NotApplicable("retrieval metrics need embeddings and labels")
+            self._pass_k()  # a k beyond the gallery fails here, before any work
+            if self.engine == "faiss":
+                self._set_neighbours(*_faiss_neighbours(self))
+            else:
+                self._block_pass()
+        return self._neighbours
+
+    def pair_counts(self) -> Binned:
+        """Positive and negative pair counts per score bin and fold; computed on first use."""
+        if self._counts is None:
+            if self.pairs is not None:
+                self._set_counts(self.pairs, sampled=False)
+            elif self.labels is None:
+                raise NotApplicable("verification metrics need labels or a pair list")
+            elif self.total_pairs > self.max_pairs:
+                self._set_counts(_sample_pairs(self), sampled=True)
+            else:
+                self._block_pass()
+        return self._counts
+
+    def roc(self) -> Roc:
+        """Every point of the ROC curve of the pair counts."""
+        if self._roc is None:
+            self._roc = roc_curve(self.pair_counts())
+        return self._roc
+
+    def _block_pass(self) -> None:
+        """One pass for whatever is missing: kNN (blocks engine) and the all-pairs histogram."""
+        knn = self._neighbours is None and self.engine == "blocks" and max(self.ks) <= len(self.gallery) - self.loo
+        hist = self._counts is None and self.pairs is None and self.total_pairs <= self.max_pairs
+        k = self._pass_k() if knn else 1
+        heaps, counts = _block_pass(self, k, knn, hist)
+        if knn:
+            self._set_neighbours(*heaps)
+        if hist:
+            self._counts = counts
+            self._count_info(counts, self.total_pairs, sampled=False)
+
+    def _pass_k(self) -> int:
+        available = len(self.gallery) - self.loo
+        if max(self.ks) > available:
+            raise UsageError(f"k={max(self.ks)} is more than the {available} gallery items a query can retrieve")
+        return max(max(self.ks), int(self._relevant().max(initial=0)))
+
+    def _relevant(self) -> np.ndarray:
+        counts = np.bincount(self.labels[self.gallery], minlength=self.labels.max() + 1)
+        return counts[self.labels[self.query]] - self.loo
+
+    def _set_neighbours(self, similarities: np.ndarray, positions: np.ndarray) -> None:
+        indices = self.gallery[positions]
+        relevant = self._relevant()
+        match = self.labels[indices] == self.labels[self.query][:, None]
+        self._neighbours = Neighbours(indices, similarities, match, relevant)
+        self.info.update(queries=int((relevant > 0).sum()), queries_excluded=int((relevant == 0).sum()))
+
+    def _set_counts(self, pairs: Pairs, sampled: bool) -> None:
+        folds = pairs.folds
+        if folds is None:  # deal the pairs into folds of (nearly) equal size
+            folds = np.random.default_rng(self.seed).permutation(len(pairs.scores)) % self.folds
+        self._counts = _binned_scores(np.asarray(pairs.scores), np.asarray(pairs.same, bool), np.asarray(folds))
+        self._count_info(self._counts, self.total_pairs if sampled else len(pairs.scores), sampled)
+
+    def _count_info(self, counts: Binned, total: int, sampled: bool) -> None:
+        positive, negative = int(counts.positive.sum()), int(counts.negative.sum())
+        self.info.update(pairs=positive + negative, pairs_positive=positive, pairs_total=total, pairs_sampled=int(sampled))
+
+
+# ---- input checks ------------------------------------------------------------------------------
+
+
+def _check_embeddings(embeddings) -> np.ndarray:
+    e = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if e.ndim != 2 or len(e) < 2:
+        raise UsageError(f"embeddings must be a 2-D array of at least two rows, not shape {e.shape}")
+    squared = np.einsum("ij,ij->i", e, e)  # no N x D temporary; a NaN or inf anywhere shows here too
+    if not np.isfinite(squared).all():
+        raise UsageError("embeddings contain NaN or infinite values")
+    if np.abs(squared - 1).max() > 2e-3:
+        raise UsageError("embeddings must be L2-normalised (x / np.linalg.norm(x, axis=1, keepdims=True))")
+    return e
+
+
+def _split(query, gallery, n: int) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(leave-one-out?, query indices, gallery indices) from indices or masks."""
+    if query is None and gallery is None:
+        everything = np.arange(n)
+        return True, everything, everything
+    if query is None or gallery is None:
+        raise UsageError("give both query and gallery, or neither (leave-one-out)")
+    q, g = (np.flatnonzero(s) if np.asarray(s).dtype == bool else np.asarray(s, np.int64) for s in (query, gallery))
+    if len(q) == 0 or len(g) == 0:
+        raise UsageError("the query and the gallery must not be empty")
+    if np.array_equal(np.sort(q), np.sort(g)):
+        q = np.sort(q)
+        return True, q, q
+    shared = np.intersect1d(q, g)
+    if len(shared):
+        raise UsageError(f"query and gallery share {len(shared)} items; give disjoint sets, or the same set for leave-one-out")
+    return False, q, g
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """a[i] . b[j] row by row, in chunks so memory stays bounded."""
+    out = np.empty(len(i), np.float32)
+    for s in range(0, len(i), chunk):
+        out[s : s + chunk] = np.einsum("ij,ij->i", a[i[s : s + chunk]], b[j[s : s + chunk]])
+    return out
+
+
+# ---- the blockwise pass: torch matmul, numba kernels consume each block ----------------------------
+
+
+@functools.cache
+def _kernels():
+    """Compile the kernels that consume a block of similarities (numba, GIL released).
+
+    Each query keeps a heap of its k best (similarity, gallery index) with the worst at the root;
+    "worse" is a lower similarity, or an equal one with a higher index, which makes the kept set
+    exactly that of a stable sort. Compiled on first use so importing mltk.metrics stays light.
+    """
+    import numba
+
+    jit = numba.njit(nogil=True)
+    chunk = 32
+
+    @jit
+    def worse(v1, i1, v2, i2):
+        return v1 < v2 or (v1 == v2 and i1 > i2)
+
+    @jit
+    def sift_down(hv, hi, n, v, g):  # put (v, g) at the root of heap[:n] and restore the heap
+        pos = 0
+        while True:
+            child = 2 * pos + 1
+            if child >= n:
+                break
+            if child + 1 < n and worse(hv[child + 1], hi[child + 1], hv[child], hi[child]):
+                child += 1
+            if not worse(hv[child], hi[child], v, g):
+                break
+            hv[pos], hi[pos] = hv[child], hi[child]
+            pos = child
+        hv[pos], hi[pos] = v, g
+
+    @numba.njit(nogil=True, fastmath=True)
+    def chunk_max(row, lo, hi_):  # vectorised: most chunks hold nothing better than the root
+        m = row[lo]
+        for j in range(lo + 1, hi_):
+            m = max(m, row[j])
+        return m
+
+    @jit
+    def offer(row, lo, hi_, c0, hv, hi):  # row[lo:hi_] are gallery items c0+lo.. for one query
+        for c in range(lo, hi_, chunk):
+            end = min(c + chunk, hi_)
+            if chunk_max(row, c, end) >= hv[0]:
+                for j in range(c, end):
+                    if row[j] >= hv[0] and not worse(row[j], c0 + j, hv[0], hi[0]):
+                        sift_down(hv, hi, hv.shape[0], row[j], c0 + j)
+
+    @jit
+    def count(row, lo, c0, label, glab, fine):  # histogram row[lo:] into fine[same?, bin]
+        nbins = fine.shape[1]
+        half = nbins / 2
+        for c in range(lo, row.shape[0]):
+            b = min(max(int((row[c] + 1.0) * half), 0), nbins - 1)
+            fine[1 if glab[c0 + c] == label else 0, b] += 1
+
+    @jit
+    def rows(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine):
+        n = S.shape[1]
+        for r in range(lo, hi_):
+            q = r0 + r
+            if knn and diagonal:  # leave the query itself out
+                offer(S[r], 0, r, c0, hv[q], hi[q])
+                offer(S[r], r + 1, n, c0, hv[q], hi[q])
+            elif knn:
+                offer(S[r], 0, n, c0, hv[q], hi[q])
+            if hist:  # on the diagonal block, only the pairs r < c
+                count(S[r], r + 1 if diagonal else 0, c0, qlab[q], glab, fine)
+
+    @numba.njit(nogil=True, fastmath=True)
+    def chunk_hits(row, thr, lo, hi_):
+        n = 0
+        for j in range(lo, hi_):
+            n += row[j] >= thr[j]
+        return n
+
+    @jit
+    def cols(S, lo, hi_, r0, c0, hv, hi, thr):  # the transposed block: columns are the queries
+        for r in range(S.shape[0]):
+            row, g = S[r], r0 + r
+            for c in range(lo, hi_, chunk):
+                end = min(c + chunk, hi_)
+                if chunk_hits(row, thr, c, end):
+                    for j in range(c, end):
+                        q = c0 + j
+                        if row[j] >= thr[j] and not worse(row[j], g, hv[q, 0], hi[q, 0]):
+                            sift_down(hv[q], hi[q], hv.shape[1], row[j], g)
+                            thr[j] = hv[q, 0]
+
+    @jit
+    def sort_heaps(hv, hi):  # heapsort in place: best first
+        for q in range(hv.shape[0]):
+            for end in range(hv.shape[1] - 1, 0, -1):
+                v, g = hv[q, end], hi[q, end]
+                hv[q, end], hi[q, end] = hv[q, 0], hi[q, 0]
+                sift_down(hv[q], hi[q], end, v, g)
+
+    return rows, cols, sort_heaps
+
+
+def _fold_blocks(n: int, loo: bool, folds: int, block: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Row blocks of at most ``block`` rows that never straddle a fold, and the fold of each."""
+    pairs_per_row = np.arange(n - 1, -1, -1) if loo else np.ones(n)  # row i pairs with j > i
+    before = np.concatenate([[0], np.cumsum(pairs_per_row)])
+    edges = np.searchsorted(before, before[-1] * np.arange(folds + 1) / folds)
+    edges[0], edges[-1] = 0, n
+    blocks, fold_of = [], []
+    for f in range(folds):
+        for r0 in range(edges[f], edges[f + 1], block):
+            blocks.append((int(r0), int(min(r0 + block, edges[f + 1]))))
+            fold_of.append(f)
+    return blocks, fold_of
+
+
+def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
+    """Similarities block by block; each block feeds the kNN heaps and the per-fold histograms.
+
+    Leave-one-out computes only the blocks on and above the diagonal (the matrix is symmetric):
+    a block's rows feed their queries' heaps and the histogram, its columns their queries' heaps.
+    The gallery is offered to each query in index order, so a tie never displaces an earlier item.
+    """
+    import torch
+
+    rows_kernel, cols_kernel, sort_heaps = _kernels()
+    threads = max(1, torch.get_num_threads())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.from_numpy(ev.embeddings).to(device)
+    tq, tg = (x if len(i) == len(x) else x[torch.from_numpy(i).to(device)] for i in (ev.query, ev.gallery))
+    qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
+    hv = np.full((len(tq), k if knn else 1), _WORST, np.float32)
+    hi = np.full(hv.shape, np.iinfo(np.int64).max, np.int64)
+    row_blocks, fold_of = _fold_blocks(len(tq), ev.loo, ev.folds, ev.block)
+    col_blocks = row_blocks if ev.loo else [(c, min(c + ev.block, len(tg))) for c in range(0, len(tg), ev.block)]
+    fine = np.zeros((threads, 2, BINS if hist else 1), np.int64)
+    by_fold = np.zeros((ev.folds, 2, BINS if hist else 1), np.int64)
+    buffer = torch.empty(ev.block * ev.block, device=device)  # reused: fresh pages cost page faults
+
+    with ThreadPoolExecutor(threads) as pool:
+
+        def split(n, work):  # run work(lo, hi, thread) over ``threads`` slices of range(n)
+            edges = np.linspace(0, n, threads + 1).astype(int)
+            list(pool.map(lambda t: work(edges[t], edges[t + 1], t), range(threads)))
+
+        for b, (r0, r1) in enumerate(row_blocks):
+            for c0, c1 in col_blocks[b:] if ev.loo else col_blocks:
+                S = torch.mm(tq[r0:r1], tg[c0:c1].T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+                S = S.cpu().numpy()
+                diagonal = ev.loo and r0 == c0
+                split(r1 - r0, lambda lo, hi_, t: rows_kernel(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine[t]))
+                if knn and ev.loo and not diagonal:
+                    thr = hv[c0:c1, 0].copy()
+                    split(c1 - c0, lambda lo, hi_, t: cols_kernel(S, lo, hi_, r0, c0, hv, hi, thr))
+            if hist and (b + 1 == len(row_blocks) or fold_of[b + 1] != fold_of[b]):
+                by_fold[fold_of[b]] += fine.sum(0)
+                fine[:] = 0
+    if knn:
+        sort_heaps(hv, hi)
+    return (hv, hi), (_binned_histogram(by_fold) if hist else None)
+
+
+def _binned_histogram(by_fold: np.ndarray) -> Binned:
+    """Per-fold histograms (folds, same?, bin) as Binned, empty bins dropped."""
+    edges = -1 + 2 * np.arange(BINS) / BINS
+    used = by_fold.sum(axis=(0, 1)) > 0
+    flip = slice(None, None, -1)
+    return Binned(edges[used][flip], by_fold[:, 1, used][:, flip], by_fold[:, 0, used][:, flip])
+
+
+# ---- the faiss engine ----------------------------------------------------------------------------
+
+
+def _faiss_neighbours(ev: Evaluation) -> tuple[np.ndarray, np.ndarray]:
+    """kNN with faiss's exact inner-product index (on the GPUs when faiss sees any), in query blocks.
+
+    faiss orders tied results arbitrarily, so one more neighbour than needed is fetched: where it
+    ties with the last one, the query is ranked again with a stable sort over the whole gallery.
+    """
+    import faiss
+
+    k = ev._pass_k()
+    q, g = (ev.embeddings if len(i) == len(ev.embeddings) else ev.embeddings[i] for i in (ev.query, ev.gallery))
+    fetch = min(k + 1 + ev.loo, len(g))
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g)
+    if faiss.get_num_gpus() > 0 and fetch <= 2048:  # faiss's GPU search is limited to k <= 2048
+        index = faiss.index_cpu_to_all_gpus(index)
+    sims, positions = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+    for r0 in range(0, len(q), ev.block):
+        s, p = index.search(q[r0 : r0 + ev.block], fetch)
+        if ev.loo:  # drop the query itself, or the last result where the query was not returned
+            own = p == np.arange(r0, r0 + len(p))[:, None]
+            own[~own.any(1), -1] = True
+            s, p = s[~own].reshape(len(p), -1), p[~own].reshape(len(p), -1)
+        order = np.lexsort((p, -s), axis=1)
+        s, p = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
+        for row in np.flatnonzero(s[:, k - 1] == s[:, k]) if s.shape[1] > k else ():
+            s[row, :k], p[row, :k] = _stable_row(q[r0 + row], g, r0 + row if ev.loo else None, k)
+        sims[r0 : r0 + len(s)], positions[r0 : r0 + len(s)] = s[:, :k], p[:, :k]
+    return sims, positions
+
+
+def _stable_row(query: np.ndarray, gallery: np.ndarray, own: int | None, k: int):
+    s = gallery @ query
+    if own is not None:
+        s[own] = -np.inf
+    order = np.argsort(-s, kind="stable")[:k]
+    return s[order], order
+
+
+# ---- pair scores → counts, sampled pairs ---------------------------------------------------------
+
+
+def _binned_scores(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> Binned:
+    """Exact counts: one bin per distinct score."""
+    if not (len(scores) == len(same) == len(folds)):
+        raise UsageError(f"pairs: {len(scores)} scores, {len(same)} same/different flags, {len(folds)} folds")
+    if not np.isfinite(scores).all():
+        raise UsageError("pair scores contain NaN or infinite values")
+    negated, bins = np.unique(-scores.astype(np.float64), return_inverse=True)
+    folds = np.unique(folds, return_inverse=True)[1].reshape(-1)
+    size = (folds.max(initial=0) + 1) * len(negated)
+    key = folds * len(negated) + bins.reshape(-1)
+    positive = np.bincount(key[same], minlength=size).reshape(-1, len(negated))
+    negative = np.bincount(key[~same], minlength=size).reshape(-1, len(negated))
+    return Binned(-negated, positive, negative)
+
+
+def _sample_pairs(ev: Evaluation) -> Pairs:
+    """``sample_pairs`` pairs drawn uniformly (with replacement) from all the pairs, seeded."""
+    rng = np.random.default_rng(ev.seed)
+    n = ev.sample_pairs
+    i = rng.integers(0, len(ev.query), n)
+    j = rng.integers(0, len(ev.gallery) - ev.loo, n)
+    if ev.loo:  # j uniform over the items other than i
+        j += j >= i
+    q, g = ev.query[i], ev.gallery[j]
+    return Pairs(_row_dots(ev.embeddings, ev.embeddings, q, g), ev.labels[q] == ev.labels[g])
+
+
+# ---- counts → ROC, AUC, TAR@FAR, EER, accuracy ---------------------------------------------------
+
+
+def _totals(counts: Binned) -> tuple[np.ndarray, np.ndarray]:
+    positive, negative = counts.positive.sum(0), counts.negative.sum(0)
+    if positive.sum() == 0 or negative.sum() == 0:
+        raise NotApplicable("verification metrics need both positive and negative pairs")
+    return positive, negative
+
+
+def roc_auc_from_counts(counts: Binned) -> float:
+    """Area under the ROC curve; a positive and a negative in one bin count as half."""
+    positive, negative = (c.astype(np.float64) for c in _totals(counts))
+    above = np.cumsum(positive) - positive / 2
+    return float((negative * above).sum() / (positive.sum() * negative.sum()))
+
+
+def roc_curve(counts: Binned) -> Roc:
+    """Every ROC point (a threshold at each bin), from (0, 0) to (1, 1)."""
+    positive, negative = _totals(counts)
+    tpr = np.concatenate([[0.0], np.cumsum(positive) / positive.sum()])
+    fpr = np.concatenate([[0.0], np.cumsum(negative) / negative.sum()])
+    return Roc(fpr, tpr, np.concatenate([[np.inf], counts.thresholds]))
+
+
+def thin(roc: Roc) -> Roc:
+    """The same curve without the points that lie on a straight line between their neighbours."""
+    d_fpr, d_tpr = np.diff(roc.fpr), np.diff(roc.tpr)
+    bend = np.abs(d_fpr[1:] * d_tpr[:-1] - d_tpr[1:] * d_fpr[:-1]) > 0
+    keep = np.concatenate([[True], bend, [True]])
+    return Roc(roc.fpr[keep], roc.tpr[keep], roc.thresholds[keep])
+
+
+def tar_at(roc: Roc, far: float) -> float:
+    """The highest true-accept rate at a threshold whose false-accept rate is at most ``far``."""
+    return float(roc.tpr[roc.fpr <= far].max())
+
+
+def equal_error(roc: Roc) -> tuple[float, float]:
+    """(EER, threshold): where the ROC polyline crosses FPR = 1 - TPR, and the threshold at that point."""
+    gap = roc.fpr - (1 - roc.tpr)  # rises from -1 to 1 along the curve
+    i = int(np.argmax(gap >= 0))
+    t = gap[i - 1] / (gap[i - 1] - gap[i])
+    return float(roc.fpr[i - 1] + t * (roc.fpr[i] - roc.fpr[i - 1])), float(roc.thresholds[i])
+
+
+def cv_accuracy(counts: Binned) -> tuple[float, float, float]:
+    """(mean, std, mean threshold) of the accuracy on each fold at the threshold chosen on the others."""
+    accuracies, thresholds = [], []
+    cut = np.concatenate([[np.inf], counts.thresholds])  # cut j accepts the bins before it
+    for f in range(len(counts.positive)):
+        test_pairs = counts.positive[f].sum() + counts.negative[f].sum()
+        if test_pairs == 0:
+            continue
+        j = int(np.argmax(_correct(counts.positive.sum(0) - counts.positive[f], counts.negative.sum(0) - counts.negative[f])))
+        accuracies.append(_correct(counts.positive[f], counts.negative[f])[j] / test_pairs)
+        thresholds.append(cut[j])
+    if len(accuracies) < 2:
+        raise NotApplicable("cross-validated accuracy needs pairs in at least two folds")
+    return float(np.mean(accuracies)), float(np.std(accuracies)), float(np.mean(thresholds))
+
+
+def _correct(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """Pairs classified right when the first j bins are accepted, for j = 0 .. T."""
+    accepted_pos = np.concatenate([[0], np.cumsum(positive)])
+    accepted_neg = np.concatenate([[0], np.cumsum(negative)])
+    return accepted_pos + accepted_neg[-1] - accepted_neg
+
+
+# ---- the registered metrics ----------------------------------------------------------------------
+
+
+def _scored(ev: Evaluation) -> Neighbours:
+    nb = ev.neighbours()
+    if not nb.included.any():
+        raise NotApplicable("no query has another item of its class in the gallery")
+    return nb
+
+
+def recall_at_k(ev: Evaluation) -> dict[str, float]:
+    """recall@k (hit@k): the share of queries with an item of their class among their k nearest."""
+    nb = _scored(ev)
+    match = nb.match[nb.included]
+    return {f"recall@{k}": float(match[:, :k].any(1).mean()) for k in ev.ks}
+
+
+def precision_at_k(ev: Evaluation) -> dict[str, float]:
+    """precision@k: the mean share of items of the query's class among its k nearest."""
+    nb = _scored(ev)
+    match = nb.match[nb.included]
+    return {f"precision@{k}": float(match[:, :k].mean()) for k in ev.ks}
+
+
+def map_at_r(ev: Evaluation, chunk: int = 8192) -> dict[str, float]:
+    """MAP@R (Musgrave et al. 2020): precision at each hit among the first R neighbours, summed, over R."""
+    nb = _scored(ev)
+    rows = np.flatnonzero(nb.included)
+    rank = np.arange(1, nb.match.shape[1] + 1)
+    total = 0.0
+    for s in range(0, len(rows), chunk):
+        match, r = nb.match[rows[s : s + chunk]], nb.relevant[rows[s : s + chunk]]
+        hit = match & (rank <= r[:, None])
+        precision = np.cumsum(hit, 1) / rank
+        total += float(((precision * hit).sum(1) / r).sum())
+    return {"map@r": total / len(rows)}
+
+
+def roc_auc(ev: Evaluation) -> dict[str, float]:
+    """Area under the ROC curve of the pair scores."""
+    return {"roc_auc": roc_auc_from_counts(ev.pair_counts())}
+
+
+def tar_at_far(ev: Evaluation) -> dict[str, float]:
+    """True-accept rate at false-accept rates ``fars`` (no interpolation between ROC points)."""
+    roc = ev.roc()
+    return {f"tar@far={far:g}": tar_at(roc, far) for far in ev.fars}
+
+
+def eer(ev: Evaluation) -> dict[str, float]:
+    """Equal error rate, where the false-accept and false-reject rates meet, and its threshold."""
+    rate, threshold = equal_error(ev.roc())
+    return {"eer": rate, "eer_threshold": threshold}
+
+
+def accuracy_10fold(ev: Evaluation) -> dict[str, float]:
+    """Verification accuracy, threshold chosen by cross-validation over the folds (mean and std)."""
+    mean, std, threshold = cv_accuracy(ev.pair_counts())
+    return {"accuracy": mean, "accuracy_std": std, "accuracy_threshold": threshold}
+
+
+def evaluate_embeddings(
+    embeddings,
+    labels=None,
+    *,
+    query=None,
+    gallery=None,
+    pairs: Pairs | None = None,
+    metrics=None,
+    ks=KS,
+    fars=FARS,
+    folds: int = FOLDS,
+    max_pairs: int = MAX_PAIRS,
+    sample_pairs: int = SAMPLE_PAIRS,
+    seed: int = 0,
+    engine: str = "blocks",
+    block: int = BLOCK,
+) -> Results:
+    """Every registered metric (or those named in ``metrics``) on the embeddings, plus info.
+
+    ``values`` holds the metrics and ``queries``, ``queries_excluded``, ``pairs``, ``pairs_positive``,
+    ``pairs_total``, ``pairs_sampled`` for the work that was done. With ``metrics=None`` a metric
+    that does not apply (no labels, say) is left out; a named one raises instead.
+    """
+    from mltk import registry
+
+    chosen = registry.list_metrics() if metrics is None else list(metrics)
+    functions = {name: registry.get("metrics", name).factory for name in chosen}  # unknown names fail first
+    ev = Evaluation(
+        embeddings, labels, query=query, gallery=gallery, pairs=pairs, ks=tuple(ks), fars=tuple(fars), folds=folds,
+        max_pairs=max_pairs, sample_pairs=sample_pairs, seed=seed, engine=engine, block=block,
+    )
+    values: dict[str, float] = {}
+    for function in functions.values():
+        try:
+            values.update(function(ev))
+        except NotApplicable:
+            if metrics is not None:
+                raise
+    roc = thin(ev.roc()) if ev._counts is not None and ev._counts.positive.sum() and ev._counts.negative.sum() else None
+    return Results({**values, **ev.info}, roc, ev)

@@ -1,0 +1,310 @@
+"""Metrics against independent computations: brute-force numpy kNN, scikit-learn, pytorch-metric-learning."""
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from sklearn.metrics import roc_auc_score, roc_curve
+
+import mltk
+from mltk import metrics
+from mltk.errors import UsageError
+from mltk.metrics import Pairs, evaluate_embeddings, roc_auc
+from mltk.plugins import pm
+
+RETRIEVAL = ["recall_at_k", "precision_at_k", "map_at_r"]
+VERIFICATION = ["roc_auc", "tar_at_far", "eer", "accuracy_10fold"]
+
+
+def normalised(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n=400, dim=16, classes=40, spread=1.5, seed=0):
+    """Gaussian clusters on the sphere, with a few classes of a single image."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    labels[:5] = classes + np.arange(5)  # five single-image classes
+    centers = rng.standard_normal((classes + 5, dim))
+    return normalised(centers[labels] + spread * rng.standard_normal((n, dim))), labels
+
+
+def tied(n=300, dim=8, seed=1):
+    """Vectors with four entries of +-1/2: every similarity is a multiple of 1/4, computed exactly, so ties abound."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, dim), np.float32)
+    for row in x:
+        row[rng.choice(dim, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    labels = rng.integers(0, 12, n)
+    labels[:3] = [100, 101, 102]
+    return x, labels
+
+
+DATA = {"clustered": clustered, "random": lambda: clustered(spread=50.0, seed=3), "tied": tied}
+
+
+def reference_retrieval(q, g, q_labels, g_labels, ks, loo):
+    """recall@k, precision@k and MAP@R from a stable numpy sort of every query's similarities."""
+    s = q @ g.T
+    if loo:
+        np.fill_diagonal(s, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")
+    values = {f"recall@{k}": [] for k in ks} | {f"precision@{k}": [] for k in ks} | {"map@r": []}
+    excluded = 0
+    for i in range(len(q)):
+        r = int((g_labels == q_labels[i]).sum()) - loo
+        if r == 0:
+            excluded += 1
+            continue
+        hits = g_labels[order[i]] == q_labels[i]
+        for k in ks:
+            values[f"recall@{k}"].append(hits[:k].any())
+            values[f"precision@{k}"].append(hits[:k].mean())
+        precisions = [hits[: j + 1].sum() / (j + 1) for j in range(r) if hits[j]]
+        values["map@r"].append(sum(precisions) / r)
+    return {name: float(np.mean(v)) for name, v in values.items()}, excluded, order
+
+
+def all_pairs(x, labels):
+    i, j = np.triu_indices(len(x), 1)
+    return np.einsum("ij,ij->i", x[i], x[j]), labels[i] == labels[j]
+
+
+@pytest.mark.parametrize("engine", metrics.ENGINES)
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_retrieval_matches_brute_force(engine, data):
+    x, labels = DATA[data]()
+    ks = (1, 2, 4, 8, 16)
+    result = evaluate_embeddings(x, labels, metrics=RETRIEVAL, ks=ks, engine=engine, block=64)
+    expected, excluded, _ = reference_retrieval(x, x, labels, labels, ks, loo=True)
+    assert {k: result.values[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert result.values["queries_excluded"] == excluded > 0
+    assert result.values["queries"] == len(x) - excluded
+
+
+@pytest.mark.parametrize("engine", metrics.ENGINES)
+def test_ties_are_broken_by_gallery_index(engine):
+    x, labels = tied()
+    ev = metrics.Evaluation(x, labels, engine=engine, block=50)
+    nb = ev.neighbours()
+    _, _, order = reference_retrieval(x, x, labels, labels, metrics.KS, loo=True)
+    k = nb.indices.shape[1]
+    assert k == max(np.bincount(labels)) - 1  # k reaches the largest R
+    similarities = np.sort(x @ x.T, axis=1)[:, ::-1]
+    assert (similarities[:, 1 : k + 1] == similarities[:, 2 : k + 2]).mean() > 0.5  # ties at most ranks
+    np.testing.assert_array_equal(nb.indices, order[:, :k])
+
+
+@pytest.mark.parametrize("engine", metrics.ENGINES)
+def test_identical_embeddings_rank_by_index(engine):
+    x = np.full((200, 4), 0.5, np.float32)  # 200 copies of one vector: every similarity is exactly 1
+    labels = np.arange(200) // 2
+    nb = metrics.Evaluation(x, labels, engine=engine, block=64).neighbours()
+    expected = [[j for j in range(200) if j != i][:8] for i in range(200)]
+    np.testing.assert_array_equal(nb.indices, expected)
+
+
+def test_map_at_r_and_precision_at_1_match_pytorch_metric_learning():
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    x, labels = clustered(n=600, dim=32, classes=30, spread=2.0, seed=7)
+    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count")
+    expected = calculator.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels))
+    values = evaluate_embeddings(x, labels, metrics=RETRIEVAL).values
+    assert values["map@r"] == pytest.approx(expected["mean_average_precision_at_r"], abs=1e-6)
+    assert values["recall@1"] == values["precision@1"] == pytest.approx(expected["precision_at_1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", metrics.ENGINES)
+def test_query_gallery_split(engine):
+    x, labels = clustered(n=500, seed=2)
+    rng = np.random.default_rng(0)
+    is_query = rng.random(len(x)) < 0.3
+    ks = (1, 2, 4, 8)
+    expected, excluded, _ = reference_retrieval(x[is_query], x[~is_query], labels[is_query], labels[~is_query], ks, loo=False)
+    for query, gallery in ((is_query, ~is_query), (np.flatnonzero(is_query), np.flatnonzero(~is_query))):
+        values = evaluate_embeddings(x, labels, query=query, gallery=gallery, metrics=RETRIEVAL + ["roc_auc"], ks=ks, engine=engine, block=64).values
+        assert {k: values[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+        assert values["queries_excluded"] == excluded and values["pairs"] == is_query.sum() * (~is_query).sum()
+    s = x[is_query] @ x[~is_query].T
+    same = labels[is_query][:, None] == labels[~is_query][None, :]
+    assert values["roc_auc"] == pytest.approx(roc_auc_score(same.ravel(), s.ravel()), abs=1e-4)
+    with pytest.raises(UsageError, match="share 1 items"):
+        evaluate_embeddings(x, labels, query=[0, 1], gallery=[1, 2])
+    same_set = evaluate_embeddings(x, labels, query=np.arange(len(x)), gallery=np.arange(len(x)), metrics=RETRIEVAL).values
+    assert same_set == evaluate_embeddings(x, labels, metrics=RETRIEVAL).values
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_all_pairs_auc_matches_sklearn(data):
+    x, labels = DATA[data]()
+    scores, same = all_pairs(x, labels)
+    values = evaluate_embeddings(x, labels, metrics=["roc_auc"], block=64).values
+    assert values["roc_auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-4)
+    assert (values["pairs"], values["pairs_positive"], values["pairs_sampled"]) == (len(same), same.sum(), 0)
+
+
+def test_all_pairs_of_many_tied_scores_match_sklearn_exactly():
+    x, labels = tied(n=400, dim=6)  # similarities take only a few values: every bin is a tie
+    scores, same = all_pairs(x, labels)
+    assert len(np.unique(scores)) < 10
+    values = evaluate_embeddings(x, labels, metrics=["roc_auc"]).values
+    assert values["roc_auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-12)
+
+
+def sklearn_eer(fpr, tpr):
+    """Where the ROC polyline (parametrised by point number) crosses fpr = 1 - tpr."""
+    u = np.arange(len(fpr))
+    at = brentq(lambda t: np.interp(t, u, fpr) + np.interp(t, u, tpr) - 1, 0, len(fpr) - 1)
+    return float(np.interp(at, u, fpr))
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_explicit_pairs_match_sklearn(data):
+    x, labels = DATA[data]()
+    rng = np.random.default_rng(5)
+    first, second = rng.integers(0, len(x), 3000), rng.integers(0, len(x), 3000)
+    same = labels[first] == labels[second]
+    result = evaluate_embeddings(x, labels, pairs=Pairs.from_indices(x, first, second, same), metrics=VERIFICATION, fars=(0.1, 0.01, 0.005))
+    scores = np.einsum("ij,ij->i", x[first], x[second])
+    fpr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
+    full = result.evaluation.roc()
+    np.testing.assert_allclose(full.fpr, fpr, atol=1e-12)
+    np.testing.assert_allclose(full.tpr, tpr, atol=1e-12)
+    assert result.values["roc_auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-12)
+    for far in (0.1, 0.01, 0.005):
+        assert result.values[f"tar@far={far:g}"] == pytest.approx(tpr[fpr <= far].max(), abs=1e-12)
+    assert result.values["eer"] == pytest.approx(sklearn_eer(fpr, tpr), abs=1e-9)
+    assert result.values["pairs"] == 3000 and result.values["pairs_sampled"] == 0
+    thinned = result.roc  # the curve for plots: fewer points on the same polyline
+    assert set(zip(thinned.fpr, thinned.tpr)) <= set(zip(full.fpr, full.tpr))
+    assert len(thinned.fpr) < len(fpr) or data == "tied"  # nine distinct scores: no point is on a straight line
+    assert np.trapezoid(thinned.tpr, thinned.fpr) == pytest.approx(result.values["roc_auc"], abs=1e-12)
+
+
+def test_hand_made_scores_give_the_rates_worked_out_by_hand():
+    # 4 positives; 100 negatives, one scoring 0.85 (a false accept rate of exactly 1/100) and 99 below 0.1.
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.85, *np.linspace(-0.5, 0.05, 99)])
+    same = np.arange(len(scores)) < 4
+    values = evaluate_embeddings(None, pairs=Pairs(scores, same), metrics=VERIFICATION[:3], fars=(0.01, 0.001)).values
+    assert values["tar@far=0.01"] == 1.0 and values["tar@far=0.001"] == 0.25
+    assert values["roc_auc"] == (100 + 3 * 99) / 400
+    assert values["eer"] == pytest.approx(0.01) and values["eer_threshold"] == 0.2
+
+
+def reference_cv_accuracy(scores, same, folds):
+    """For each fold: the threshold (a training score, "same if score >= t", or +inf) with the best
+    training accuracy, the highest among equals; accuracy on the held-out fold."""
+    accuracies = []
+    for f in np.unique(folds):
+        train, test = folds != f, folds == f
+        candidates = [np.inf] + sorted(set(scores[train]), reverse=True)
+        best = max(candidates, key=lambda t: (((scores[train] >= t) == same[train]).mean(), t))
+        accuracies.append(((scores[test] >= best) == same[test]).mean())
+    return np.mean(accuracies), np.std(accuracies)
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_cross_validated_accuracy_matches_brute_force(data):
+    x, labels = DATA[data]()
+    rng = np.random.default_rng(6)
+    first, second = rng.integers(0, len(x), 1200), rng.integers(0, len(x), 1200)
+    same = labels[first] == labels[second]
+    same[:300] = True  # enough positives for a threshold worth choosing
+    folds = np.repeat(np.arange(10), 120)
+    pairs = Pairs.from_indices(x, first, second, same, folds=folds)
+    values = evaluate_embeddings(None, pairs=pairs).values
+    mean, std = reference_cv_accuracy(pairs.scores, same, folds)
+    assert (values["accuracy"], values["accuracy_std"]) == pytest.approx((mean, std), abs=1e-12)
+    assert set(values) >= {"roc_auc", "eer", "accuracy"} and "recall@1" not in values  # no labels: no retrieval
+
+
+def test_all_pairs_accuracy_uses_contiguous_folds():
+    x, labels = clustered(n=120, classes=6, spread=1.0)
+    scores, same = all_pairs(x, labels)
+    i, _ = np.triu_indices(len(x), 1)
+    pairs_before = np.concatenate([[0], np.cumsum(np.arange(len(x) - 1, -1, -1))])
+    edges = np.searchsorted(pairs_before, pairs_before[-1] * np.arange(11) / 10)
+    folds = np.searchsorted(edges[1:], i, side="right")  # fold of item i, for the pair i < j
+    assert np.bincount(folds).min() > 0.9 * len(i) / 10
+    values = evaluate_embeddings(x, labels, metrics=["accuracy_10fold"], block=16).values
+    mean, std = reference_cv_accuracy(scores, same, folds)
+    assert values["accuracy"] == pytest.approx(mean, abs=2e-3) and values["accuracy_std"] == pytest.approx(std, abs=2e-3)
+
+
+def test_sampled_pairs_fallback_is_reported_and_seeded():
+    x, labels = clustered(n=400, classes=8, spread=1.2)
+    total = len(x) * (len(x) - 1) // 2
+    full = evaluate_embeddings(x, labels, metrics=["roc_auc"]).values
+    sampled = evaluate_embeddings(x, labels, metrics=["roc_auc"], max_pairs=total - 1, sample_pairs=20_000, seed=1).values
+    assert (sampled["pairs_sampled"], sampled["pairs"], sampled["pairs_total"]) == (1, 20_000, total)
+    assert sampled["roc_auc"] == pytest.approx(full["roc_auc"], abs=0.01) and sampled["roc_auc"] != full["roc_auc"]
+    again = evaluate_embeddings(x, labels, metrics=["roc_auc"], max_pairs=total - 1, sample_pairs=20_000, seed=1).values
+    other = evaluate_embeddings(x, labels, metrics=["roc_auc"], max_pairs=total - 1, sample_pairs=20_000, seed=2).values
+    assert again == sampled and other["roc_auc"] != sampled["roc_auc"]
+    assert evaluate_embeddings(x, labels, metrics=["roc_auc"], max_pairs=total).values["pairs_sampled"] == 0
+
+
+def test_sampled_pairs_never_pair_an_item_with_itself():
+    x, _ = clustered(n=50)
+    ev = metrics.Evaluation(x, np.arange(50), max_pairs=10, sample_pairs=5000)  # every class a single image
+    with pytest.raises(metrics.NotApplicable, match="both positive and negative pairs"):
+        roc_auc(ev)
+    assert ev.info["pairs_positive"] == 0 and ev.info["pairs"] == 5000
+
+
+def test_every_builtin_metric_is_registered_and_unknown_names_get_a_suggestion():
+    assert set(RETRIEVAL + VERIFICATION) <= set(mltk.registry.list_metrics())
+    x, labels = clustered(n=100)
+    with pytest.raises(UsageError, match=r"unknown metric 'recal_at_k'; did you mean 'recall_at_k'"):
+        evaluate_embeddings(x, labels, metrics=["recal_at_k"])
+    with pytest.raises(metrics.NotApplicable, match="need embeddings and labels"):
+        evaluate_embeddings(x, None, metrics=["recall_at_k"])
+
+
+class _MedianRank:
+    """A third-party metric that reuses the shared kNN pass."""
+
+    calls = 0
+
+    @mltk.hookimpl
+    def register_metrics(self, register):
+        def median_first_hit(ev):
+            _MedianRank.calls += 1
+            nb = ev.neighbours()
+            first_hit = np.argmax(nb.match[nb.included], axis=1) + 1
+            return {"median_first_hit": float(np.median(first_hit))}
+
+        register("median_first_hit", median_first_hit)
+
+
+def test_a_plugin_metric_is_computed_from_the_shared_pass():
+    plugin = _MedianRank()
+    pm.register(plugin, name="median_rank")
+    try:
+        x, labels = clustered(n=200)
+        result = evaluate_embeddings(x, labels, metrics=["recall_at_k", "median_first_hit"])
+        assert _MedianRank.calls == 1 and result.values["median_first_hit"] >= 1
+        assert result.evaluation._neighbours is result.evaluation.neighbours()  # computed once, shared
+    finally:
+        pm.unregister(plugin)
+    assert "median_first_hit" not in mltk.registry.list_metrics()
+
+
+def test_bad_input_is_a_usage_error():
+    x, labels = clustered(n=50)
+    with pytest.raises(UsageError, match="L2-normalised"):
+        evaluate_embeddings(x * 2, labels)
+    with pytest.raises(UsageError, match="k=64 is more than the 49 gallery items"):
+        evaluate_embeddings(x, labels, ks=(1, 64), metrics=["recall_at_k"])
+    with pytest.raises(UsageError, match="49 labels for 50 embeddings"):
+        evaluate_embeddings(x, labels[:-1])
+
+
+def test_a_small_set_gets_verification_without_retrieval_ks():
+    x, _ = clustered(n=6)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    values = evaluate_embeddings(x, labels, metrics=["roc_auc"]).values  # ks (1, 2, 4, 8) do not matter here
+    assert values["pairs"] == 15 and values["pairs_positive"] == 3
+    with pytest.raises(UsageError, match="k=8 is more than the 5 gallery items"):
+        evaluate_embeddings(x, labels, metrics=["roc_auc", "recall_at_k"])
