@@ -95,8 +95,10 @@ def load_data(spec: str) -> LabelledImages:
         return image_folder(path)
     if path.suffix.lower() == ".csv" and path.is_file():
         return csv_list(path)
-    if path.exists() or "/" in spec or path.suffix:
+    if path.exists():
         raise MltkError(f"data {spec!r} is neither a folder of <class>/<image> nor a .csv file")
+    if "/" in spec or path.suffix:
+        raise MltkError(f"data {spec!r} does not exist; give a folder of <class>/<image>, a .csv file or a dataset name")
     from mltk import registry
 
     return registry.create_dataset(spec)
@@ -157,10 +159,22 @@ def data_config(model, image_size: int | None) -> dict:
 
 
 def make_transform(cfg: dict, augment: bool, options: dict | None = None):
-    """timm's transform: random resized crop, flip and colour jitter with ``augment``; else resize and centre crop."""
-    from timm.data import create_transform
+    """timm's transform: random resized crop, flip and colour jitter with ``augment``; else resize and centre crop.
 
-    return create_transform(**cfg, is_training=augment, **(options or {}) if augment else {})
+    ``options`` go to timm's ``create_transform`` (scale, ratio, hflip, color_jitter, auto_augment, ...),
+    except ``affine``: torchvision ``RandomAffine`` arguments (degrees, translate, shear, fill), applied first.
+    """
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    if not augment:
+        return create_transform(**cfg, is_training=False)
+    options = dict(options or {})
+    affine = options.pop("affine", None)
+    transform = create_transform(**cfg, is_training=True, **options)
+    if affine:
+        transform = transforms.Compose([transforms.RandomAffine(**affine), *transform.transforms])
+    return transform
 
 
 class MPerClassSampler:

@@ -130,7 +130,7 @@ def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     from mltk.metrics import evaluate_embeddings
 
     result = evaluate_embeddings(embeddings.numpy(), labels.numpy(), metrics=["recall_at_k"], ks=(1,))
-    return float(result["recall@1"])
+    return float(result.values["recall@1"])
 
 
 def train(

@@ -32,7 +32,7 @@ def test_csv_errors_name_the_problem(image_folder):
 
 
 def test_missing_data_and_unknown_dataset(tmp_path):
-    with pytest.raises(MltkError, match="neither a folder"):
+    with pytest.raises(MltkError, match="does not exist; give a folder"):
         load_data(str(tmp_path / "nothing_here"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(MltkError, match="no images found"):
