@@ -143,7 +143,6 @@ def train(
     """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt."""
     check_names(cfg)  # a misspelt name fails now, not after the data is read
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg)
 
     # Data: train (and validation) images; settings left open take the dataset's hints.
@@ -177,6 +176,8 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
     # Resume: model, losses, optimiser, scheduler and the epoch to go on from (the RNG follows from it).
+    # Nothing is written before this point, so a bad option leaves no half-made run directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
     result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes))
     if val_data:
         result.val_images, result.val_classes = len(val_data), len(val_data.classes)

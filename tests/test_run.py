@@ -133,3 +133,21 @@ def test_every_example_config_parses_and_builds_its_model(path):
     assert model.dim == (cfg.dim or model.backbone.num_features)
     if cfg.epochs:
         build_losses(cfg, num_classes=10, dim=model.dim)
+
+
+def test_miner_feeds_a_pair_loss(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, loss="TripletMarginLoss", miner="multisimilarity", miner_options={"epsilon": 0.2}, epochs=1)
+    result = train(cfg, tmp_path / "run")
+    assert result.history[0]["loss/TripletMarginLoss"] >= 0
+    with pytest.raises(UsageError, match="miner 'BatchHardMiner': .*pos_strategy"):
+        train(replace(cfg, miner="hard", miner_options={"pos_strategy": "hard"}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_command_line_overrides_the_config_file(image_folder, tmp_path, mltk_cli):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**TINY, "data": str(image_folder), "epochs": 5, "dim": 8}))
+    result = mltk_cli("run", "--config", str(tmp_path / "c.yaml"), "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["dim"] == 8 and saved["backbone"] == "test_resnet"
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1

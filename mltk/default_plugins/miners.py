@@ -19,7 +19,12 @@ NOT_MINERS = {"BaseMiner", "BaseTupleMiner", "BaseSubsetBatchMiner", "Embeddings
 def pml_miner(class_name: str, **kwargs):
     from pytorch_metric_learning import miners
 
-    return getattr(miners, class_name)(**kwargs)
+    from mltk.errors import UsageError
+
+    try:
+        return getattr(miners, class_name)(**kwargs)
+    except TypeError as exc:  # an option the miner does not take, or one it needs
+        raise UsageError(f"miner {class_name!r}: {exc}; set its options under miner_options in the config file") from None
 
 
 @mltk.hookimpl
