@@ -130,9 +130,11 @@ def _version() -> str:
     return __version__
 
 
-from mltk.cli.run import run  # noqa: E402  (light: heavy imports happen inside the command)
+from mltk.cli.evaluate import evaluate  # noqa: E402  (light: heavy imports happen inside the commands)
+from mltk.cli.run import run  # noqa: E402
 
 app.command()(run)
+app.command()(evaluate)
 
 
 def _add_plugin_commands() -> None:

@@ -1,0 +1,81 @@
+"""``mltk evaluate``: verification and retrieval metrics, and a report people read."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mltk.errors import UsageError
+
+
+def evaluate(
+    run: Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint file.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Images to evaluate (folder, CSV or dataset name); the root of --pairs. Default: the run's held-out classes.")] = None,
+    pairs: Annotated[Optional[Path], typer.Option(help="Pair list: LFW pairs.txt or CSV path1,path2,same, resolved against --data.")] = None,
+    query: Annotated[Optional[str], typer.Option(help="Query images (with --gallery).")] = None,
+    gallery: Annotated[Optional[str], typer.Option(help="Gallery images (with --query).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN/eval, or eval-BACKBONE).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
+    flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each embedding with the mirrored image's.")] = False,
+    save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Write embeddings.npy, labels.npy, paths.txt.")] = False,
+    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metric names (default: all; `mltk list metrics`).")] = None,
+    max_pairs: Annotated[Optional[int], typer.Option(help="Above this many pairs, score a uniform sample instead of all.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Evaluate an untrained backbone (no RUN): its pooled features.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="With --backbone: pretrained weights (downloads them).")] = False,
+    weights: Annotated[Optional[str], typer.Option(help="With --backbone: a local weights file.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="With --backbone: image side in pixels.")] = None,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html (plots take a while on big sets).")] = True,
+) -> None:
+    """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, and report.html."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from mltk.cli import console
+
+    if (run is None) == (backbone is None):
+        raise UsageError("give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone")
+    if (query is None) != (gallery is None):
+        raise UsageError("--query and --gallery go together")
+    if pairs is not None and data is None:
+        raise UsageError("--pairs needs --data: the folder its image names are relative to")
+    if backbone and not (data or query):
+        raise UsageError("--backbone needs --data (or --query and --gallery)")
+
+    from mltk import evaluate as ev
+    from mltk.data import load_data
+    from mltk.model import load
+
+    model = load(run, device) if run is not None else ev.untrained_model(backbone, pretrained, weights, image_size, device)
+    out = out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}"))
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    inputs = {}
+    if pairs is not None:
+        inputs = {"pairs_file": pairs, "pairs_root": data}
+    elif query is not None:
+        inputs = {"query": load_data(query), "gallery": load_data(gallery)}
+    else:
+        inputs = {"data": load_data(data) if data else ev.held_out_data(model)}
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        result = ev.evaluate(model, metrics=names, batch_size=batch_size, workers=workers, flip_tta=flip_tta, max_pairs=max_pairs, progress=progress, **inputs)
+        ev.write_outputs(result, out, save_embeddings)
+        if report:
+            title = f"mltk evaluate — {run if run is not None else backbone}"
+            html = ev.build_report(result, title, progress=progress)
+            (out / ".report.html.tmp").write_text(html)
+            (out / ".report.html.tmp").replace(out / "report.html")
+
+    table = Table("metric", "value", header_style="bold")
+    for key, value in result.values.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"written to [bold]{out}[/bold]: metrics.json" + (", report.html" if report else "") + (", embeddings.npy, labels.npy, paths.txt" if save_embeddings else ""))

@@ -1,0 +1,180 @@
+"""``mltk evaluate`` as a library: pick the model and the images, embed them, compute the metrics, write outputs."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mltk.data import ImageDataset, LabelledImages, load_data, select_classes, split_classes
+from mltk.errors import UsageError
+from mltk.model import EmbeddingModel, Embedder
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def untrained_model(backbone: str, pretrained: bool = False, weights: str | None = None, image_size: int | None = None, device: str | None = None) -> EmbeddingModel:
+    """A backbone's own pooled features, no training (experiment config 0)."""
+    from mltk.data import data_config
+    from mltk.registry import create_backbone
+
+    embedder = Embedder(create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size), dim=None)
+    return EmbeddingModel(embedder, data_config(embedder.backbone, image_size), device=device)
+
+
+def held_out_data(model: EmbeddingModel) -> LabelledImages:
+    """The classes a run held out for validation: --val-data, or the --val-classes split."""
+    cfg = model.config
+    if cfg is None or not (cfg.val_data or cfg.val_classes):
+        raise UsageError("this model has no held-out classes to evaluate on; give --data DATA")
+    if cfg.val_data:
+        data = load_data(cfg.val_data)
+        return select_classes(data, cfg.val_data_classes) if cfg.val_data_classes else data
+    data = load_data(cfg.data)
+    if cfg.data_classes:
+        data = select_classes(data, cfg.data_classes)
+    return split_classes(data, cfg.val_classes, cfg.seed)[1]
+
+
+@torch.no_grad()
+def embed(model: EmbeddingModel, data: LabelledImages, batch_size: int = 128, workers: int = 2, flip_tta: bool = False, progress: Progress | None = None) -> np.ndarray:
+    """L2-normalised float32 embeddings of every image, in order; ``flip_tta`` averages with the mirrored image."""
+    dataset = ImageDataset(data, model.transform, model.mode)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    out, done = [], 0
+    for images, _ in loader:
+        images = images.to(model.device)
+        vectors = model.embedder.embed(images)
+        if flip_tta:
+            vectors = torch.nn.functional.normalize(vectors + model.embedder.embed(images.flip(-1)), dim=1)
+        out.append(vectors.cpu().numpy())
+        done += len(images)
+        if progress:
+            progress("embedding", done, len(dataset))
+    return np.concatenate(out) if out else np.zeros((0, model.embedder.dim), np.float32)
+
+
+def align_classes(query: LabelledImages, gallery: LabelledImages) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels of both sets over the union of their class names."""
+    names = sorted(set(query.classes) | set(gallery.classes))
+    index = {n: i for i, n in enumerate(names)}
+    relabel = lambda d: np.array([index[d.classes[y]] for y in d.labels], dtype=np.int64)  # noqa: E731
+    return relabel(query), relabel(gallery), names
+
+
+@dataclass
+class EvalResult:
+    values: dict
+    roc: object
+    embeddings: np.ndarray
+    labels: np.ndarray | None
+    sources: list
+    classes: list[str]
+    neighbours: object = None  # mltk.metrics.Neighbours: rows follow ``query_index``
+    query_index: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+
+def evaluate(
+    model: EmbeddingModel,
+    data: LabelledImages | None = None,
+    pairs_file: str | Path | None = None,
+    pairs_root: str | Path | None = None,
+    query: LabelledImages | None = None,
+    gallery: LabelledImages | None = None,
+    metrics: list[str] | None = None,
+    batch_size: int = 128,
+    workers: int = 2,
+    flip_tta: bool = False,
+    max_pairs: int | None = None,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Embed the images and compute the metrics: on one set (leave-one-out, all pairs), on a pair list, or query vs gallery."""
+    from mltk import metrics as metrics_mod
+    from mltk.pairs import check_images, read_pairs
+
+    options = {"metrics": metrics}
+    if max_pairs is not None:
+        options["max_pairs"] = max_pairs
+    run_embed = lambda d: embed(model, d, batch_size, workers, flip_tta, progress)  # noqa: E731
+    if pairs_file is not None:
+        pair_list = read_pairs(pairs_file, pairs_root)
+        check_images(pair_list)  # every named image exists, before anything is embedded
+        paths, first, second = pair_list.index()
+        images = LabelledImages(paths, [0] * len(paths), ["?"])
+        embeddings = run_embed(images)
+        folds = np.asarray(pair_list.folds) if pair_list.folds is not None else None
+        same = [s for _, _, s in pair_list.pairs]
+        pairs = metrics_mod.Pairs.from_indices(embeddings, first, second, same, folds)
+        result = metrics_mod.evaluate_embeddings(embeddings, None, pairs=pairs, **options)
+        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)})
+    if query is not None and gallery is not None:
+        q_labels, g_labels, classes = align_classes(query, gallery)
+        embeddings = np.concatenate([run_embed(query), run_embed(gallery)])
+        labels = np.concatenate([q_labels, g_labels])
+        n_q = len(query)
+        result = metrics_mod.evaluate_embeddings(embeddings, labels, query=np.arange(n_q), gallery=np.arange(n_q, len(labels)), **options)
+        sources = list(query.sources) + list(gallery.sources)
+        info = {"query images": n_q, "gallery images": len(gallery)}
+    else:
+        embeddings = run_embed(data)
+        labels, classes, sources = np.asarray(data.labels), list(data.classes), list(data.sources)
+        result = metrics_mod.evaluate_embeddings(embeddings, labels, **options)
+        info = {"images": len(data), "classes": len(classes), "protocol": "leave-one-out retrieval, all pairs for verification"}
+    ev = result.evaluation
+    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.neighbours(), ev.query, info)
+
+
+def source_name(source) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+
+
+def write_outputs(result: EvalResult, out: Path, save_embeddings: bool) -> None:
+    """metrics.json, and with ``save_embeddings`` embeddings.npy, labels.npy and paths.txt (one per row)."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v) for k, v in result.values.items()}
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(clean, indent=2))
+    tmp.replace(out / "metrics.json")
+    if save_embeddings:
+        np.save(out / "embeddings.npy", result.embeddings)
+        if result.labels is not None:
+            np.save(out / "labels.npy", result.labels)
+        (out / "paths.txt").write_text("".join(source_name(s) + "\n" for s in result.sources))
+
+
+def build_report(result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0, progress: Progress | None = None) -> str:
+    """The HTML report: metrics, ROC curve, t-SNE and UMAP of a sample of classes, a retrieval grid."""
+    from mltk import report
+    from mltk.data import open_image
+
+    figures: dict[str, bytes] = {}
+    auc = result.values.get("roc_auc")
+    if result.roc is not None and auc is not None:
+        figures["ROC curve"] = report.roc_plot(result.roc.fpr, result.roc.tpr, auc)
+    if result.labels is not None and len(result.labels) > 5:
+        keep = report.sample_classes(result.labels, max_classes, seed)
+        if len(keep) > max_points:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, max_points, replace=False))
+        shown = f"{len(np.unique(result.labels[keep]))} of {len(np.unique(result.labels))} classes, {len(keep)} images"
+        for method, name in (("tsne", "t-SNE"), ("umap", "UMAP")):
+            if progress:
+                progress(name, 0, 1)
+            points = report.project(result.embeddings[keep], method, seed)
+            figures[f"{name} ({shown})"] = report.scatter_plot(points, result.labels[keep], result.classes, f"{name} of the embeddings, coloured by class")
+            if progress:
+                progress(name, 1, 1)
+    nb = result.neighbours
+    if nb is not None and len(nb.indices):
+        rows = np.flatnonzero(nb.included)
+        rows = np.random.default_rng(seed).choice(rows, min(grid_queries, len(rows)), replace=False) if len(rows) else rows
+        if len(rows):
+            queries = [result.sources[result.query_index[r]] for r in rows]
+            k = min(grid_k, nb.indices.shape[1])
+            neighbours = [[result.sources[i] for i in nb.indices[r, :k]] for r in rows]
+            figures["Retrieval examples"] = report.retrieval_grid(queries, neighbours, nb.match[rows, :k], open_image)
+    metrics = {k: v for k, v in result.values.items() if isinstance(v, float)}
+    info = {**result.info, **{k: v for k, v in result.values.items() if not isinstance(v, float)}}
+    return report.html_report(title, metrics, info, figures)

@@ -1,0 +1,94 @@
+"""mltk evaluate: a run's held-out classes, an untrained backbone, pair lists, query/gallery, the report."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mltk.config import make_config
+from mltk.data import load_data
+from mltk.evaluate import evaluate, untrained_model
+from mltk.model import load
+from mltk.train import train
+
+TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("eval")
+    folder = make_image_folder(root / "images", classes=10, per_class=4)
+    train(make_config({**TINY, "data": str(folder), "val_classes": 0.3}), root / "run")
+    return root / "run", folder
+
+
+def test_evaluate_on_held_out_classes_writes_metrics_and_a_report(trained_run, mltk_cli):
+    run, _ = trained_run
+    result = mltk_cli("evaluate", str(run), "--save-embeddings", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    out = run / "eval"
+    values = json.loads((out / "metrics.json").read_text())
+    for key in ("roc_auc", "tar@far=0.1", "eer", "accuracy", "recall@1", "recall@8", "precision@1", "map@r"):
+        assert 0.0 <= values[key] <= 1.0, key
+    assert values["queries"] == 12  # 3 held-out classes x 4 images
+    assert np.load(out / "embeddings.npy").shape == (12, 16) and np.load(out / "labels.npy").shape == (12,)
+    assert len((out / "paths.txt").read_text().splitlines()) == 12
+    html = (out / "report.html").read_text()
+    alts = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
+    assert [a.split(" (")[0] for a in alts] == ["ROC curve", "t-SNE", "UMAP", "Retrieval examples"]
+    assert "roc_auc" in html and "map@r" in html and "recall@1" in result.stdout
+
+
+def test_untrained_backbone_evaluates_from_the_command_line(trained_run, mltk_cli, tmp_path):
+    _, folder = trained_run
+    result = mltk_cli("evaluate", "--backbone", "test_resnet", "--data", str(folder), "--image-size", "32", "--out", str(tmp_path / "e"), "--no-report", "--metrics", "roc_auc,recall_at_k", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    values = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert {"roc_auc", "recall@1", "recall@8"} <= set(values) and "map@r" not in values
+    assert not (tmp_path / "e" / "report.html").exists()
+
+
+def test_query_gallery_mode_aligns_classes_by_name(trained_run, tmp_path):
+    _, folder = trained_run
+    from conftest import make_image_folder
+
+    gallery_dir = make_image_folder(tmp_path / "gallery", classes=10, per_class=3, seed=1)
+    model = untrained_model("test_resnet", image_size=32, device="cpu")
+    query, gallery = load_data(str(folder)), load_data(str(gallery_dir))
+    result = evaluate(model, query=query, gallery=gallery, workers=0, metrics=["recall_at_k"])
+    # Independent check: brute-force nearest gallery item of each query.
+    e, y = result.embeddings, result.labels
+    sims = e[:40] @ e[40:].T
+    expected = float(np.mean(y[40:][sims.argmax(1)] == y[:40]))
+    assert result.values["recall@1"] == pytest.approx(expected)
+    assert result.values["queries"] == 40
+
+
+def test_pair_list_csv_is_scored(trained_run, tmp_path):
+    run, folder = trained_run
+    lines = ["path1,path2,same"] + [f"class_0{c}/0.png,class_0{c}/1.png,1" for c in range(5)] + [f"class_0{c}/0.png,class_0{c + 1}/2.png,0" for c in range(5)]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    result = evaluate(load(run, device="cpu"), pairs_file=tmp_path / "pairs.csv", pairs_root=folder, workers=0)
+    from sklearn.metrics import roc_auc_score
+
+    e = result.embeddings
+    index = {str(p): i for i, p in enumerate(result.sources)}
+    scores = [float(e[index[str(folder / a)]] @ e[index[str(folder / b)]]) for a, b, _ in (line.split(",") for line in lines[1:])]
+    assert result.values["roc_auc"] == pytest.approx(roc_auc_score([1] * 5 + [0] * 5, scores), abs=1e-4)
+    assert "recall@1" not in result.values  # no labels: retrieval does not apply
+
+
+def test_pair_list_with_a_missing_image_is_one_error_line(trained_run, mltk_cli, tmp_path):
+    run, folder = trained_run
+    (tmp_path / "pairs.csv").write_text("class_00/0.png,class_00/9.png,1\n")
+    result = mltk_cli("evaluate", str(run), "--data", str(folder), "--pairs", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "o"))
+    assert result.returncode != 0 and result.stderr.startswith("error: ") and "9.png" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_evaluate_needs_a_run_or_a_backbone(mltk_cli):
+    result = mltk_cli("evaluate")
+    assert result.returncode == 2 and "give a RUN directory or checkpoint, or --backbone NAME" in result.stderr
