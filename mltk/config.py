@@ -3,6 +3,7 @@
 import dataclasses
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,20 @@ def make_config(values: dict[str, Any], source: str = "config") -> RunConfig:
             close = difflib.get_close_matches(key, FIELDS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UsageError(f"unknown key {key!r} in {source}{hint}")
+        check_type(key, values[key], source)
     cfg = RunConfig(**values)
     validate(cfg)
     return cfg
+
+
+def check_type(key: str, value: Any, source: str) -> None:
+    """A value of the field's type (an int is a float too, a bool is not an int), or a UsageError naming the key."""
+    allowed = typing.get_args(FIELDS[key].type) or (FIELDS[key].type,)  # ``int | None`` -> (int, NoneType)
+    if float in allowed and type(value) is int:
+        return
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise UsageError(f"{key} in {source} must be {names}, got {value!r}")
 
 
 def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> RunConfig:

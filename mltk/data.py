@@ -1,13 +1,15 @@
 """Datasets (folder, CSV or registered name), class-disjoint splits, transforms and the m-per-class sampler."""
 
 import csv
+import os
 import random
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mltk.errors import MltkError
 
@@ -43,6 +45,10 @@ class LabelledImages:
             self.hints,
         )
 
+    def rows(self, keep: list[int]) -> "LabelledImages":
+        """Some of the images, labels and classes unchanged."""
+        return LabelledImages([self.sources[i] for i in keep], [self.labels[i] for i in keep], self.classes, self.name, self.hints)
+
 
 def digits() -> LabelledImages:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes) as greyscale images."""
@@ -72,19 +78,24 @@ def csv_list(path: Path) -> LabelledImages:
     """A CSV with columns ``path,label``; paths relative to the CSV's folder."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise MltkError(f"{str(path)!r} needs a header with the columns path,label (has {reader.fieldnames})")
-        rows = [(line, row["path"], row["label"]) for line, row in enumerate(reader, start=2)]
-    classes = sorted({label for _, _, label in rows})
-    class_id = {c: i for i, c in enumerate(classes)}
+        try:
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise MltkError(f"{str(path)!r} needs a header with the columns path,label (has {reader.fieldnames})")
+            rows = [(reader.line_num, row["path"], row["label"]) for row in reader]
+        except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, NUL bytes, a runaway quote
+            raise MltkError(f"{str(path)!r} line {reader.line_num + 1}: not a readable CSV ({exc})") from None
     sources = []
-    for line, rel, _ in rows:
+    for line, rel, label in rows:
+        if not rel or not label:
+            raise MltkError(f"{str(path)!r} line {line}: needs a path and a label, got {rel or ''!r},{label or ''!r}")
         full = (path.parent / rel).resolve()
         if not full.is_file():
             raise MltkError(f"{str(path)!r} line {line}: image {rel!r} does not exist")
         sources.append(full)
     if not sources:
         raise MltkError(f"{str(path)!r} lists no images")
+    classes = sorted({label for _, _, label in rows})
+    class_id = {c: i for i, c in enumerate(classes)}
     return LabelledImages(sources, [class_id[label] for _, _, label in rows], classes, path.stem)
 
 
@@ -130,17 +141,81 @@ def open_image(source: Source, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-class ImageDataset:
-    """A map-style dataset of (tensor, label) for torch's DataLoader."""
+def check_image(path: str | Path) -> str | None:
+    """Why an image file cannot be read, or None if it can.
 
-    def __init__(self, data: LabelledImages, transform, mode: str = "RGB"):
-        self.data, self.transform, self.mode = data, transform, mode
+    Cheap enough to run over a dataset before training (5,000 photos: about 1.5 s on one core):
+    a JPEG is decoded at 1/8 scale, which still reads every byte (~0.3 ms), and a PNG's chunk
+    checksums are verified without inflating it (~0.1 ms; a full decode costs ~5 ms).
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.draft(None, (1, 1))
+                image.load()
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as exc:  # truncated or corrupt: PIL raises OSError, SyntaxError, ValueError ...
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def drop_unreadable(data: LabelledImages) -> tuple[LabelledImages, list[tuple[Source, str]]]:
+    """``data`` without the image files that do not decode, and those files with the reason; none left is an error."""
+    files = [i for i, source in enumerate(data.sources) if not isinstance(source, Image.Image)]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL and file reads release the GIL
+        reasons = dict(zip(files, pool.map(check_image, [data.sources[i] for i in files])))
+    bad = [i for i in files if reasons[i]]
+    if not bad:
+        return data, []
+    skipped = [(data.sources[i], reasons[i]) for i in bad]
+    if len(bad) == len(data):
+        raise MltkError(f"none of the {len(data)} images of {data.name!r} can be read: {describe_files(skipped)}")
+    return data.rows(sorted(set(range(len(data))) - set(bad))), skipped
+
+
+def describe_files(items: list[tuple[Source, str]], limit: int = 3) -> str:
+    """The first few ``(path, reason)`` pairs on one line, and how many more there are."""
+    shown = ", ".join(f"{path} ({reason})" for path, reason in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class ImageDataset:
+    """A map-style dataset of ``(tensor, label, failed)`` for torch's DataLoader.
+
+    ``failed`` is -1, or this index when its file could not be decoded (it passed the scan, or changed
+    since): with ``stand_in`` another image of the same class takes its place, so a run never dies
+    on one bad file; without it, or when no image of the class decodes, a blank image does and the
+    caller drops or reports it.
+    """
+
+    def __init__(self, data: LabelledImages, transform, mode: str = "RGB", stand_in: bool = False):
+        self.data, self.transform, self.mode, self.stand_in = data, transform, mode, stand_in
+        self.by_class: dict[int, list[int]] = {}
+        for i, y in enumerate(data.labels):
+            self.by_class.setdefault(y, []).append(i)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int):
-        return self.transform(open_image(self.data.sources[i], self.mode)), self.data.labels[i]
+        for j in self.tries(i):
+            try:
+                image = open_image(self.data.sources[j], self.mode)
+            except Exception:  # a decoding error of one file; the transform's errors are bugs and propagate
+                continue
+            return self.transform(image), self.data.labels[i], -1 if j == i else i
+        return self.transform(Image.new(self.mode, (8, 8))), self.data.labels[i], i
+
+    def tries(self, i: int) -> Iterator[int]:
+        """``i``, then with ``stand_in`` the other images of its class, in order after it."""
+        yield i
+        if self.stand_in:
+            same = self.by_class[self.data.labels[i]]
+            k = same.index(i)
+            yield from same[k + 1 :] + same[:k]
 
 
 def data_config(model, image_size: int | None) -> dict:

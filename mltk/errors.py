@@ -11,3 +11,21 @@ class UsageError(MltkError):
     """A bad name or option on the command line or in a config file."""
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept and how to go on. Still a KeyboardInterrupt."""
+
+    exit_code = 130
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS), the CPU allocator's failure or Python's MemoryError; torch is not imported."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def out_of_memory(exc: BaseException, advice: str) -> MltkError:
+    """The one-line error for running out of memory: what ran out, then which settings to lower."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return MltkError(f"out of memory ({first[:120]}): {advice}")

@@ -8,8 +8,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mltk.data import ImageDataset, LabelledImages, load_data, select_classes, split_classes
-from mltk.errors import UsageError
+from mltk.data import ImageDataset, LabelledImages, check_image, describe_files, drop_unreadable, load_data, select_classes, split_classes
+from mltk.errors import MltkError, UsageError, is_out_of_memory, out_of_memory
 from mltk.model import EmbeddingModel, Embedder
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -43,16 +43,25 @@ def embed(model: EmbeddingModel, data: LabelledImages, batch_size: int = 128, wo
     """L2-normalised float32 embeddings of every image, in order; ``flip_tta`` averages with the mirrored image."""
     dataset = ImageDataset(data, model.transform, model.mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    out, done = [], 0
-    for images, _ in loader:
-        images = images.to(model.device)
-        vectors = model.embedder.embed(images)
-        if flip_tta:
-            vectors = torch.nn.functional.normalize(vectors + model.embedder.embed(images.flip(-1)), dim=1)
-        out.append(vectors.cpu().numpy())
-        done += len(images)
-        if progress:
-            progress("embedding", done, len(dataset))
+    out, done, failed = [], 0, []
+    try:
+        for images, _, bad in loader:
+            images = images.to(model.device)
+            vectors = model.embedder.embed(images)
+            if flip_tta:
+                vectors = torch.nn.functional.normalize(vectors + model.embedder.embed(images.flip(-1)), dim=1)
+            out.append(vectors.cpu().numpy())
+            failed += bad[bad >= 0].tolist()
+            done += len(images)
+            if progress:
+                progress("embedding", done, len(dataset))
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory(exc, f"lower --batch-size (now {batch_size})") from None
+    if failed:  # passed the scan, fails now (changed since?): metrics on stand-in images would be wrong
+        files = [(data.sources[i], check_image(data.sources[i]) or "failed to decode") for i in failed]
+        raise MltkError(f"{len(files)} images could not be read while embedding: {describe_files(files)}")
     return np.concatenate(out) if out else np.zeros((0, model.embedder.dim), np.float32)
 
 
@@ -75,6 +84,14 @@ class EvalResult:
     neighbours: object = None  # mltk.metrics.Neighbours: rows follow ``query_index``
     query_index: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)  # (path, reason) of unreadable images left out
+
+
+def readable(data: LabelledImages, skipped: list) -> LabelledImages:
+    """``data`` without its unreadable files, which are added to ``skipped``."""
+    data, bad = drop_unreadable(data)
+    skipped += bad
+    return data
 
 
 def evaluate(
@@ -93,8 +110,11 @@ def evaluate(
 ) -> EvalResult:
     """Embed the images and compute the metrics: on one set (leave-one-out, all pairs), on a pair list, or query vs gallery."""
     from mltk import metrics as metrics_mod
+    from mltk import registry
     from mltk.pairs import check_images, read_pairs
 
+    for name in metrics or []:  # a misspelt metric fails now, not after the embedding
+        registry.get("metrics", name)
     options = {"metrics": metrics}
     if max_pairs is not None:
         options["max_pairs"] = max_pairs
@@ -102,6 +122,10 @@ def evaluate(
     if pairs_file is not None:
         pair_list = read_pairs(pairs_file, pairs_root)
         check_images(pair_list)  # every named image exists, before anything is embedded
+        paths = pair_list.index()[0]
+        _, skipped = drop_unreadable(LabelledImages(paths, [0] * len(paths), ["?"], Path(pairs_file).name))
+        if skipped:  # pairs naming an unreadable image are left out, the rest are scored
+            pair_list = pair_list.without({path for path, _ in skipped})
         paths, first, second = pair_list.index()
         images = LabelledImages(paths, [0] * len(paths), ["?"])
         embeddings = run_embed(images)
@@ -109,8 +133,10 @@ def evaluate(
         same = [s for _, _, s in pair_list.pairs]
         pairs = metrics_mod.Pairs.from_indices(embeddings, first, second, same, folds)
         result = metrics_mod.evaluate_embeddings(embeddings, None, pairs=pairs, **options)
-        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)})
+        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped)
+    skipped = []
     if query is not None and gallery is not None:
+        query, gallery = readable(query, skipped), readable(gallery, skipped)
         q_labels, g_labels, classes = align_classes(query, gallery)
         embeddings = np.concatenate([run_embed(query), run_embed(gallery)])
         labels = np.concatenate([q_labels, g_labels])
@@ -119,12 +145,13 @@ def evaluate(
         sources = list(query.sources) + list(gallery.sources)
         info = {"query images": n_q, "gallery images": len(gallery)}
     else:
+        data = readable(data, skipped)
         embeddings = run_embed(data)
         labels, classes, sources = np.asarray(data.labels), list(data.classes), list(data.sources)
         result = metrics_mod.evaluate_embeddings(embeddings, labels, **options)
         info = {"images": len(data), "classes": len(classes), "protocol": "leave-one-out retrieval, all pairs for verification"}
     ev = result.evaluation
-    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.neighbours(), ev.query, info)
+    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.neighbours(), ev.query, info, skipped)
 
 
 def source_name(source) -> str:
@@ -143,6 +170,8 @@ def write_outputs(result: EvalResult, out: Path, save_embeddings: bool) -> None:
         if result.labels is not None:
             np.save(out / "labels.npy", result.labels)
         (out / "paths.txt").write_text("".join(source_name(s) + "\n" for s in result.sources))
+    if result.skipped:
+        (out / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in result.skipped))
 
 
 def build_report(result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0, progress: Progress | None = None) -> str:

@@ -1,5 +1,6 @@
 """Model pieces: the hybrid backbone and loading weights from local files."""
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,19 +33,36 @@ def check_weights_file(path: str | Path) -> Path:
     return path
 
 
+def safe_load(path: Path, what: str):
+    """``torch.load(weights_only=True)``: tensors and plain containers only; a pickle that would run code is refused."""
+    try:
+        with warnings.catch_warnings():  # a refused file needs one line, not torch's note on pickle protocols too
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or line.startswith("Unsupported")), "")
+            raise MltkError(
+                f"refused to load {str(path)!r}: it holds more than tensors and plain values, and unpickling it could run code "
+                f"({found or 'see torch.load'}); mltk reads {what}s with torch.load(weights_only=True) only"
+            ) from None
+        first = (text.strip().splitlines() or [type(exc).__name__])[0]
+        raise MltkError(f"{str(path)!r} is not a {what} torch can read ({type(exc).__name__}: {first})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file, never unpickling code (``weights_only=True``)."""
     path = check_weights_file(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MltkError(f"{str(path)!r} is not a readable weights file ({first})") from None
+        except Exception as exc:
+            raise MltkError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+    else:
+        state = safe_load(path, "weights file")
     for key in ("state_dict", "model", "backbone"):  # common wrappers around the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -53,21 +71,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into ``model``; a mismatch names the keys that differ."""
-    state = read_state_dict(path)
-    own = model.state_dict()
+def state_mismatch(own: dict, state: dict, shapes: bool = True) -> str:
+    """'' when ``state`` has exactly the keys of ``own`` (and, with ``shapes``, their shapes); else what differs."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        parts = [
-            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if keys
-        ]
-        raise MltkError(f"{str(path)!r} does not fit this model: {'; '.join(parts)}")
+    wrong_shape = sorted(k for k in set(own) & set(state) if shapes and own[k].shape != state[k].shape)
+    return "; ".join(
+        f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        if keys
+    )
+
+
+def load_state(model: nn.Module, state: dict, source: str, hint: str = "") -> None:
+    """``model.load_state_dict(state)``; a mismatch is one MltkError naming the keys that differ."""
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise MltkError(f"{source} does not fit this model: {problem}{hint}")
     model.load_state_dict(state)
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into ``model``; a mismatch names the keys that differ."""
+    load_state(model, read_state_dict(path), repr(str(path)))
 
 
 class Embedder(nn.Module):
@@ -136,13 +162,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MltkError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MltkError(f"{str(path)!r} is not a safe mltk checkpoint ({first})") from None
+    state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise MltkError(f"{str(path)!r} is not an mltk checkpoint")
+        raise MltkError(f"{str(path)!r} is not an mltk checkpoint (a weights file goes to --weights)")
     return state
 
 
@@ -188,8 +210,9 @@ def load(run: str | Path, device: str | None = None) -> EmbeddingModel:
     """The trained embedder of a run directory (or checkpoint file), ready for inference."""
     from mltk.config import make_config
 
-    state = load_checkpoint(find_checkpoint(run))
+    path = find_checkpoint(run)
+    state = load_checkpoint(path)
     cfg = make_config(state["config"], source=f"checkpoint {run}")
     embedder = build_embedder(cfg, from_checkpoint=True)
-    embedder.load_state_dict(state["model"])
+    load_state(embedder, state["model"], repr(str(path)))
     return EmbeddingModel(embedder, state["data_config"], cfg, state.get("classes"), device)

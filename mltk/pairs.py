@@ -35,6 +35,14 @@ class PairList:
             position.setdefault(second, len(position))
         return list(position), [position[p[0]] for p in self.pairs], [position[p[1]] for p in self.pairs]
 
+    def without(self, images: set[Path]) -> "PairList":
+        """The pairs that name none of ``images`` (unreadable files), with their folds and lines."""
+        keep = [i for i, (first, second, _) in enumerate(self.pairs) if first not in images and second not in images]
+        if not keep:
+            raise MltkError(f"{self.source}: no pair is left once the unreadable images are left out")
+        folds = [self.folds[i] for i in keep] if self.folds is not None else None
+        return PairList([self.pairs[i] for i in keep], folds, [self.lines[i] for i in keep], self.source)
+
 
 def read_pairs(file: str | Path, root: str | Path) -> PairList:
     """A pair list from a ``.csv`` file or, otherwise, an LFW-style pairs file; paths under ``root``."""

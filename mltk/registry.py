@@ -63,6 +63,8 @@ def get(kind: str, name: str) -> Entry:
         return entries[name]
     close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; see `mltk list {kind}`"
+    if errors:  # the name may belong to a plugin that failed to load
+        hint += f" (plugins that failed: {', '.join(sorted(errors))}; see `mltk plugins`)"
     raise UsageError(f"unknown {KINDS[kind]} {name!r}{hint}")
 
 

@@ -13,9 +13,12 @@ from torch import nn
 
 from mltk import registry
 from mltk.config import RunConfig, parse_loss_spec, save_yaml, to_dict
-from mltk.data import ImageDataset, LabelledImages, MPerClassSampler, data_config, load_data, make_transform, select_classes, split_classes
-from mltk.errors import MltkError
-from mltk.model import Embedder, build_embedder, load_checkpoint, save_checkpoint
+from mltk.data import (
+    ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
+    load_data, make_transform, select_classes, split_classes,
+)
+from mltk.errors import Interrupted, MltkError, is_out_of_memory, out_of_memory
+from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
 
 
 class WeightedLosses(nn.Module):
@@ -70,6 +73,8 @@ class RunResult:
     train_classes: int = 0
     val_images: int = 0
     val_classes: int = 0
+    warnings: list[str] = field(default_factory=list)  # what on_warning was told
+    skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
 
 
 def load_splits(cfg: RunConfig) -> tuple[LabelledImages, LabelledImages | None]:
@@ -108,21 +113,68 @@ def default_amp(device: torch.device) -> bool:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+
     random.seed(seed)
+    np.random.seed(seed % 2**32)  # some pytorch-metric-learning miners draw from numpy
     torch.manual_seed(seed)
 
 
 @torch.no_grad()
 def embed_dataset(model: Embedder, dataset: ImageDataset, device: torch.device, batch_size: int, workers: int, amp_dtype=None):
-    """L2-normalised embeddings and labels of a whole dataset, in order."""
+    """L2-normalised embeddings and labels of a whole dataset, in order, without images that failed to decode (returned)."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    out, labels = [], []
-    for images, y in loader:
+    out, labels, failed = [], [], []
+    for images, y, bad in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out.append(model.embed(images.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
-    return torch.cat(out), torch.cat(labels)
+        failed.append(bad)
+    keep = torch.cat(failed) < 0
+    return torch.cat(out)[keep], torch.cat(labels)[keep], [dataset.data.sources[i] for i in torch.cat(failed)[~keep].tolist()]
+
+
+def scan(data: LabelledImages, warn: Callable[[str], None]) -> tuple[LabelledImages, list[tuple[Source, str]]]:
+    """``data`` without the files that do not decode (a fast scan before training), warned about by name."""
+    kept, skipped = drop_unreadable(data)
+    if skipped:
+        warn(f"{len(skipped)} of {len(data)} images of {data.name!r} cannot be read and are left out: {describe_files(skipped)}")
+    return kept, skipped
+
+
+def list_skipped(run_dir: Path, skipped: list[tuple[Source, str]], mode: str = "a") -> None:
+    """skipped_images.txt: one ``path<TAB>reason`` line per image left out, so the user can fix or remove them."""
+    with open(run_dir / "skipped_images.txt", mode) as f:
+        f.write("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+
+
+def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Callable[[str], None]) -> None:
+    """Images that passed the scan but failed to decode in this epoch (changed since?): warned about once, listed."""
+    new = [path for path in dict.fromkeys(bad) if path not in {p for p, _ in result.skipped}]
+    if new:
+        failures = [(path, check_image(path) or "failed to decode") for path in new]
+        result.skipped += failures
+        list_skipped(result.run_dir, failures)
+        warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
+
+
+def restore(path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler) -> dict:
+    """Load last.pt into the run's objects (a mismatch names what differs); returns the checkpoint."""
+    for stale in path.parent.glob(".*.tmp-*"):  # a save that a killed process left half-done
+        stale.unlink(missing_ok=True)
+    state = load_checkpoint(path)
+    hint = "; resume with the options the run started with (its config.yaml)"
+    load_state(model, state["model"], f"{str(path)!r} (model)", hint)
+    if losses is not None:
+        load_state(losses, state["losses"], f"{str(path)!r} (losses)", hint)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # e.g. --freeze-backbone changed: other parameter groups
+        raise MltkError(f"{str(path)!r} (optimizer) does not fit this run: {exc}{hint}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state
 
 
 def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
@@ -139,23 +191,44 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, int, int, dict], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt."""
+    """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt.
+
+    Ctrl-C raises ``Interrupted`` and a lack of memory an MltkError; either way last.pt keeps the
+    last completed epoch (epoch 0: the untrained model) and ``resume=True`` goes on from there.
+    """
     check_names(cfg)  # a misspelt name fails now, not after the data is read
     run_dir = Path(run_dir)
     device = pick_device(cfg)
+    warnings: list[str] = []
 
-    # Data: train (and validation) images; settings left open take the dataset's hints.
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning:
+            on_warning(message)
+
+    # Data: train (and validation) images, unreadable files left out; settings left open take the dataset's hints.
     train_data, val_data = load_splits(cfg)
+    train_data, skipped = scan(train_data, warn)
+    if val_data:
+        val_data, val_skipped = scan(val_data, warn)
+        skipped += val_skipped
     cfg = resolve_hints(cfg, train_data)
     sampler = MPerClassSampler(train_data.labels, cfg.m_per_class, cfg.batch_size, seed=cfg.seed)
+    if sampler.left_out:
+        names = [train_data.classes[y] for y in sampler.left_out]
+        warn(
+            f"classes with a single image have no positive pair and are left out of the batches: "
+            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)} of {len(train_data.classes)})"
+        )
 
     # Model: backbone + neck, seeded so the same seed gives the same initial weights.
     seed_everything(cfg.seed)
     model = build_embedder(cfg).to(device)
     pre = data_config(model.backbone, cfg.image_size)
     mode = "L" if pre["input_size"][0] == 1 else "RGB"
-    train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode)
+    train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode, stand_in=True)
     val_set = ImageDataset(val_data, make_transform(pre, False), mode) if val_data else None
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
@@ -178,18 +251,14 @@ def train(
     # Resume: model, losses, optimiser, scheduler and the epoch to go on from (the RNG follows from it).
     # Nothing is written before this point, so a bad option leaves no half-made run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes))
+    result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes), warnings=warnings, skipped=skipped)
     if val_data:
         result.val_images, result.val_classes = len(val_data), len(val_data.classes)
+    if skipped:
+        list_skipped(run_dir, skipped, "w")
     start_epoch = 0
     if resume:
-        state = load_checkpoint(run_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        if losses is not None:
-            losses.load_state_dict(state["losses"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        state = restore(run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
         start_epoch, result.best = state["epoch"], state["best"]
         result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
         write_history(run_dir, result.history)
@@ -214,83 +283,117 @@ def train(
         }
 
     if cfg.epochs == 0:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
-        save_checkpoint(checkpoint(0), run_dir / "last.pt")
         save_checkpoint(checkpoint(0), run_dir / "best.pt")
+    if not resume:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
+        save_checkpoint(checkpoint(0), run_dir / "last.pt")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
-        seed_everything(cfg.seed * 1000 + epoch)
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            train_set,
-            batch_sampler=sampler,
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
-        )
-        model.train()
-        if cfg.freeze_backbone:
-            model.backbone.eval()  # frozen means frozen BatchNorm statistics too
-        sums: dict[str, float] = {}
-        seen, started = 0, time.perf_counter()
-        for step, (images, labels) in enumerate(loader):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            # Forward under autocast; the losses run in float32 (their parameters and margins need it).
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                embeddings = model(images)
-            embeddings = embeddings.float()
-            indices = miner(embeddings, labels) if miner is not None else None
-            total, parts = losses(embeddings, labels, indices)
-            if not torch.isfinite(total):
-                raise MltkError(
-                    f"the loss became {total.item()} at epoch {epoch + 1}, step {step + 1}; last.pt keeps the last good "
-                    f"epoch: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen += len(labels)
-            for name, value in {"loss": total.detach(), **{f"loss/{k}": v for k, v in parts.items()}}.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            if on_step:
-                on_step(epoch, step + 1, steps_per_epoch, {"loss": float(total.detach()), "images_per_s": seen / (time.perf_counter() - started)})
-        elapsed = time.perf_counter() - started
+    done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
+            seed_everything(cfg.seed * 1000 + epoch)
+            sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                train_set,
+                batch_sampler=sampler,
+                num_workers=cfg.workers,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+            )
+            model.train()
+            if cfg.freeze_backbone:
+                model.backbone.eval()  # frozen means frozen BatchNorm statistics too
+            sums: dict[str, float] = {}
+            unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
+            seen, started = 0, time.perf_counter()
+            for step, (images, labels, failed) in enumerate(loader):
+                unreadable.update(failed[failed >= 0].tolist())
+                if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
+                    first = train_data.sources[int(failed[0])]
+                    raise MltkError(
+                        f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
+                        f"is the data still there? last.pt keeps epoch {done}"
+                    )
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                # Forward under autocast; the losses run in float32 (their parameters and margins need it).
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    embeddings = model(images)
+                embeddings = embeddings.float()
+                indices = miner(embeddings, labels) if miner is not None else None
+                total, parts = losses(embeddings, labels, indices)
+                if not torch.isfinite(total):
+                    raise MltkError(
+                        f"the loss became {total.item()} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
+                        f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                seen += len(labels)
+                for name, value in {"loss": total.detach(), **{f"loss/{k}": v for k, v in parts.items()}}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                if on_step:
+                    on_step(epoch, step + 1, steps_per_epoch, {"loss": float(total.detach()), "images_per_s": seen / (time.perf_counter() - started)})
+            elapsed = time.perf_counter() - started
 
-        # Epoch record: each loss term, learning rates, throughput, validation recall@1.
-        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        if len(optimizer.param_groups) > 1:
-            record["loss_lr"] = optimizer.param_groups[1]["lr"]
-        record["images_per_s"] = seen / elapsed
-        record["seconds"] = elapsed
-        if val_set is not None:
-            emb, y = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, amp_dtype if amp else None)
-            record["val_recall@1"] = recall_at_1(emb, y)
-        score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
-        improved = not result.best or score > result.best["score"]
-        if improved:
-            result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
-        save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
-        if improved:
-            save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
-        result.history.append(record)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if on_epoch:
-            on_epoch(record)
+            # Epoch record: each loss term, learning rates, throughput, validation recall@1.
+            record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            if len(optimizer.param_groups) > 1:
+                record["loss_lr"] = optimizer.param_groups[1]["lr"]
+            record["images_per_s"] = seen / elapsed
+            record["seconds"] = elapsed
+            bad = [train_data.sources[i] for i in sorted(unreadable)]
+            if val_set is not None:
+                emb, y, val_bad = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, amp_dtype if amp else None)
+                record["val_recall@1"] = recall_at_1(emb, y)
+                bad += val_bad
+            report_failures(bad, epoch, result, warn)
+            score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
+            improved = not result.best or score > result.best["score"]
+            if improved:
+                result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
+
+            # Commit: the metrics line, best.pt, then last.pt; a run killed before last.pt is replaced redoes this epoch.
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved:
+                save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
+            save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
+            done = epoch + 1
+            result.history.append(record)
+            if on_epoch:
+                on_epoch(record)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted in epoch {done + 1}; last.pt keeps epoch {done}: `mltk run --out {run_dir} --resume` "
+            f"goes on from there (epoch {done + 1} starts over)"
+        ) from None
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
+        raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
     return result
 
 
 def read_history(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a killed process is dropped (its epoch is redone)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def write_history(run_dir: Path, records: list[dict]) -> None:

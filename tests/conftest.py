@@ -48,3 +48,18 @@ def make_image_folder(root: Path, classes: int = 8, per_class: int = 4, size: in
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def mltk_main(monkeypatch, capsys):
+    """``mltk ARGS`` in this process (torch is already imported, so it is quick): exit code, stdout, stderr."""
+    from mltk.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["mltk", *map(str, args)])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        captured = capsys.readouterr()
+        return stop.value.code or 0, captured.out, captured.err
+
+    return run

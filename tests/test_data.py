@@ -78,3 +78,76 @@ def test_sampler_is_reproducible_per_epoch_and_ranks_are_disjoint():
 def test_too_few_classes_for_a_batch_is_a_clear_error():
     with pytest.raises(MltkError, match="needs 8 classes with 2\\+ images; the data has 3"):
         MPerClassSampler([0, 0, 1, 1, 2, 2], m=2, batch_size=16)
+
+
+def spoil(folder, name: str, how: str):
+    """Make ``folder/name`` unreadable: ``truncate`` it to half, or ``text`` (not an image at all)."""
+    path = folder / name
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text("this is not an image")
+    return path
+
+
+def test_check_image_finds_truncated_and_non_image_files(tmp_path):
+    from PIL import Image
+
+    from mltk.data import check_image
+
+    pixels = Image.effect_noise((64, 48), 40).convert("RGB")
+    for suffix in ("jpg", "png"):
+        pixels.save(tmp_path / f"good.{suffix}")
+        pixels.save(tmp_path / f"cut.{suffix}")
+        assert check_image(tmp_path / f"good.{suffix}") is None
+        assert "truncated" in check_image(spoil(tmp_path, f"cut.{suffix}", "truncate")).lower()
+    assert check_image(spoil(tmp_path, "words.jpg", "text")) == "not an image"
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert check_image(tmp_path / "empty.png") == "not an image"
+
+
+def test_scan_leaves_out_unreadable_files_and_keeps_labels(image_folder):
+    from mltk.data import drop_unreadable
+
+    data = load_data(str(image_folder))
+    bad = [spoil(image_folder, "class_01/2.png", "truncate"), spoil(image_folder, "class_05/0.png", "text")]
+    kept, skipped = drop_unreadable(data)
+    assert [path for path, _ in skipped] == bad and skipped[1][1] == "not an image"
+    assert len(kept) == 30 and kept.classes == data.classes
+    assert all(data.labels[data.sources.index(s)] == y for s, y in zip(kept.sources, kept.labels))
+
+
+def test_scan_with_nothing_readable_is_a_clear_error(tmp_path):
+    from mltk.data import drop_unreadable
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        (tmp_path / f"c{c}" / "a.jpg").write_text("no")
+    with pytest.raises(MltkError, match=r"none of the 2 images of '\w+' can be read: .*a.jpg \(not an image\)"):
+        drop_unreadable(load_data(str(tmp_path)))
+
+
+def test_a_file_that_breaks_later_is_replaced_by_another_of_its_class(image_folder):
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from mltk.data import ImageDataset
+
+    data = load_data(str(image_folder))
+    i = data.sources.index(image_folder / "class_03" / "1.png")
+    spoil(image_folder, "class_03/1.png", "text")
+    image, label, failed = ImageDataset(data, to_tensor, stand_in=True)[i]
+    stand_in = to_tensor(Image.open(image_folder / "class_03" / "2.png").convert("RGB"))
+    assert label == 3 and failed == i and image.equal(stand_in)
+    image, label, failed = ImageDataset(data, to_tensor)[i]  # no stand-in (evaluation): a blank, flagged
+    assert label == 3 and failed == i and image.abs().sum() == 0
+    assert ImageDataset(data, to_tensor, stand_in=True)[i + 1][2] == -1
+
+
+def test_csv_that_is_not_text_or_lacks_a_label_names_the_line(image_folder):
+    (image_folder / "binary.csv").write_bytes(b"path,label\n\xff\xfe\x00\x81\n")
+    with pytest.raises(MltkError, match="not a readable CSV"):
+        load_data(str(image_folder / "binary.csv"))
+    (image_folder / "short.csv").write_text("path,label\nclass_00/0.png,a\nclass_00/1.png\n")
+    with pytest.raises(MltkError, match="line 3: needs a path and a label"):
+        load_data(str(image_folder / "short.csv"))

@@ -58,12 +58,13 @@ BROKEN = {
     "broken_hook.py": "import mltk\n\n@mltk.hookimpl\ndef register_losses(register):\n    raise RuntimeError('hook exploded')\n",
     "broken_dup.py": "import mltk\n\n@mltk.hookimpl\ndef register_backbones(register):\n    register('resnet50', lambda **kw: None)\n",
     "broken_spec.py": "import mltk\n\n@mltk.hookimpl\ndef register_lossess(register):\n    pass\n",
+    "broken_cmd.py": "import mltk\n\n@mltk.hookimpl\ndef register_commands(cli):\n    raise RuntimeError('no commands today')\n",
 }
 
 
 @pytest.fixture
 def broken_site(tmp_path):
-    """A folder with four plugins installed the way pip would (dist-info with entry points), each broken."""
+    """A folder with five plugins installed the way pip would (dist-info with entry points), each broken."""
     for name, source in BROKEN.items():
         (tmp_path / name).write_text(source)
     info = tmp_path / "mltk_broken-1.0.dist-info"
@@ -90,4 +91,11 @@ def test_plugins_command_shows_each_broken_plugin(broken_site, mltk_cli):
     assert rows["broken_import"]["error"].startswith("ModuleNotFoundError")
     assert rows["broken_hook"]["error"] == "register_losses: RuntimeError: hook exploded"
     assert rows["broken_dup"]["distribution"] == "mltk-broken"
+    assert rows["broken_cmd"]["error"] == "register_commands: RuntimeError: no commands today"
     assert rows["mltk.default_plugins.backbones"]["error"] is None
+
+
+def test_a_name_a_broken_plugin_would_have_registered_points_at_it(broken_site, mltk_cli):
+    result = mltk_cli("list", "losses", "gem_loss", env=plugin_env(broken_site))
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown loss 'gem_loss'; see `mltk list losses` (plugins that failed: broken_cmd, broken_hook, broken_import, broken_spec; see `mltk plugins`)\n"

@@ -35,11 +35,16 @@ class Kind(str, Enum):
     datasets = "datasets"
 
 
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr (above a progress bar, if one is showing)."""
+    err.print(f"warning: {message}", soft_wrap=True, markup=False, highlight=False)
+
+
 def warn_plugin_errors() -> None:
     from mltk.plugins import errors
 
     for plugin, message in errors.items():
-        err.print(f"warning: plugin {plugin!r} failed: {message}", soft_wrap=True, markup=False, highlight=False)
+        warn(f"plugin {plugin!r} failed: {message}")
 
 
 @app.command("list")

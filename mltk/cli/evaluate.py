@@ -32,7 +32,7 @@ def evaluate(
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from mltk.cli import console
+    from mltk.cli import console, warn
 
     if (run is None) == (backbone is None):
         raise UsageError("give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone")
@@ -44,7 +44,7 @@ def evaluate(
         raise UsageError("--backbone needs --data (or --query and --gallery)")
 
     from mltk import evaluate as ev
-    from mltk.data import load_data
+    from mltk.data import describe_files, load_data
     from mltk.model import load
 
     model = load(run, device) if run is not None else ev.untrained_model(backbone, pretrained, weights, image_size, device)
@@ -78,4 +78,6 @@ def evaluate(
     for key, value in result.values.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if result.skipped:
+        warn(f"{len(result.skipped)} unreadable images were left out: {describe_files(result.skipped)} (all in {out / 'skipped_images.txt'})")
     console.print(f"written to [bold]{out}[/bold]: metrics.json" + (", report.html" if report else "") + (", embeddings.npy, labels.npy, paths.txt" if save_embeddings else ""))

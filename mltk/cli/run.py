@@ -1,12 +1,13 @@
 """``mltk run``: train an embedding model composed from the registry."""
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from mltk.errors import MltkError
+from mltk.errors import Interrupted, MltkError
 
 
 def run(
@@ -39,7 +40,7 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from mltk import config as config_mod
-    from mltk.cli import console, render_summary
+    from mltk.cli import console, render_summary, warn
 
     options = {k: v for k, v in locals().items() if k not in ("config", "resume", "out", "config_mod", "Progress")}
     options = {k: v for k, v in options.items() if k in config_mod.FIELDS}
@@ -72,5 +73,9 @@ def run(
             val = f"  val recall@1 {record['val_recall@1']:.4f}" if "val_recall@1" in record else ""
             progress.console.print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s{val}")
 
-        result = train(cfg, run_dir, resume=resume, on_step=on_step, on_epoch=on_epoch)
+        try:
+            result = train(cfg, run_dir, resume=resume, on_step=on_step, on_epoch=on_epoch, on_warning=warn)
+        except Interrupted as exc:  # Typer would exit 130 silently: say what was kept and how to go on
+            print(exc, file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
     render_summary(result)

@@ -9,20 +9,54 @@ def timm_backbone(model_name: str, pretrained: bool = False, weights: str | None
     ``weights`` is a local file (state dict or safetensors) loaded the way timm loads pretrained
     weights: classifier keys dropped, channels adapted, ``weights_only=True``. ``img_size`` is
     passed on to models built for a fixed input size (ViT, Swin); CNNs take any size.
+    A file of another architecture is an error naming the keys, not a silently random model.
     """
     import timm
 
-    from mltk.model import check_weights_file
+    from mltk.errors import MltkError
+    from mltk.model import read_state_dict
 
     pretrained_cfg = timm.get_pretrained_cfg(model_name)
     if img_size is not None and getattr(pretrained_cfg, "fixed_input_size", False):
         kwargs["img_size"] = img_size
     overlay = None
     if weights is not None:
-        overlay = {"file": str(check_weights_file(weights)), "hf_hub_id": None, "url": None}
-    return timm.create_model(
-        model_name, pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs
-    )
+        state = read_state_dict(weights)  # mltk's checks (safe unpickling, one-line errors) before timm sees it
+        check_keys(model_name, state, weights, kwargs)
+        overlay = {"state_dict": state, "file": None, "hf_hub_id": None, "url": None}
+    try:
+        return timm.create_model(
+            model_name, pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs
+        )
+    except RuntimeError as exc:  # the skeleton built, so this is the file: "size mismatch for ...", channels
+        if weights is None:
+            raise
+        lines = [line.strip().rstrip(".") for line in str(exc).splitlines() if line.strip() and "Error(s) in loading" not in line]
+        lines = lines or [type(exc).__name__]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise MltkError(f"{str(weights)!r} does not fit backbone {model_name!r}: {lines[0]}{more}") from None
+
+
+def check_keys(model_name: str, state: dict, weights: str, kwargs: dict) -> None:
+    """The file's keys must be the model's: timm loads non-strictly, so a gap would silently stay random.
+
+    Classifier weights and non-persistent buffers (Swin's relative_position_index) may be in the file too.
+    """
+    import timm
+    import torch
+
+    from mltk.errors import MltkError
+    from mltk.model import state_mismatch
+
+    with torch.device("meta"):  # the model's keys without allocating it (milliseconds)
+        skeleton = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    own = skeleton.state_dict()
+    classifier = skeleton.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+    transient = {name for name, _ in skeleton.named_buffers()} - set(own)
+    problem = state_mismatch(own, {k: v for k, v in state.items() if not k.startswith(heads) and k not in transient}, shapes=False)
+    if problem:
+        raise MltkError(f"{str(weights)!r} does not fit backbone {model_name!r}: {problem}")
 
 
 def resnet50(pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs):
