@@ -42,8 +42,7 @@ def run(
     from mltk import config as config_mod
     from mltk.cli import console, render_summary, warn
 
-    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "out", "config_mod", "Progress")}
-    options = {k: v for k, v in options.items() if k in config_mod.FIELDS}
+    options = {k: v for k, v in locals().items() if k in config_mod.FIELDS and k != "out"}  # --out is set below
     if resume:
         if out is None or not (out / "last.pt").is_file():
             raise MltkError("--resume needs --out RUN_DIR of a run that has a last.pt")
