@@ -11,8 +11,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mltk import registry
+from mltk import distributed, registry
 from mltk.config import RunConfig, parse_loss_spec, save_yaml, to_dict
+from mltk.distributed import World
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
     load_data, make_transform, select_classes, split_classes,
@@ -22,17 +23,39 @@ from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, sa
 
 
 class WeightedLosses(nn.Module):
-    """A weighted sum of registered losses; each may own parameters (ArcFace W, centers, a classifier)."""
+    """A weighted sum of registered losses; each may own parameters (ArcFace W, centers, a classifier).
+
+    Across processes (``distribute``) every loss sees the embeddings of all processes, through
+    pytorch-metric-learning's DistributedLossWrapper (the miner's indices cover them too), so the
+    gradients equal those of one process on the whole batch.
+    """
 
     def __init__(self, terms: list[tuple[float, str, nn.Module]]):
         super().__init__()
         self.weights = {name: weight for weight, name, _ in terms}
         self.losses = nn.ModuleDict({name: loss for _, name, loss in terms})
+        self.gathered: dict[str, nn.Module] = {}  # a plain dict: the state dict keeps its keys
+        self.scale = 1
+
+    def distribute(self) -> None:
+        """Gather the embeddings of every process into each loss (after torch.distributed is started)."""
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+        self.scale = torch.distributed.get_world_size()
+        self.gathered = {name: DistributedLossWrapper(loss) for name, loss in self.losses.items()}
+        # The wrapper scales its loss by the number of processes, so that DDP's mean of the model's gradients
+        # (each process's embeddings' share) is the whole batch's gradient. The losses' own parameters get
+        # that whole gradient in every process: unscale it, and DDP's mean leaves it as it is.
+        for parameter in self.losses.parameters():
+            parameter.register_hook(lambda grad: grad / self.scale)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None):
-        parts = {name: loss(embeddings, labels, indices_tuple) for name, loss in self.losses.items()}
-        total = sum(self.weights[name] * value for name, value in parts.items())
-        return total, {name: value.detach() for name, value in parts.items()}
+        parts = {name: self.gathered.get(name, loss)(embeddings, labels, indices_tuple) for name, loss in self.losses.items()}
+        total = self.weighted(parts)
+        return total, {name: value.detach() / self.scale for name, value in parts.items()}
+
+    def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[name] * value for name, value in parts.items())
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -50,6 +73,18 @@ def build_losses(cfg: RunConfig, num_classes: int, dim: int) -> WeightedLosses:
         options = dict(cfg.loss_options.get(name, {}))
         terms.append((weight, name, registry.create_loss(name, num_classes=num_classes, embedding_size=dim, **options)))
     return WeightedLosses(terms)
+
+
+def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.device):
+    """DDP over the model and over the parameters the losses own; the losses and the miner see every process's embeddings."""
+    from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    net = DDP(model, device_ids=ids) if any(p.requires_grad for p in model.parameters()) else model
+    losses.distribute()
+    objective = DDP(losses, device_ids=ids) if any(True for _ in losses.parameters()) else losses
+    return net, objective, DistributedMinerWrapper(miner) if miner is not None else None
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01) -> Callable[[int], float]:
@@ -98,12 +133,6 @@ def resolve_hints(cfg: RunConfig, data: LabelledImages) -> RunConfig:
     )
 
 
-def pick_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def default_amp(device: torch.device) -> bool:
     """Mixed precision where it pays: on a GPU, and on CPUs with AMX tiles (bf16 matmuls ~1.3x faster)."""
     if device.type == "cuda":
@@ -121,18 +150,27 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def embed_dataset(model: Embedder, dataset: ImageDataset, device: torch.device, batch_size: int, workers: int, amp_dtype=None):
-    """L2-normalised embeddings and labels of a whole dataset, in order, without images that failed to decode (returned)."""
+def embed_dataset(model: Embedder, dataset: ImageDataset, device: torch.device, batch_size: int, workers: int, amp_dtype=None, world: World = World()):
+    """L2-normalised embeddings and labels of a whole dataset, in order, without images that failed to decode (returned).
+
+    Across processes each embeds every world.size-th image and all get the whole set back.
+    """
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    mine = torch.arange(world.rank, len(dataset), world.size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, num_workers=workers, shuffle=False)
     out, labels, failed = [], [], []
     for images, y, bad in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out.append(model.embed(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(y)
-        failed.append(bad)
-    keep = torch.cat(failed) < 0
-    return torch.cat(out)[keep], torch.cat(labels)[keep], [dataset.data.sources[i] for i in torch.cat(failed)[~keep].tolist()]
+            out.append(model.embed(images.to(device, non_blocking=True)).float())
+        labels.append(y.to(device))
+        failed.append(bad.to(device))
+    empty = lambda *shape, dtype=torch.long: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731  (a rank with no images)
+    parts = [torch.cat(out) if out else empty(0, model.dim, dtype=torch.float32), torch.cat(labels) if labels else empty(0), torch.cat(failed) if failed else empty(0)]
+    embeddings, labels, failed, order = (distributed.gather_rows(t, world).cpu() for t in (*parts, mine.to(device)))
+    order = torch.argsort(order)  # back to the dataset's order
+    embeddings, labels, failed = embeddings[order], labels[order], failed[order]
+    keep = failed < 0
+    return embeddings[keep], labels[keep], [dataset.data.sources[i] for i in failed[~keep].tolist()]
 
 
 def scan(data: LabelledImages, warn: Callable[[str], None]) -> tuple[LabelledImages, list[tuple[Source, str]]]:
@@ -159,9 +197,9 @@ def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Call
         warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
 
 
-def restore(path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler) -> dict:
+def restore(path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler, clean: bool = True) -> dict:
     """Load last.pt into the run's objects (a mismatch names what differs); returns the checkpoint."""
-    for stale in path.parent.glob(".*.tmp-*"):  # a save that a killed process left half-done
+    for stale in path.parent.glob(".*.tmp-*") if clean else ():  # a save that a killed process left half-done
         stale.unlink(missing_ok=True)
     state = load_checkpoint(path)
     hint = "; resume with the options the run started with (its config.yaml)"
@@ -197,10 +235,25 @@ def train(
 
     Ctrl-C raises ``Interrupted`` and a lack of memory an MltkError; either way last.pt keeps the
     last completed epoch (epoch 0: the untrained model) and ``resume=True`` goes on from there.
+
+    Started by torchrun (RANK, WORLD_SIZE in the environment), each process trains on its share of
+    the batches under DistributedDataParallel; only rank 0 writes the run directory and calls back.
     """
     check_names(cfg)  # a misspelt name fails now, not after the data is read
-    run_dir = Path(run_dir)
-    device = pick_device(cfg)
+    world = distributed.from_environment()
+    device = distributed.device_for(world, cfg.device)
+    joined = world.distributed and not torch.distributed.is_initialized()
+    distributed.start(world, device)
+    try:
+        return _train(cfg, Path(run_dir), world, device, resume, on_step, on_epoch, on_warning)
+    finally:
+        if joined:
+            distributed.stop()
+
+
+def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -> RunResult:
+    main = world.is_main  # the process that writes the run directory and reports
+    on_step, on_epoch, on_warning = (f if main else None for f in (on_step, on_epoch, on_warning))
     warnings: list[str] = []
 
     def warn(message: str) -> None:
@@ -215,7 +268,7 @@ def train(
         val_data, val_skipped = scan(val_data, warn)
         skipped += val_skipped
     cfg = resolve_hints(cfg, train_data)
-    sampler = MPerClassSampler(train_data.labels, cfg.m_per_class, cfg.batch_size, seed=cfg.seed)
+    sampler = MPerClassSampler(train_data.labels, cfg.m_per_class, cfg.batch_size, seed=cfg.seed, num_replicas=world.size, rank=world.rank)
     if sampler.left_out:
         names = [train_data.classes[y] for y in sampler.left_out]
         warn(
@@ -236,6 +289,9 @@ def train(
     # Losses and optimiser: one group for the model, one for the parameters the losses own.
     losses = build_losses(cfg, len(train_data.classes), model.dim).to(device) if cfg.epochs else None
     miner = registry.create_miner(cfg.miner, **cfg.miner_options) if cfg.miner else None
+    net, objective = model, losses  # what the steps call: DDP-wrapped across processes
+    if world.distributed and cfg.epochs:
+        net, objective, miner = distribute(model, losses, miner, device)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if losses is not None and any(True for _ in losses.parameters()):
         groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0})
@@ -250,21 +306,21 @@ def train(
 
     # Resume: model, losses, optimiser, scheduler and the epoch to go on from (the RNG follows from it).
     # Nothing is written before this point, so a bad option leaves no half-made run directory.
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes), warnings=warnings, skipped=skipped)
     if val_data:
         result.val_images, result.val_classes = len(val_data), len(val_data.classes)
-    if skipped:
+    if skipped and main:
         list_skipped(run_dir, skipped, "w")
     start_epoch = 0
     if resume:
-        state = restore(run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
+        state = restore(run_dir / "last.pt", model, losses, optimizer, scheduler, scaler, clean=main)
         start_epoch, result.best = state["epoch"], state["best"]
         result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
+    if main:
         write_history(run_dir, result.history)
-    else:
-        write_history(run_dir, [])
-    save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, run_dir / "config.yaml")
 
     def checkpoint(epoch: int) -> dict:
         return {
@@ -282,9 +338,9 @@ def train(
             "rng": {"seed": cfg.seed, "epoch": epoch},
         }
 
-    if cfg.epochs == 0:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
+    if cfg.epochs == 0 and main:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
         save_checkpoint(checkpoint(0), run_dir / "best.pt")
-    if not resume:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
+    if not resume and main:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
         save_checkpoint(checkpoint(0), run_dir / "last.pt")
 
     done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
@@ -298,7 +354,7 @@ def train(
                 batch_sampler=sampler,
                 num_workers=cfg.workers,
                 pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * world.rank),  # each process its own augmentation
             )
             model.train()
             if cfg.freeze_backbone:
@@ -317,13 +373,15 @@ def train(
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 # Forward under autocast; the losses run in float32 (their parameters and margins need it).
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    embeddings = model(images)
+                    embeddings = net(images)
                 embeddings = embeddings.float()
                 indices = miner(embeddings, labels) if miner is not None else None
-                total, parts = losses(embeddings, labels, indices)
-                if not torch.isfinite(total):
+                total, parts = objective(embeddings, labels, indices)
+                # What is logged and checked: the mean over processes, so every process takes the same decision.
+                shown = dict(zip(["loss", *parts], distributed.mean(torch.stack([losses.weighted(parts), *parts.values()]), world).tolist()))
+                if not math.isfinite(shown["loss"]):
                     raise MltkError(
-                        f"the loss became {total.item()} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
+                        f"the loss became {shown['loss']} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
                         f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -334,11 +392,12 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                seen += len(labels)
-                for name, value in {"loss": total.detach(), **{f"loss/{k}": v for k, v in parts.items()}}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
+                seen += len(labels) * world.size  # every process's images (equal batches)
+                for name, value in shown.items():
+                    key = name if name == "loss" else f"loss/{name}"
+                    sums[key] = sums.get(key, 0.0) + value
                 if on_step:
-                    on_step(epoch, step + 1, steps_per_epoch, {"loss": float(total.detach()), "images_per_s": seen / (time.perf_counter() - started)})
+                    on_step(epoch, step + 1, steps_per_epoch, {"loss": shown["loss"], "images_per_s": seen / (time.perf_counter() - started)})
             elapsed = time.perf_counter() - started
 
             # Epoch record: each loss term, learning rates, throughput, validation recall@1.
@@ -347,24 +406,28 @@ def train(
             if len(optimizer.param_groups) > 1:
                 record["loss_lr"] = optimizer.param_groups[1]["lr"]
             record["images_per_s"] = seen / elapsed
+            if world.distributed:
+                record["processes"] = world.size
             record["seconds"] = elapsed
             bad = [train_data.sources[i] for i in sorted(unreadable)]
             if val_set is not None:
-                emb, y, val_bad = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, amp_dtype if amp else None)
+                emb, y, val_bad = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, amp_dtype if amp else None, world)
                 record["val_recall@1"] = recall_at_1(emb, y)
                 bad += val_bad
-            report_failures(bad, epoch, result, warn)
+            if main:
+                report_failures(bad, epoch, result, warn)
             score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
             improved = not result.best or score > result.best["score"]
             if improved:
                 result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
 
             # Commit: the metrics line, best.pt, then last.pt; a run killed before last.pt is replaced redoes this epoch.
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if improved:
-                save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
-            save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
+            if main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if improved:
+                    save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
+                save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
             done = epoch + 1
             result.history.append(record)
             if on_epoch:

@@ -36,7 +36,10 @@ def run(
     config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
 ) -> None:
-    """Train an embedding model: backbone + neck, weighted losses, m-per-class batches."""
+    """Train an embedding model: backbone + neck, weighted losses, m-per-class batches.
+
+    More processes (GPUs, nodes): torchrun --nproc-per-node N -m mltk run ... (--batch-size is per process).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from mltk import config as config_mod
@@ -51,8 +54,15 @@ def run(
     run_dir = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
 
+    from mltk.distributed import from_environment
     from mltk.train import train
 
+    if not from_environment().is_main:  # under torchrun, rank 0 shows progress and the summary
+        try:
+            train(cfg, run_dir, resume=resume)
+        except Interrupted as exc:
+            raise typer.Exit(exc.exit_code) from None
+        return
     with Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),

@@ -1,0 +1,131 @@
+"""Training across processes: torchrun with the gloo backend on the CPU, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import make_image_folder
+from mltk.config import make_config
+from mltk.train import build_losses, distribute
+
+LOSS = "0.5*center+arcface+ContrastiveLoss"  # parameters of its own (center, arcface) and a pair loss (contrastive)
+N, WIDTH, DIM, CLASSES = 16, 12, 8, 4
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, WIDTH, generator=g), torch.arange(N) % CLASSES
+
+
+def build(miner: bool):
+    """The same model, losses and miner in every process (seeded)."""
+    from mltk import registry
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(WIDTH, DIM)
+    losses = build_losses(make_config({"loss": LOSS}), CLASSES, DIM)
+    return model, losses, registry.create_miner("multisimilarity") if miner else None
+
+
+def gradients(model, losses) -> dict[str, torch.Tensor]:
+    return {**{f"model.{k}": p.grad for k, p in model.named_parameters()}, **{f"losses.{k}": p.grad for k, p in losses.named_parameters()}}
+
+
+def one_step(model, objective, miner, x, y):
+    embeddings = model(x)
+    indices = miner(embeddings, y) if miner is not None else None
+    total, _ = objective(embeddings, y, indices)
+    total.backward()
+
+
+def worker(rank: int, world: int, init: str, out: str, miner: bool) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model, losses, mine = build(miner)
+    net, objective, mine = distribute(model, losses, mine, torch.device("cpu"))
+    x, y = batch()
+    part = slice(rank * N // world, (rank + 1) * N // world)  # this process's half of the batch
+    one_step(net, objective, mine, x[part], y[part])
+    torch.save(gradients(model, losses), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("miner", [False, True])
+def test_two_processes_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path, miner):
+    """DDP averages the model's and the losses' own gradients; the pair loss and the miner see both halves."""
+    out = str(tmp_path / "grads")
+    mp.spawn(worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out, miner), nprocs=2, join=True)
+    model, losses, mine = build(miner)
+    one_step(model, losses, mine, *batch())
+    expected = gradients(model, losses)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert set(got) == set(expected)
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=f"rank {rank}: {name}")
+
+
+def embed_worker(rank: int, world: int, init: str, out: str, images: str) -> None:
+    from mltk.distributed import World
+    from mltk.train import embed_dataset
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    embeddings, labels, failed = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0, world=World(rank, world))
+    torch.save({"embeddings": embeddings, "labels": labels}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def embedder_and_images(images: str):
+    from mltk.data import ImageDataset, data_config, load_data, make_transform
+    from mltk.model import build_embedder
+
+    torch.manual_seed(0)
+    model = build_embedder(make_config({"backbone": "test_resnet", "image_size": 32, "dim": 8}))
+    return model, ImageDataset(load_data(images), make_transform(data_config(model.backbone, 32), False), "RGB")
+
+
+def test_validation_embeddings_of_every_process_are_gathered_in_order(tmp_path):
+    images = str(make_image_folder(tmp_path / "images", classes=3, per_class=3))  # 9 images: 5 on rank 0, 4 on rank 1
+    out = str(tmp_path / "embedded")
+    mp.spawn(embed_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out, images), nprocs=2, join=True)
+    from mltk.train import embed_dataset
+
+    expected, labels, _ = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0)
+    assert expected.shape == (9, 8)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        torch.testing.assert_close(got["embeddings"], expected, atol=1e-5, rtol=1e-4)
+        assert got["labels"].tolist() == labels.tolist()
+
+
+def test_torchrun_trains_with_two_processes_and_the_checkpoint_loads_in_one(tmp_path):
+    import mltk
+
+    images = make_image_folder(tmp_path / "images", classes=8, per_class=8)
+    run = tmp_path / "run"
+    args = [
+        "--data", str(images), "--backbone", "test_resnet", "--image-size", "32", "--dim", "16", "--loss", LOSS,
+        "--miner", "multisimilarity", "--batch-size", "8", "--m-per-class", "2", "--workers", "0", "--epochs", "4",
+        "--lr", "0.01", "--val-classes", "0.25", "--out", str(run),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mltk", "run", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]  # one writer: rank 0
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert done.stdout.count("run directory:") == 1  # one summary
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert all(r["processes"] == 2 and 0 <= r["val_recall@1"] <= 1 for r in records)
+
+    model = mltk.load(run, device="cpu")  # a single process, no process group
+    vectors = model.embed(sorted(images.glob("class_00/*.png")))
+    assert vectors.shape == (8, 16)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(8))
