@@ -136,10 +136,12 @@ def _version() -> str:
 
 
 from mltk.cli.evaluate import evaluate  # noqa: E402  (light: heavy imports happen inside the commands)
+from mltk.cli.export import export  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
 
 app.command()(run)
 app.command()(evaluate)
+app.command()(export)
 
 
 def _add_plugin_commands() -> None:

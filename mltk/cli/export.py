@@ -1,0 +1,40 @@
+"""``mltk export``: a run's embedder as an ONNX or TorchScript file, with its preprocessing beside it."""
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file.")],
+    fmt: Annotated[Format, typer.Option("--format", help="onnx (needs pip install 'mltk\\[export]') or torchscript.")],
+    out: Annotated[Path, typer.Option(help="File to write; its preprocessing goes to FILE.json beside it.")],
+) -> None:
+    """Export a run's embedder: preprocessed images (N, C, H, W) in, L2-normalised embeddings out.
+
+    The file is loaded back and checked against PyTorch's embeddings before it is kept.
+    """
+    from mltk.cli import console
+    from mltk.export import TOLERANCE
+    from mltk.export import export as export_run
+
+    result = export_run(run, out, fmt.value)
+    info = result.info
+    console.print(
+        f"wrote {result.path} ({fmt.value}, {result.path.stat().st_size / 2**20:.1f} MiB): "
+        f"max abs difference from PyTorch {result.max_diff:.2e} (tolerance {TOLERANCE:g})",
+        soft_wrap=True, highlight=False, markup=False,
+    )
+    _, h, w = info["input_size"]
+    console.print(
+        f"preprocessing in {result.sidecar}: {info['mode']} {w}x{h}, {info['interpolation']} resize, "
+        f"crop_pct {info['crop_pct']}, mean {info['mean']}, std {info['std']}; embeddings of {info['embedding_dim']} dimensions",
+        soft_wrap=True, highlight=False, markup=False,
+    )

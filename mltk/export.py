@@ -1,0 +1,184 @@
+"""Export a run's embedder to ONNX or TorchScript, checked against PyTorch before the file is kept.
+
+The exported model takes a float32 batch (N, C, H, W), already resized, cropped and normalised,
+and returns L2-normalised embeddings (N, dim), as ``EmbeddingModel.embed`` does; N is free.
+Its preprocessing goes to a JSON file beside it: FILE + ".json".
+"""
+
+import importlib.util
+import inspect
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mltk.errors import MltkError, UsageError
+
+FORMATS = ("onnx", "torchscript")
+TOLERANCE = 1e-4  # largest absolute difference from PyTorch's embeddings that is accepted
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs onnxscript; the check, onnxruntime
+ONNX_MAX_BYTES = 2**31  # protobuf's limit on one .onnx file
+
+
+class Normalised(nn.Module):
+    """What the exported file computes: preprocessed images in, L2-normalised embeddings out."""
+
+    def __init__(self, embedder: nn.Module):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedder.embed(images)
+
+
+@dataclass
+class Exported:
+    path: Path
+    sidecar: Path  # the preprocessing, as JSON
+    max_diff: float  # largest absolute difference from PyTorch's embeddings, on a random batch
+    info: dict  # what the sidecar holds
+
+
+def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
+    """Write the embedder of ``run`` (a run directory or checkpoint) to ``out`` as ``fmt``, and ``out``.json.
+
+    The written file is loaded back and run on a batch of another size than the one it was
+    exported with; it is kept only if its embeddings match PyTorch's to ``TOLERANCE``.
+    """
+    from mltk.model import find_checkpoint, load
+
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        check_onnx_available()
+    out = Path(out)
+    checkpoint = find_checkpoint(run)
+    model = load(checkpoint, device="cpu")
+    module = Normalised(model.embedder).eval()
+    check_writable(out)
+
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, *model.data_config["input_size"], generator=generator)
+    check = torch.randn(3, *model.data_config["input_size"], generator=generator)  # another size: N must be free
+    sidecar = out.with_name(out.name + ".json")
+    tmp, sidecar_tmp = temporary(out), temporary(sidecar)
+    try:
+        # Export to a temporary file in the same folder, so a failure leaves nothing behind.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")  # its deprecation notice
+            (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
+            expected = module(check)
+            try:
+                got = (run_onnx if fmt == "onnx" else run_torchscript)(tmp, check)
+            except Exception as exc:  # e.g. a batch size baked into the graph
+                raise MltkError(f"the exported {fmt} model fails on a batch of {len(check)} ({type(exc).__name__}: {first_line(exc)}); nothing was written") from None
+        # Keep the file only if it computes what PyTorch does.
+        if got.shape != expected.shape:
+            raise MltkError(f"the exported {fmt} model gives shape {tuple(got.shape)}, not {tuple(expected.shape)}; nothing was written")
+        diff = float((got - expected).abs().max())
+        if not diff <= TOLERANCE:  # NaN fails too
+            raise MltkError(f"the exported {fmt} model does not match PyTorch: its embeddings differ by up to {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written")
+        info = describe(model, checkpoint, fmt, out, diff)
+        sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, out)
+        os.replace(sidecar_tmp, sidecar)
+    finally:
+        tmp.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
+    return Exported(out, sidecar, diff, info)
+
+
+def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float) -> dict:
+    """The sidecar: how to preprocess images for the exported file, and where it came from."""
+    from mltk import __version__
+
+    data = model.data_config
+    return {
+        "format": fmt,
+        "file": out.name,
+        "input": "images",  # float32 (N, C, H, W), preprocessed as below
+        "output": "embeddings",  # float32 (N, embedding_dim), L2-normalised
+        "input_size": list(data["input_size"]),  # C, H, W
+        "mode": model.mode,  # the PIL mode to convert images to first: RGB or L (greyscale)
+        "interpolation": data.get("interpolation", "bilinear"),
+        "crop_pct": data.get("crop_pct"),
+        "crop_mode": data.get("crop_mode", "center"),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+        "embedding_dim": model.embedder.dim,
+        "l2_normalised": True,
+        "checkpoint": str(checkpoint.resolve()),
+        "backbone": model.config.backbone if model.config is not None else None,
+        "max_abs_diff": diff,
+        "mltk_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def check_onnx_available() -> None:
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MltkError(f"ONNX export needs {', '.join(missing)}: pip install 'mltk[export]'")
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        raise MltkError(f"ONNX export needs torch>=2.5 (this is {torch.__version__}); --format torchscript works with it")
+
+
+def check_writable(out: Path) -> None:
+    """A clear error now, before exporting, if ``out`` cannot be written; its folder is created."""
+    if out.is_dir():
+        raise MltkError(f"{str(out)!r} is a folder; give a file name, e.g. {str(out / 'model.onnx')!r}")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise MltkError(f"cannot write {str(out)!r}: {str(blocker)!r} is a file, not a folder")
+    probe = temporary(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise MltkError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+
+
+def temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """torch.export-based exporter (``dynamo=True``, onnxscript): the legacy TorchScript one is deprecated."""
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    if size >= ONNX_MAX_BYTES:
+        raise MltkError(f"the model's weights ({size / 2**30:.1f} GiB) exceed the 2 GiB an ONNX file can hold; use --format torchscript")
+    try:
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+            input_names=["images"], output_names=["embeddings"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        )
+    except Exception as exc:  # a backbone torch.export cannot capture: say which, in one line
+        raise MltkError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}); try --format torchscript") from None
+
+
+def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        traced = torch.jit.trace(module, example)
+    except Exception as exc:
+        raise MltkError(f"TorchScript export failed ({type(exc).__name__}: {first_line(exc)}); try --format onnx") from None
+    traced.save(str(path))
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["embeddings"], {"images": images.numpy()})[0])
+
+
+def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
+    return torch.jit.load(str(path), map_location="cpu")(images)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

@@ -1,0 +1,122 @@
+"""mltk export: ONNX and TorchScript files that give a run's embeddings of real digits, with their preprocessing."""
+
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+import mltk
+from mltk.config import make_config
+from mltk.data import load_data, open_image
+from mltk.errors import MltkError
+from mltk.train import train
+
+TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=1, seed=0)
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit:FutureWarning")  # torch's deprecation notice
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(make_config({**TINY, "data": "digits", "data_classes": ["0", "1", "2", "3"]}), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """20 of scikit-learn's handwritten digits (8x8 greyscale PIL images), every class."""
+    return load_data("digits").sources[::90][:20]
+
+
+def preprocess(model, images) -> torch.Tensor:
+    return torch.stack([model.transform(open_image(image, model.mode)) for image in images])
+
+
+def open_exported(path, meta: dict):
+    """The exported file as a function of a preprocessed batch, run the way a user would run it."""
+    if meta["format"] == "torchscript":
+        return torch.jit.load(str(path))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda batch: torch.from_numpy(session.run([meta["output"]], {meta["input"]: batch.numpy()})[0])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_file_gives_the_runs_embeddings_for_any_batch_size(digits_run, digits, mltk_main, tmp_path, fmt):
+    out = tmp_path / "exports" / f"digits.{fmt}"  # the folder is created
+    code, stdout, stderr = mltk_main("export", digits_run, "--format", fmt, "--out", out)
+    assert code == 0, stderr
+    assert float(re.search(r"max abs difference from PyTorch (\S+)", stdout).group(1)) < 1e-4
+    meta = json.loads((tmp_path / "exports" / f"digits.{fmt}.json").read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, out.name + ".json"]  # no temporary files left
+
+    model = mltk.load(digits_run, device="cpu")
+    expected = model.embed(digits)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # different digits, different embeddings: the check can fail
+    exported = open_exported(out, meta)
+    batch = preprocess(model, digits)  # 20 images; the export was traced with 2
+    with torch.no_grad():
+        got, one = exported(batch), exported(batch[:1])
+    assert got.shape == (20, 16) and (got - expected).abs().max() < 1e-4
+    assert (one - expected[:1]).abs().max() < 1e-4
+    assert torch.allclose(got.norm(dim=1), torch.ones(20), atol=1e-5)  # L2-normalised, as embed() gives
+
+
+def test_sidecar_says_how_to_preprocess(digits_run, digits, mltk_main, tmp_path):
+    from torchvision import transforms
+
+    code, _, stderr = mltk_main("export", digits_run, "--format", "torchscript", "--out", tmp_path / "digits.pt")
+    assert code == 0, stderr
+    meta = json.loads((tmp_path / "digits.pt.json").read_text())
+    assert meta["input_size"] == [3, 32, 32] and meta["mode"] == "RGB" and meta["embedding_dim"] == 16
+    assert meta["checkpoint"] == str((digits_run / "best.pt").resolve()) and meta["backbone"] == "test_resnet"
+    # The recipe in README.md, from the sidecar alone, gives the tensors mltk's own transform gives.
+    _, height, width = meta["input_size"]
+    recipe = transforms.Compose([
+        transforms.Resize(math.floor(height / meta["crop_pct"]), interpolation=transforms.InterpolationMode(meta["interpolation"])),
+        transforms.CenterCrop((height, width)),
+        transforms.ToTensor(),
+        transforms.Normalize(meta["mean"], meta["std"]),
+    ])  # fmt: skip
+    model = mltk.load(digits_run, device="cpu")
+    by_recipe = torch.stack([recipe(image.convert(meta["mode"])) for image in digits])
+    assert torch.allclose(by_recipe, preprocess(model, digits), atol=1e-6)
+
+
+def test_a_file_that_does_not_match_pytorch_is_not_kept(digits_run, tmp_path, monkeypatch):
+    from mltk import export
+
+    real = export.run_torchscript
+    monkeypatch.setattr(export, "run_torchscript", lambda path, images: real(path, images) + 1e-3)
+    with pytest.raises(MltkError, match=r"does not match PyTorch: its embeddings differ by up to 0\.001"):
+        export.export(digits_run, tmp_path / "digits.pt", "torchscript")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing run", "error: checkpoint '{tmp}/nope' does not exist"),
+        ("out is a folder", "error: '{tmp}' is a folder; give a file name, e.g. '{tmp}/model.onnx'"),
+        ("out under a file", "error: cannot write '{tmp}/notes.txt/m.onnx': '{tmp}/notes.txt' is a file, not a folder"),
+        ("onnx not installed", "error: ONNX export needs onnx: pip install 'mltk[export]'"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, digits_run, mltk_main, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("a file")
+    run, out = digits_run, tmp_path / "m.onnx"
+    if case == "missing run":
+        run = tmp_path / "nope"
+    elif case == "out is a folder":
+        out = tmp_path
+    elif case == "out under a file":
+        out = tmp_path / "notes.txt" / "m.onnx"
+    else:
+        monkeypatch.setitem(sys.modules, "onnx", None)  # what import sees when onnx is not installed
+    code, stdout, stderr = mltk_main("export", run, "--format", "onnx", "--out", out)
+    assert code == 1 and stderr == expected.format(tmp=tmp_path) + "\n" and stdout == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
