@@ -38,19 +38,52 @@ def held_out_data(model: EmbeddingModel) -> LabelledImages:
     return split_classes(data, cfg.val_classes, cfg.seed)[1]
 
 
+def embed(
+    model: EmbeddingModel, data: LabelledImages, batch_size: int = 128, workers: int = 2, flip_tta: bool = False,
+    progress: Progress | None = None, out: str | Path | None = None,
+) -> np.ndarray:
+    """L2-normalised float32 embeddings of every image, in order; ``flip_tta`` averages with the mirrored image.
+
+    With ``out`` (an .npy file) each batch is written to disk as it comes, and the file comes back
+    as a read-only memory map: a set larger than memory can be embedded and evaluated. The file is
+    written under a temporary name and renamed at the end, so a failed run leaves no partial file
+    under ``out``.
+    """
+    if out is None:
+        vectors = np.zeros((len(data), model.embedder.dim), np.float32)
+        _embed_into(vectors, model, data, batch_size, workers, flip_tta, progress)
+        return vectors
+    import os
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if len(data):
+            vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), model.embedder.dim))
+            _embed_into(vectors, model, data, batch_size, workers, flip_tta, progress)
+            vectors.flush()
+            del vectors  # unmapped before the rename
+        else:  # numpy cannot map an empty array
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros((0, model.embedder.dim), np.float32))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(out, mmap_mode="r") if len(data) else np.load(out)
+
+
 @torch.no_grad()
-def embed(model: EmbeddingModel, data: LabelledImages, batch_size: int = 128, workers: int = 2, flip_tta: bool = False, progress: Progress | None = None) -> np.ndarray:
-    """L2-normalised float32 embeddings of every image, in order; ``flip_tta`` averages with the mirrored image."""
+def _embed_into(target: np.ndarray, model: EmbeddingModel, data: LabelledImages, batch_size: int, workers: int, flip_tta: bool, progress: Progress | None) -> None:
     dataset = ImageDataset(data, model.transform, model.mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    out, done, failed = [], 0, []
+    done, failed = 0, []
     try:
         for images, _, bad in loader:
             images = images.to(model.device)
             vectors = model.embedder.embed(images)
             if flip_tta:
                 vectors = torch.nn.functional.normalize(vectors + model.embedder.embed(images.flip(-1)), dim=1)
-            out.append(vectors.cpu().numpy())
+            target[done : done + len(images)] = vectors.cpu().numpy()
             failed += bad[bad >= 0].tolist()
             done += len(images)
             if progress:
@@ -62,7 +95,6 @@ def embed(model: EmbeddingModel, data: LabelledImages, batch_size: int = 128, wo
     if failed:  # passed the scan, fails now (changed since?): metrics on stand-in images would be wrong
         files = [(data.sources[i], check_image(data.sources[i]) or "failed to decode") for i in failed]
         raise MltkError(f"{len(files)} images could not be read while embedding: {describe_files(files)}")
-    return np.concatenate(out) if out else np.zeros((0, model.embedder.dim), np.float32)
 
 
 def align_classes(query: LabelledImages, gallery: LabelledImages) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -85,6 +117,7 @@ class EvalResult:
     query_index: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # (path, reason) of unreadable images left out
+    embeddings_file: Path | None = None  # where ``embeddings`` were streamed to (a memory map of it)
 
 
 def readable(data: LabelledImages, skipped: list) -> LabelledImages:
@@ -107,18 +140,28 @@ def evaluate(
     flip_tta: bool = False,
     max_pairs: int | None = None,
     progress: Progress | None = None,
+    engine: str = "blocks",
+    index_options: dict | None = None,
+    embeddings_file: str | Path | None = None,
 ) -> EvalResult:
-    """Embed the images and compute the metrics: on one set (leave-one-out, all pairs), on a pair list, or query vs gallery."""
+    """Embed the images and compute the metrics: on one set (leave-one-out, all pairs), on a pair list, or query vs gallery.
+
+    ``engine`` and ``index_options`` pick the kNN search (``mltk.metrics.Evaluation``). With
+    ``embeddings_file`` the embeddings stream to that .npy file and the metrics read it as a
+    memory map (rows: the pair list's images, the query then the gallery images, or the set).
+    """
     from mltk import metrics as metrics_mod
     from mltk import registry
     from mltk.pairs import check_images, read_pairs
 
     for name in metrics or []:  # a misspelt metric fails now, not after the embedding
         registry.get("metrics", name)
-    options = {"metrics": metrics}
+    if engine not in metrics_mod.ENGINES:  # a misspelt engine fails now too
+        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(metrics_mod.ENGINES)}")
+    options = {"metrics": metrics, "engine": engine, "index_options": index_options}
     if max_pairs is not None:
         options["max_pairs"] = max_pairs
-    run_embed = lambda d: embed(model, d, batch_size, workers, flip_tta, progress)  # noqa: E731
+    run_embed = lambda d: embed(model, d, batch_size, workers, flip_tta, progress, embeddings_file)  # noqa: E731
     if pairs_file is not None:
         pair_list = read_pairs(pairs_file, pairs_root)
         check_images(pair_list)  # every named image exists, before anything is embedded
@@ -133,16 +176,16 @@ def evaluate(
         same = [s for _, _, s in pair_list.pairs]
         pairs = metrics_mod.Pairs.from_indices(embeddings, first, second, same, folds)
         result = metrics_mod.evaluate_embeddings(embeddings, None, pairs=pairs, **options)
-        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped)
+        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped, embeddings_file=embeddings_file)
     skipped = []
     if query is not None and gallery is not None:
         query, gallery = readable(query, skipped), readable(gallery, skipped)
         q_labels, g_labels, classes = align_classes(query, gallery)
-        embeddings = np.concatenate([run_embed(query), run_embed(gallery)])
         labels = np.concatenate([q_labels, g_labels])
+        sources = list(query.sources) + list(gallery.sources)
+        embeddings = run_embed(LabelledImages(sources, labels.tolist(), classes, f"{query.name}+{gallery.name}"))
         n_q = len(query)
         result = metrics_mod.evaluate_embeddings(embeddings, labels, query=np.arange(n_q), gallery=np.arange(n_q, len(labels)), **options)
-        sources = list(query.sources) + list(gallery.sources)
         info = {"query images": n_q, "gallery images": len(gallery)}
     else:
         data = readable(data, skipped)
@@ -151,7 +194,7 @@ def evaluate(
         result = metrics_mod.evaluate_embeddings(embeddings, labels, **options)
         info = {"images": len(data), "classes": len(classes), "protocol": "leave-one-out retrieval, all pairs for verification"}
     ev = result.evaluation
-    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.neighbours(), ev.query, info, skipped)
+    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.neighbours(), ev.query, info, skipped, embeddings_file)
 
 
 def source_name(source) -> str:
@@ -159,14 +202,19 @@ def source_name(source) -> str:
 
 
 def write_outputs(result: EvalResult, out: Path, save_embeddings: bool) -> None:
-    """metrics.json, and with ``save_embeddings`` embeddings.npy, labels.npy and paths.txt (one per row)."""
+    """metrics.json, and with ``save_embeddings`` embeddings.npy, labels.npy and paths.txt (one per row).
+
+    Embeddings already streamed to ``out/embeddings.npy`` (``evaluate(embeddings_file=...)``) stay as they are.
+    """
     out.mkdir(parents=True, exist_ok=True)
     clean = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v) for k, v in result.values.items()}
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(clean, indent=2))
     tmp.replace(out / "metrics.json")
     if save_embeddings:
-        np.save(out / "embeddings.npy", result.embeddings)
+        streamed = result.embeddings_file is not None and Path(result.embeddings_file).resolve() == (out / "embeddings.npy").resolve()
+        if not streamed:
+            np.save(out / "embeddings.npy", result.embeddings)
         if result.labels is not None:
             np.save(out / "labels.npy", result.labels)
         (out / "paths.txt").write_text("".join(source_name(s) + "\n" for s in result.sources))

@@ -8,8 +8,15 @@ score bin), each computed once, on first use.
 Embeddings are float32 and L2-normalised; scores are cosine similarities. The rules:
 
 - Neighbours are ranked by similarity; a tie is broken by the lower gallery index, as a stable sort
-  of ``-similarity`` does. Both engines give exactly that order for the similarities they compute
-  (the engines' float rounding may differ from numpy's in the last bit).
+  of ``-similarity`` does. The exact engines ("blocks", "faiss") give exactly that order for the
+  similarities they compute (their float rounding may differ from numpy's in the last bit).
+- The approximate engines ("ivf", "hnsw": a faiss index, ``mltk.index``) may miss some of the true
+  nearest neighbours. Their cost is measured: on a seeded sample of up to ``check_queries``
+  queries the exact search runs too, and ``index_recall@k`` (the share of the exact k nearest the
+  index found) and recall@1 of both on that sample are reported.
+- Embeddings may be a float32 ``np.memmap`` (``mltk.evaluate.embed(..., out=FILE)``): it is read
+  block by block and never copied whole (a query or gallery that is not a contiguous range of rows
+  is gathered, a copy of those rows).
 - A query whose class has no other item in the gallery is left out of recall@k, precision@k and
   MAP@R (as pytorch-metric-learning does); ``queries_excluded`` counts them.
 - Without an explicit pair list, the pairs are every pair of the evaluated set (i < j; with a
@@ -40,7 +47,10 @@ MAX_PAIRS = 10**10
 SAMPLE_PAIRS = 10**7
 BINS = 1 << 20
 BLOCK = 4096
-ENGINES = ("blocks", "faiss")
+EXACT_ENGINES = ("blocks", "faiss")
+APPROXIMATE_ENGINES = ("ivf", "hnsw")  # faiss's IVF and HNSW indexes
+ENGINES = EXACT_ENGINES + APPROXIMATE_ENGINES
+CHECK_QUERIES = 1000  # queries on which an approximate engine is checked against the exact search
 _WORST = -3.0  # below any cosine similarity: an empty heap slot
 
 
@@ -109,7 +119,9 @@ class Evaluation:
     ``query``/``gallery`` (indices or boolean masks into ``embeddings``) split the items; without
     them every item is a query against all the others (leave-one-out). ``pairs`` replaces the
     all-pairs verification with an explicit pair list. ``engine`` picks the kNN pass: "blocks"
-    (torch matmul in blocks, one pass that also fills the pair histogram) or "faiss".
+    (torch matmul in blocks, one pass that also fills the pair histogram), "faiss" (exact), or an
+    approximate faiss index, "ivf" or "hnsw", built with ``index_options`` (``mltk.index.build``:
+    nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries.
     """
 
     embeddings: np.ndarray | None
@@ -125,6 +137,8 @@ class Evaluation:
     seed: int = 0
     engine: str = "blocks"
     block: int = BLOCK
+    index_options: dict = field(default_factory=dict)
+    check_queries: int = CHECK_QUERIES
     info: dict[str, float] = field(default_factory=dict)
     loo: bool = field(default=True, init=False)
     _neighbours: Neighbours | None = field(default=None, init=False, repr=False)
@@ -157,10 +171,10 @@ class Evaluation:
             if self.labels is None or self.embeddings is None:
                 raise NotApplicable("retrieval metrics need embeddings and labels")
             self._pass_k()  # a k beyond the gallery fails here, before any work
-            if self.engine == "faiss":
-                self._set_neighbours(*_faiss_neighbours(self))
-            else:
+            if self.engine == "blocks":
                 self._block_pass()
+            else:
+                self._set_neighbours(*self._index_neighbours())
         return self._neighbours
 
     def pair_counts(self) -> Binned:
@@ -193,6 +207,34 @@ class Evaluation:
         if hist:
             self._counts = counts
             self._count_info(counts, self.total_pairs, sampled=False)
+
+    def _index_neighbours(self) -> tuple[np.ndarray, np.ndarray]:
+        """kNN from a faiss index over the gallery; an approximate one is checked against the exact search."""
+        from mltk import index as faiss_index
+
+        k = self._pass_k()
+        q, g = _rows(self.embeddings, self.query), _rows(self.embeddings, self.gallery)
+        own = np.arange(len(q)) if self.loo else None
+        if self.engine == "faiss":
+            return faiss_index.neighbours(faiss_index.build(g), q, k, own=own, gallery=g, block=self.block)
+        index = faiss_index.build(g, self.engine, seed=self.seed, **self.index_options)
+        sims, positions = faiss_index.neighbours(index, q, k, own=own, block=self.block)
+        self.info.update({"index": self.engine, **{f"index_{key}": v for key, v in faiss_index.settings(index).items()}})
+        if self.check_queries > 0:
+            self._check_index(q, g, own, positions)
+        return sims, positions
+
+    def _check_index(self, q: np.ndarray, g: np.ndarray, own: np.ndarray | None, positions: np.ndarray) -> None:
+        """index_recall@k, and recall@1 of the index and of the exact search, on a seeded sample of queries."""
+        from mltk.index import check
+
+        sample, exact, recalls = check(positions, q, g, self.ks, own, self.check_queries, self.seed)
+        self.info.update(index_check_queries=len(sample), **recalls)
+        query_labels, gallery_labels = self.labels[self.query][sample], self.labels[self.gallery]
+        scored = self._relevant()[sample] > 0
+        if scored.any():
+            hit = lambda found: float((gallery_labels[found[scored, 0]] == query_labels[scored]).mean())  # noqa: E731
+            self.info.update({"index_check_recall@1_exact": hit(exact), "index_check_recall@1_index": hit(positions[sample])})
 
     def _pass_k(self) -> int:
         available = len(self.gallery) - self.loo
@@ -255,6 +297,13 @@ def _split(query, gallery, n: int) -> tuple[bool, np.ndarray, np.ndarray]:
     if len(shared):
         raise UsageError(f"query and gallery share {len(shared)} items; give disjoint sets, or the same set for leave-one-out")
     return False, q, g
+
+
+def _rows(x, rows: np.ndarray):
+    """x[rows]: a view when ``rows`` is a contiguous range (a memmap stays on disk), else a copy of those rows."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+        return x[int(rows[0]) : int(rows[0]) + len(rows)]
+    return x[rows]
 
 
 def _row_dots(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
@@ -394,13 +443,14 @@ def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
     rows_kernel, cols_kernel, sort_heaps = _kernels()
     threads = max(1, torch.get_num_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.from_numpy(ev.embeddings).to(device)
-    tq, tg = (x if len(i) == len(x) else x[torch.from_numpy(i).to(device)] for i in (ev.query, ev.gallery))
+    tq = _tensor(_rows(ev.embeddings, ev.query), device)
+    tg = tq if ev.loo else _tensor(_rows(ev.embeddings, ev.gallery), device)
+    nq, ng = len(ev.query), len(ev.gallery)
     qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
-    hv = np.full((len(tq), k if knn else 1), _WORST, np.float32)
+    hv = np.full((nq, k if knn else 1), _WORST, np.float32)
     hi = np.full(hv.shape, np.iinfo(np.int64).max, np.int64)
-    row_blocks, fold_of = _fold_blocks(len(tq), ev.loo, ev.folds, ev.block)
-    col_blocks = row_blocks if ev.loo else [(c, min(c + ev.block, len(tg))) for c in range(0, len(tg), ev.block)]
+    row_blocks, fold_of = _fold_blocks(nq, ev.loo, ev.folds, ev.block)
+    col_blocks = row_blocks if ev.loo else [(c, min(c + ev.block, ng)) for c in range(0, ng, ev.block)]
     fine = np.zeros((threads, 2, BINS if hist else 1), np.int64)
     by_fold = np.zeros((ev.folds, 2, BINS if hist else 1), np.int64)
     buffer = torch.empty(ev.block * ev.block, device=device)  # reused: fresh pages cost page faults
@@ -413,7 +463,7 @@ def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
 
         for b, (r0, r1) in enumerate(row_blocks):
             for c0, c1 in col_blocks[b:] if ev.loo else col_blocks:
-                S = torch.mm(tq[r0:r1], tg[c0:c1].T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+                S = torch.mm(tq(r0, r1), tg(c0, c1).T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
                 S = S.cpu().numpy()
                 diagonal = ev.loo and r0 == c0
                 split(r1 - r0, lambda lo, hi_, t: rows_kernel(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine[t]))
@@ -428,53 +478,32 @@ def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
     return (hv, hi), (_binned_histogram(by_fold) if hist else None)
 
 
+def _tensor(x: np.ndarray, device: str):
+    """Rows [a, b) of ``x`` as a torch tensor on ``device``, as a function of (a, b).
+
+    On the CPU the tensor shares the array's memory (a read-only memmap too: nothing writes to it).
+    On a GPU the whole array is copied there when it takes at most half the free memory; a bigger
+    one is copied block by block as the pass reaches it.
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(x)
+    if device != "cpu" and t.nbytes > torch.cuda.mem_get_info()[0] // 2:
+        return lambda a, b: t[a:b].to(device)
+    t = t.to(device)
+    return lambda a, b: t[a:b]
+
+
 def _binned_histogram(by_fold: np.ndarray) -> Binned:
     """Per-fold histograms (folds, same?, bin) as Binned, empty bins dropped."""
     edges = -1 + 2 * np.arange(BINS) / BINS
     used = by_fold.sum(axis=(0, 1)) > 0
     flip = slice(None, None, -1)
     return Binned(edges[used][flip], by_fold[:, 1, used][:, flip], by_fold[:, 0, used][:, flip])
-
-
-# ---- the faiss engine ----------------------------------------------------------------------------
-
-
-def _faiss_neighbours(ev: Evaluation) -> tuple[np.ndarray, np.ndarray]:
-    """kNN with faiss's exact inner-product index (on the GPUs when faiss sees any), in query blocks.
-
-    faiss orders tied results arbitrarily, so one more neighbour than needed is fetched: where it
-    ties with the last one, the query is ranked again with a stable sort over the whole gallery.
-    """
-    import faiss
-
-    k = ev._pass_k()
-    q, g = (ev.embeddings if len(i) == len(ev.embeddings) else ev.embeddings[i] for i in (ev.query, ev.gallery))
-    fetch = min(k + 1 + ev.loo, len(g))
-    index = faiss.IndexFlatIP(g.shape[1])
-    index.add(g)
-    if faiss.get_num_gpus() > 0 and fetch <= 2048:  # faiss's GPU search is limited to k <= 2048
-        index = faiss.index_cpu_to_all_gpus(index)
-    sims, positions = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
-    for r0 in range(0, len(q), ev.block):
-        s, p = index.search(q[r0 : r0 + ev.block], fetch)
-        if ev.loo:  # drop the query itself, or the last result where the query was not returned
-            own = p == np.arange(r0, r0 + len(p))[:, None]
-            own[~own.any(1), -1] = True
-            s, p = s[~own].reshape(len(p), -1), p[~own].reshape(len(p), -1)
-        order = np.lexsort((p, -s), axis=1)
-        s, p = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
-        for row in np.flatnonzero(s[:, k - 1] == s[:, k]) if s.shape[1] > k else ():
-            s[row, :k], p[row, :k] = _stable_row(q[r0 + row], g, r0 + row if ev.loo else None, k)
-        sims[r0 : r0 + len(s)], positions[r0 : r0 + len(s)] = s[:, :k], p[:, :k]
-    return sims, positions
-
-
-def _stable_row(query: np.ndarray, gallery: np.ndarray, own: int | None, k: int):
-    s = gallery @ query
-    if own is not None:
-        s[own] = -np.inf
-    order = np.argsort(-s, kind="stable")[:k]
-    return s[order], order
 
 
 # ---- pair scores → counts, sampled pairs ---------------------------------------------------------
@@ -653,12 +682,17 @@ def evaluate_embeddings(
     seed: int = 0,
     engine: str = "blocks",
     block: int = BLOCK,
+    index_options: dict | None = None,
+    check_queries: int = CHECK_QUERIES,
 ) -> Results:
     """Every registered metric (or those named in ``metrics``) on the embeddings, plus info.
 
     ``values`` holds the metrics and ``queries``, ``queries_excluded``, ``pairs``, ``pairs_positive``,
-    ``pairs_total``, ``pairs_sampled`` for the work that was done. With ``metrics=None`` a metric
-    that does not apply (no labels, say) is left out; a named one raises instead.
+    ``pairs_total``, ``pairs_sampled`` for the work that was done; an approximate ``engine`` adds
+    ``index``, its settings (``index_nlist``, ``index_nprobe`` / ``index_m``, ``index_ef_search``) and
+    its check against the exact search (``index_check_queries``, ``index_recall@k``,
+    ``index_check_recall@1_exact`` and ``_index``). With ``metrics=None`` a metric that does not
+    apply (no labels, say) is left out; a named one raises instead.
     """
     from mltk import registry
 
@@ -667,6 +701,7 @@ def evaluate_embeddings(
     ev = Evaluation(
         embeddings, labels, query=query, gallery=gallery, pairs=pairs, ks=tuple(ks), fars=tuple(fars), folds=folds,
         max_pairs=max_pairs, sample_pairs=sample_pairs, seed=seed, engine=engine, block=block,
+        index_options=dict(index_options or {}), check_queries=check_queries,
     )
     values: dict[str, float] = {}
     for function in functions.values():

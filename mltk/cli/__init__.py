@@ -137,10 +137,13 @@ def _version() -> str:
 
 from mltk.cli.evaluate import evaluate  # noqa: E402  (light: heavy imports happen inside the commands)
 from mltk.cli.export import export  # noqa: E402
+from mltk.cli.index import index, search  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
 
 app.command()(run)
 app.command()(evaluate)
+app.command()(index)
+app.command()(search)
 app.command()(export)
 
 

@@ -1,0 +1,81 @@
+"""``mltk index`` and ``mltk search``: a faiss index of a gallery, and its nearest images to query images."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mltk.cli.evaluate import IndexKind
+
+
+def index(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file: the model that embeds the gallery.")],
+    data: Annotated[str, typer.Option(help="Gallery images: a folder of <class>/<image>, a CSV (path,label) or a dataset name.")],
+    out: Annotated[Path, typer.Option(help="Index directory to write (an earlier index there is replaced).")],
+    kind: Annotated[IndexKind, typer.Option(help="flat: exact; ivf or hnsw: approximate, for galleries in the millions.")] = IndexKind.flat,
+    nlist: Annotated[Optional[int], typer.Option(help="With --kind ivf: k-means cells (default about 4·sqrt(N)).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="With --kind ivf: cells a query visits (default nlist/8, at least 16).")] = None,
+    m: Annotated[Optional[int], typer.Option("--m", help="With --kind hnsw: graph links per vector (default 32).")] = None,
+    ef_search: Annotated[Optional[int], typer.Option(help="With --kind hnsw: candidates a query keeps (default 128).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
+) -> None:
+    """Embed a gallery and write a self-contained index directory: index, paths, labels, the model."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mltk.cli import console, warn
+    from mltk.data import describe_files, load_data
+    from mltk.errors import UsageError
+    from mltk.index import write_index_dir
+    from mltk.model import load
+
+    options = {"nlist": nlist, "nprobe": nprobe, "m": m, "ef_search": ef_search}
+    given = {k: v for k, v in options.items() if v is not None}
+    allowed = {"flat": set(), "ivf": {"nlist", "nprobe"}, "hnsw": {"m", "ef_search"}}[kind.value]
+    if set(given) - allowed:
+        wrong = ", ".join("--" + k.replace("_", "-") for k in sorted(set(given) - allowed))
+        raise UsageError(f"{wrong}: not an option of --kind {kind.value} (ivf: --nlist, --nprobe; hnsw: --m, --ef-search)")
+    model = load(run, device)
+    gallery = load_data(data)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        written, skipped = write_index_dir(model, gallery, out, kind.value, run=str(run.resolve()), batch_size=batch_size, workers=workers, progress=progress, **given)
+    if skipped:
+        warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")
+    params = ", ".join(f"{k} {v}" for k, v in written.meta["params"].items())
+    console.print(f"indexed {written.meta['count']} images ({written.meta['dim']} dimensions): {kind.value} index{f' ({params})' if params else ''}")
+    console.print(f"written to [bold]{out}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
+
+
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory written by `mltk index`.")],
+    images: Annotated[list[Path], typer.Argument(help="Query image files.")],
+    k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, neighbours: [{rank, path, label, class, score}]}].")] = False,
+    nprobe: Annotated[Optional[int], typer.Option(help="ivf index: cells a query visits (default: the index's).")] = None,
+    ef_search: Annotated[Optional[int], typer.Option(help="hnsw index: candidates a query keeps (default: the index's).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
+) -> None:
+    """The gallery images nearest to each query image, with their cosine similarity."""
+    from rich.table import Table
+
+    from mltk.cli import console
+    from mltk.index import search_images
+
+    results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        table = Table("rank", "score", "class", "path", title=result["query"], title_justify="left", header_style="bold")
+        for n in result["neighbours"]:
+            table.add_row(str(n["rank"]), f"{n['score']:.4f}", n["class"], n["path"])
+        console.print(table)

@@ -1,0 +1,428 @@
+"""Faiss indexes over L2-normalised embeddings (cosine similarity = inner product), and index directories.
+
+Kinds: "flat" is exact (IndexFlatIP); "ivf" (IndexIVFFlat) puts the vectors in ``nlist`` k-means
+cells (about 4·sqrt(N)) and a query visits the ``nprobe`` nearest cells; "hnsw" (IndexHNSWFlat)
+walks a graph of ``m`` links per vector, keeping ``ef_search`` candidates. The approximate kinds
+trade some of the true nearest neighbours for speed on galleries in the millions; every kind
+keeps its vectors in memory (faiss's flat storage).
+
+Indexes are built and stored in their CPU form. A search runs on every GPU faiss sees (flat and
+IVF; HNSW has no GPU form, and faiss's GPU search takes k <= 2048). Vectors are added in chunks
+and queries searched in blocks, so a float32 ``np.memmap`` is read, never copied whole. A search
+returns k results for every query whenever the index holds k vectors: a query an approximate
+search leaves short is searched again exactly.
+
+``mltk index`` writes an index directory, self-contained: the index, the vectors, the image paths
+and labels, and the model that embeds queries (see ``write_index_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mltk.errors import MltkError, UsageError
+
+KINDS = ("flat", "ivf", "hnsw")
+GPU_MAX_K = 2048  # faiss's GPU search: k and nprobe at most this
+CHUNK = 65536  # vectors added to an index at a time
+BLOCK = 4096  # queries searched at a time
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+FORMAT = "mltk-index-1"
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+# ---- build and search ----------------------------------------------------------------------------
+
+
+def default_nlist(n: int) -> int:
+    """About 4·sqrt(n) cells, but at least 39 vectors a cell to train on (faiss's minimum)."""
+    return max(1, min(round(4 * math.sqrt(n)), n // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Cells a query visits: an eighth of them, at least 16 (all of a small index)."""
+    return min(nlist, max(16, nlist // 8))
+
+
+def build(
+    vectors: np.ndarray,
+    kind: str = "flat",
+    *,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    m: int = HNSW_M,
+    ef_construction: int = HNSW_EF_CONSTRUCTION,
+    ef_search: int = HNSW_EF_SEARCH,
+    seed: int = 0,
+    progress: Progress | None = None,
+):
+    """An index of ``vectors`` (an array or a memmap, N x dim, L2-normalised); position i is row i.
+
+    ivf: ``nlist`` cells (default ``default_nlist``), trained on a seeded sample, ``nprobe`` visited
+    (default ``default_nprobe``); hnsw: ``m`` links per vector, ``ef_construction`` and ``ef_search``
+    candidates while building and searching.
+    """
+    import faiss
+
+    if kind not in KINDS:
+        raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    n, dim = vectors.shape
+    if n == 0:
+        raise UsageError("nothing to index: no vectors")
+    for name, value, least in (("nprobe", nprobe, 1), ("m", m, 2), ("ef_construction", ef_construction, 1), ("ef_search", ef_search, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{name}={value}: it is at least {least}")
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
+    else:
+        nlist = default_nlist(n) if nlist is None else nlist
+        if not 1 <= nlist <= n:
+            raise UsageError(f"nlist={nlist}: an IVF index of {n} vectors takes 1 to {n} cells")
+        index = faiss.IndexIVFFlat(_centroids(vectors, nlist, seed), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(nlist, default_nprobe(nlist) if nprobe is None else nprobe)
+    for s in range(0, n, CHUNK):
+        index.add(np.ascontiguousarray(vectors[s : s + CHUNK], np.float32))
+        if progress:
+            progress("indexing", min(s + CHUNK, n), n)
+    return index
+
+
+def _centroids(vectors, nlist: int, seed: int):
+    """A quantizer holding ``nlist`` spherical k-means centroids of a seeded sample (on the GPUs when there are any)."""
+    import faiss
+
+    quantizer = faiss.IndexFlatIP(vectors.shape[1])
+    if nlist == 1:  # one cell holds everything: nothing to train
+        quantizer.add(np.eye(1, vectors.shape[1], dtype=np.float32))
+        return quantizer
+    sample = np.sort(np.random.default_rng(seed).choice(len(vectors), min(len(vectors), 64 * nlist), replace=False))
+    points = np.ascontiguousarray(vectors[sample], np.float32)
+    kmeans = faiss.Kmeans(vectors.shape[1], nlist, niter=20, seed=seed, spherical=True, gpu=faiss.get_num_gpus() > 0)
+    kmeans.train(points)
+    quantizer.add(kmeans.centroids)
+    return quantizer
+
+
+def kind_of(index) -> str:
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    return "flat"
+
+
+def configure(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """Set the search-time settings: the cells an IVF query visits, the candidates an HNSW query keeps."""
+    import faiss
+
+    kind = kind_of(index)
+    if nprobe is not None:
+        if kind != "ivf" or not 1 <= nprobe:
+            raise UsageError(f"nprobe applies to an ivf index and is at least 1 (this index: {kind})")
+        faiss.downcast_index(index).nprobe = min(nprobe, faiss.downcast_index(index).nlist)
+    if ef_search is not None:
+        if kind != "hnsw" or not 1 <= ef_search:
+            raise UsageError(f"ef_search applies to an hnsw index and is at least 1 (this index: {kind})")
+        faiss.downcast_index(index).hnsw.efSearch = ef_search
+
+
+def settings(index) -> dict[str, int]:
+    """The index's parameters: nlist and nprobe (ivf), m and ef_search (hnsw)."""
+    import faiss
+
+    index, kind = faiss.downcast_index(index), kind_of(index)
+    if kind == "ivf":
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+    if kind == "hnsw":
+        return {"m": int(index.hnsw.nb_neighbors(1)), "ef_search": int(index.hnsw.efSearch)}
+    return {}
+
+
+def search(index, queries: np.ndarray, k: int, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, positions), each (len(queries), k), best first; queries in blocks, on the GPUs when possible."""
+    import faiss
+
+    if not 1 <= k <= index.ntotal:
+        raise UsageError(f"k={k} is more than the {index.ntotal} vectors in the index" if k > 0 else f"k={k}: k is at least 1")
+    kind, cpu = kind_of(index), faiss.downcast_index(index)
+    params = faiss.SearchParametersHNSW(efSearch=max(cpu.hnsw.efSearch, k)) if kind == "hnsw" else None
+    device = _on_gpus(cpu, kind, k)
+    sims, positions = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+    for r0 in range(0, len(queries), block):
+        q = np.ascontiguousarray(queries[r0 : r0 + block], np.float32)
+        s, p = _search(cpu, q, k, params) if device is cpu else _search(device, q, k)
+        short = np.flatnonzero((p < 0).any(1))
+        if len(short):  # fewer than k found (cells too small, a graph walk cut short): search those exactly
+            s[short], p[short] = _exact_search(cpu, kind, q[short], k)
+        sims[r0 : r0 + len(q)], positions[r0 : r0 + len(q)] = s, p
+    return sims, positions
+
+
+def _on_gpus(index, kind: str, k: int):
+    """The index on every GPU faiss sees, or the index itself (no GPU, HNSW, or past faiss's GPU limits)."""
+    import faiss
+
+    if faiss.get_num_gpus() == 0 or kind == "hnsw" or k > GPU_MAX_K or (kind == "ivf" and index.nprobe > GPU_MAX_K):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)  # copies nprobe with the vectors
+
+
+def _exact_search(index, kind: str, queries: np.ndarray, k: int):
+    import faiss
+
+    if kind == "ivf":  # visiting every cell is an exact search
+        return _search(index, queries, k, faiss.SearchParametersIVF(nprobe=index.nlist))
+    if kind == "hnsw":
+        return _search(faiss.downcast_index(index.storage), queries, k)
+    return _search(index, queries, k)
+
+
+def _search(index, queries: np.ndarray, k: int, params=None):
+    # faiss.contrib.torch_utils (pytorch-metric-learning imports it) replaces ``search`` with a
+    # version without ``params``; faiss's own numpy search is kept as ``search_numpy``.
+    return getattr(index, "search_numpy", index.search)(queries, k, params=params)
+
+
+def neighbours(index, queries: np.ndarray, k: int, own: np.ndarray | None = None, gallery: np.ndarray | None = None, block: int = BLOCK):
+    """(similarities, positions) of the k nearest indexed vectors of each query, ties broken by the lower position.
+
+    ``own``: each query's own position in the index (leave-one-out), left out of its results.
+    faiss orders tied results arbitrarily, so one more neighbour than needed is fetched and the
+    results are sorted by (-similarity, position). With ``gallery`` (the indexed vectors, for an
+    exact index), a query whose k-th and (k+1)-th results tie is ranked again over the whole
+    gallery with a stable sort: the order is then exactly that of a stable sort of -similarity.
+    """
+    fetch = min(k + 1 + (own is not None), index.ntotal)
+    found_s, found_p = search(index, queries, fetch, block)
+    sims, positions = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+    for r0 in range(0, len(queries), block):
+        s, p = found_s[r0 : r0 + block], found_p[r0 : r0 + block]
+        if own is not None:  # drop the query itself, or the last result where the query was not returned
+            mine = p == own[r0 : r0 + len(p), None]
+            mine[~mine.any(1), -1] = True
+            s, p = s[~mine].reshape(len(p), -1), p[~mine].reshape(len(p), -1)
+        order = np.lexsort((p, -s), axis=1)
+        s, p = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
+        for row in np.flatnonzero(s[:, k - 1] == s[:, k]) if gallery is not None and s.shape[1] > k else ():
+            s[row, :k], p[row, :k] = _stable_row(np.asarray(queries[r0 + row], np.float32), gallery, None if own is None else own[r0 + row], k)
+        sims[r0 : r0 + len(s)], positions[r0 : r0 + len(s)] = s[:, :k], p[:, :k]
+    return sims, positions
+
+
+def _stable_row(query: np.ndarray, gallery: np.ndarray, own: int | None, k: int):
+    s = gallery @ query
+    if own is not None:
+        s[own] = -np.inf
+    order = np.argsort(-s, kind="stable")[:k]
+    return s[order], order
+
+
+def exact_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, own: np.ndarray | None = None, chunk: int | None = None):
+    """Brute force, without faiss: the k nearest gallery rows of each query in stable-sort order.
+
+    The gallery is read ``chunk`` rows at a time (by default as many as keep a block of
+    similarities to 32 MB), once: a memmap is never copied whole. Meant for a sample of queries,
+    such as the check of an approximate index against the exact search.
+    """
+    q = np.ascontiguousarray(queries, np.float32)
+    chunk = chunk or max(1024, (1 << 23) // max(1, len(q)))
+    best_s, best_p = np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64)
+    for c0 in range(0, len(gallery), chunk):
+        s = q @ np.asarray(gallery[c0 : c0 + chunk], np.float32).T
+        if own is not None:
+            mine = np.flatnonzero((own >= c0) & (own < c0 + s.shape[1]))
+            s[mine, own[mine] - c0] = -np.inf
+        s, p = _stable_top(s, min(k, s.shape[1]))
+        s, p = np.concatenate([best_s, s], 1), np.concatenate([best_p, p + c0], 1)
+        order = np.lexsort((p, -s), axis=1)[:, :k]
+        best_s, best_p = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
+    return best_s, best_p
+
+
+def _stable_top(s: np.ndarray, k: int):
+    """The k largest of each row, the lower column first among equals (a partition, then a sort of the few left)."""
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
+    r, c = np.nonzero(s >= kth)
+    v = s[r, c]
+    order = np.lexsort((c, -v, r))
+    r, c, v = r[order], c[order], v[order]
+    keep = np.arange(len(r)) - np.searchsorted(r, r) < k  # rank within its row
+    return v[keep].reshape(-1, k), c[keep].reshape(-1, k)
+
+
+def check(found: np.ndarray, queries, gallery, ks, own: np.ndarray | None = None, size: int = 1000, seed: int = 0):
+    """An index's neighbours (``found``: positions, a row per query) against the exact search on a seeded sample.
+
+    Returns the sampled query rows, their exact neighbours (positions) and ``index_recall@k`` for
+    each k in ``ks``: the share of the exact k nearest that the index found among its first k.
+    """
+    sample = np.arange(len(queries))
+    if len(queries) > size:
+        sample = np.sort(np.random.default_rng(seed).choice(len(queries), size, replace=False))
+    k = min(max(ks), found.shape[1])
+    _, exact = exact_neighbours(queries[sample], gallery, k, own=None if own is None else own[sample])
+    return sample, exact, {f"index_recall@{kk}": overlap(found[sample], exact, kk) for kk in sorted(set(ks)) if kk <= k}
+
+
+def overlap(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact k nearest (rows of ``exact``) that are among the first k ``found``."""
+    hits = (found[:, :k, None] == exact[:, None, :k]).any(1)
+    return float(hits.mean())
+
+
+# ---- index directories ---------------------------------------------------------------------------
+
+
+@dataclass
+class IndexDir:
+    """An index directory, opened: the faiss index, what row i is (path, label), and meta.json."""
+
+    path: Path
+    index: object
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    meta: dict
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.pt"
+
+
+def write_index_dir(
+    model, data, out: str | Path, kind: str = "flat", *, run: str = "", batch_size: int = 128, workers: int = 2,
+    progress: Progress | None = None, **options,
+) -> tuple[IndexDir, list]:
+    """Embed ``data`` with ``model`` and write the index directory ``out``; returns it and the unreadable images left out.
+
+    ``out`` holds index.faiss, embeddings.npy (row i = line i of paths.txt), paths.txt, labels.npy,
+    classes.json, model.pt (a slim mltk checkpoint: ``mltk.load(out / "model.pt")`` works), meta.json
+    and, when images were left out, skipped_images.txt. It is built in a temporary sibling and
+    renamed into place, so ``out`` is never half-written; an earlier index there is replaced.
+    ``options`` go to ``build`` (nlist, nprobe, m, ef_construction, ef_search, seed).
+    """
+    import faiss
+    import torch
+
+    from mltk import __version__
+    from mltk.config import to_dict
+    from mltk.evaluate import embed, readable
+    from mltk.model import save_checkpoint
+
+    out = Path(out)
+    if kind not in KINDS:
+        raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "meta.json").is_file())):
+        raise MltkError(f"{str(out)!r} exists and is not an mltk index directory; give another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        skipped: list = []
+        data = readable(data, skipped)
+        vectors = embed(model, data, batch_size, workers, progress=progress, out=tmp / "embeddings.npy")
+        index = build(vectors, kind, progress=progress, **options)
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        paths = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else f"{data.name}[{i}]" for i, s in enumerate(data.sources)]
+        (tmp / "paths.txt").write_text("".join(p + "\n" for p in paths))
+        np.save(tmp / "labels.npy", np.asarray(data.labels, np.int64))
+        (tmp / "classes.json").write_text(json.dumps(list(data.classes)))
+        weights = {k: v.detach().cpu() for k, v in model.embedder.state_dict().items()}
+        config = to_dict(model.config) if model.config is not None else None
+        save_checkpoint({"config": config, "data_config": model.data_config, "classes": model.classes, "model": weights}, tmp / "model.pt")
+        if skipped:
+            (tmp / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+        meta = {
+            "format": FORMAT, "kind": kind, "metric": "inner_product", "dim": int(vectors.shape[1]), "count": len(paths),
+            "params": settings(index), "run": str(run), "data": data.name, "mltk_version": __version__,
+            "faiss_version": faiss.__version__, "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        del vectors  # the memmap: closed before the folder moves
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return IndexDir(out, index, paths, np.asarray(data.labels, np.int64), list(data.classes), meta), skipped
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def open_index_dir(path: str | Path) -> IndexDir:
+    """An index directory written by ``write_index_dir``; a missing or foreign folder is one clear error."""
+    import faiss
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MltkError(f"index directory {str(path)!r} does not exist; write one with `mltk index RUN --data GALLERY --out DIR`")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MltkError(f"{str(path)!r} is not an mltk index directory (no meta.json of format {FORMAT})")
+    try:
+        index = faiss.read_index(str(path / "index.faiss"))
+        paths = (path / "paths.txt").read_text().splitlines()
+        labels = np.load(path / "labels.npy")
+        classes = json.loads((path / "classes.json").read_text())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise MltkError(f"index directory {str(path)!r} is damaged: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    if not index.ntotal == len(paths) == len(labels):
+        raise MltkError(f"index directory {str(path)!r} is damaged: {index.ntotal} vectors, {len(paths)} paths, {len(labels)} labels")
+    return IndexDir(path, index, paths, labels, classes, meta)
+
+
+def search_images(
+    index_dir: str | Path, images: list[str | Path], k: int = 5, *, nprobe: int | None = None, ef_search: int | None = None,
+    device: str | None = None, batch_size: int = 64, workers: int = 0,
+) -> list[dict]:
+    """The k nearest gallery images of each query image: [{query, neighbours: [{rank, path, label, class, score}]}]."""
+    from mltk.data import LabelledImages, check_image
+    from mltk.evaluate import embed
+    from mltk.model import load
+
+    opened = open_index_dir(index_dir)
+    if not 1 <= k <= opened.index.ntotal:
+        raise UsageError(f"k={k}: give 1 to {opened.index.ntotal}, the number of images in the index")
+    configure(opened.index, nprobe, ef_search)
+    for image in images:
+        problem = "does not exist" if not Path(image).is_file() else check_image(image)
+        if problem:
+            raise MltkError(f"query image {str(image)!r} cannot be read: {problem}")
+    model = load(opened.model_file, device)
+    vectors = embed(model, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers)
+    sims, positions = neighbours(opened.index, vectors, k)
+    return [
+        {
+            "query": str(image),
+            "neighbours": [
+                {"rank": r + 1, "path": opened.paths[p], "label": int(opened.labels[p]), "class": opened.classes[opened.labels[p]], "score": float(s)}
+                for r, (s, p) in enumerate(zip(sims[i], positions[i]))
+            ],
+        }
+        for i, image in enumerate(images)
+    ]

@@ -1,0 +1,318 @@
+"""Faiss indexes (mltk.index), approximate evaluation engines, memory-mapped embeddings, `mltk index` and `mltk search`."""
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_metrics import RETRIEVAL, clustered, reference_retrieval, tied
+
+from mltk import index as mindex
+from mltk import metrics
+from mltk.errors import MltkError, UsageError
+from mltk.metrics import evaluate_embeddings
+
+
+def brute_force(q, g, k, own=None):
+    """Gallery positions of the k nearest of each query: a stable numpy sort, the query itself left out."""
+    s = q @ g.T
+    if own is not None:
+        s[np.arange(len(q)), own] = -np.inf
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def neighbour_recall(found, exact):
+    """Share of the exact k nearest found among the first k, computed row by row."""
+    k = exact.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(e)) / k for f, e in zip(found, exact)]))
+
+
+# ---- mltk.index ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, options", [("flat", {}), ("ivf", {"nprobe": 8}), ("hnsw", {"ef_search": 64})])
+def test_index_kinds_find_the_nearest_neighbours(kind, options):
+    x, _ = clustered(n=3000, dim=32, classes=60, spread=1.0)
+    index = mindex.build(x, kind, **options)
+    assert mindex.kind_of(index) == kind and index.ntotal == len(x)
+    sims, found = mindex.search(index, x[:500], 10, block=128)
+    exact = brute_force(x[:500], x, 10)
+    recall = neighbour_recall(found, exact)
+    assert recall == 1.0 if kind == "flat" else recall >= 0.9
+    np.testing.assert_allclose(sims, np.einsum("ij,ikj->ik", x[:500], x[found]), atol=1e-5)  # scores are cosines
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+
+
+def test_ivf_cells_follow_the_gallery_size_and_searches_are_never_short():
+    x, _ = clustered(n=4000, dim=16, classes=80, spread=1.0)
+    index = mindex.build(x, "ivf")
+    assert mindex.settings(index) == {"nlist": 102, "nprobe": 16}  # 4000 // 39 cells, capped; nlist / 8, at least 16
+    mindex.configure(index, nprobe=1)  # one cell of about 40 vectors: fewer than k
+    sims, found = mindex.search(index, x[:200], 300)
+    assert (found >= 0).all() and all(len(set(row)) == 300 for row in found)
+    np.testing.assert_allclose(sims, np.einsum("ij,ikj->ik", x[:200], x[found]), atol=1e-5)
+    with pytest.raises(UsageError, match="k=4001 is more than the 4000 vectors"):
+        mindex.search(index, x[:2], 4001)
+    with pytest.raises(UsageError, match="nprobe applies to an ivf index"):
+        mindex.configure(mindex.build(x[:100], "flat"), nprobe=4)
+
+
+def test_exact_neighbours_break_ties_by_the_lower_position_across_chunks():
+    x, _ = tied()  # similarities are multiples of 1/4: ties everywhere
+    sample = np.arange(0, len(x), 7)
+    sims, found = mindex.exact_neighbours(x[sample], x, 12, own=sample, chunk=37)
+    np.testing.assert_array_equal(found, brute_force(x[sample], x, 12, own=sample))
+    np.testing.assert_array_equal(sims, np.take_along_axis(x[sample] @ x.T, found, 1))
+
+
+def test_an_index_reads_a_memmap_in_chunks(tmp_path, monkeypatch):
+    x, _ = clustered(n=1000, dim=16)
+    np.save(tmp_path / "e.npy", x)
+    mm = np.load(tmp_path / "e.npy", mmap_mode="r")
+    monkeypatch.setattr(mindex, "CHUNK", 300)
+    index = mindex.build(mm, "hnsw")
+    assert index.ntotal == 1000
+    _, found = mindex.search(index, mm[:100], 5)
+    np.testing.assert_array_equal(found[:, 0], np.arange(100))  # each vector finds itself first
+
+
+# ---- approximate engines in the evaluation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", metrics.APPROXIMATE_ENGINES)
+def test_approximate_engines_agree_with_the_exact_pass(engine):
+    x, labels = clustered(n=2000, dim=32, classes=50, spread=1.0)
+    ks = (1, 2, 4, 8)
+    result = evaluate_embeddings(x, labels, metrics=RETRIEVAL, ks=ks, engine=engine)
+    expected, _, order = reference_retrieval(x, x, labels, labels, ks, loo=True)
+    found = result.evaluation.neighbours().indices
+    assert neighbour_recall(found, order[:, :8]) >= 0.9
+    for key in expected:
+        assert result.values[key] == pytest.approx(expected[key], abs=0.02), key
+    assert result.values["index"] == engine and result.values["index_check_queries"] == 1000
+
+
+def test_the_reported_index_recall_is_the_share_of_the_exact_neighbours_found():
+    x, labels = clustered(n=3000, dim=32, classes=60, spread=1.5)
+    options = {"nlist": 64, "nprobe": 2}  # few cells visited: the index misses neighbours
+    result = evaluate_embeddings(x, labels, metrics=["recall_at_k"], engine="ivf", index_options=options, check_queries=len(x))
+    v = result.values
+    found = result.evaluation.neighbours().indices
+    exact = brute_force(x, x, 8, own=np.arange(len(x)))
+    assert (v["index_nlist"], v["index_nprobe"], v["index_check_queries"]) == (64, 2, len(x))
+    for k in (1, 2, 4, 8):
+        assert v[f"index_recall@{k}"] == pytest.approx(neighbour_recall(found, exact[:, :k]), abs=1e-12)
+    assert 0.3 < v["index_recall@8"] < 0.99
+    scored = np.array([(labels == y).sum() > 1 for y in labels])
+    hit = lambda nearest: float(np.mean(labels[nearest[scored]] == labels[scored]))  # noqa: E731
+    assert v["index_check_recall@1_exact"] == pytest.approx(hit(exact[:, 0]), abs=1e-12)
+    assert v["index_check_recall@1_index"] == pytest.approx(hit(found[:, 0]), abs=1e-12) == v["recall@1"]
+    sampled = evaluate_embeddings(x, labels, metrics=["recall_at_k"], engine="ivf", index_options=options, check_queries=500).values
+    assert sampled["index_check_queries"] == 500 and sampled["index_recall@8"] == pytest.approx(v["index_recall@8"], abs=0.05)
+    assert evaluate_embeddings(x, labels, metrics=["recall_at_k"], engine="ivf", index_options=options, check_queries=500).values == sampled
+
+
+def test_an_exhaustive_ivf_search_on_a_query_gallery_split_gives_the_exact_metrics():
+    x, labels = clustered(n=800, seed=2)
+    is_query = np.random.default_rng(0).random(len(x)) < 0.3
+    ks = (1, 2, 4, 8)
+    expected, excluded, _ = reference_retrieval(x[is_query], x[~is_query], labels[is_query], labels[~is_query], ks, loo=False)
+    values = evaluate_embeddings(x, labels, query=is_query, gallery=~is_query, metrics=RETRIEVAL + ["roc_auc"], ks=ks, engine="ivf", index_options={"nlist": 8, "nprobe": 8}).values
+    assert {k: values[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert values["index_recall@8"] == 1.0 and values["queries_excluded"] == excluded
+    assert values["pairs"] == is_query.sum() * (~is_query).sum()  # verification still scores every pair
+
+
+def test_an_unknown_engine_names_the_choices():
+    x, labels = clustered(n=50)
+    with pytest.raises(UsageError, match="unknown engine 'annoy'; choose one of blocks, faiss, ivf, hnsw"):
+        evaluate_embeddings(x, labels, engine="annoy")
+
+
+# ---- memory-mapped embeddings --------------------------------------------------------------------
+
+
+def peak_allocation(function) -> int:
+    """The most memory numpy (and Python) held at once while ``function`` ran, in bytes."""
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_memmap_gives_the_same_metrics_and_is_never_copied(tmp_path):
+    x, labels = clustered(n=6000, dim=1024, classes=1000, spread=1.0)
+    np.save(tmp_path / "e.npy", x)
+    mm = np.load(tmp_path / "e.npy", mmap_mode="r")
+    assert np.shares_memory(metrics.Evaluation(mm, labels).embeddings, mm)
+    in_ram = evaluate_embeddings(x, labels, metrics=RETRIEVAL + ["roc_auc"]).values
+    values = evaluate_embeddings(mm, labels, metrics=RETRIEVAL + ["roc_auc"]).values
+    assert values == in_ram
+    # The kNN pass alone (max_pairs=0: no pair histogram, whose 1M bins a fold do not depend on N).
+    retrieval = dict(metrics=RETRIEVAL, max_pairs=0)
+    full = peak_allocation(lambda: evaluate_embeddings(mm, labels, **retrieval))
+    assert full < mm.nbytes / 4, f"{full} bytes allocated for {mm.nbytes} bytes of embeddings"
+    half = len(x) // 2  # a query/gallery split in two contiguous ranges, as `mltk evaluate --query --gallery` has it
+    split = peak_allocation(lambda: evaluate_embeddings(mm, labels, query=np.arange(half), gallery=np.arange(half, len(x)), **retrieval))
+    assert split < mm.nbytes / 4
+
+
+# ---- embedding to disk, `mltk index`, `mltk search` ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_image_folder
+    from test_evaluate import TINY
+
+    from mltk.config import make_config
+    from mltk.train import train
+
+    root = tmp_path_factory.mktemp("index")
+    folder = make_image_folder(root / "images", classes=10, per_class=4)
+    train(make_config({**TINY, "data": str(folder), "val_classes": 0.3}), root / "run")
+    return root / "run", folder
+
+
+def test_embeddings_stream_to_a_file_that_appears_only_when_complete(trained_run, tmp_path, monkeypatch):
+    from mltk.data import load_data
+    from mltk.evaluate import embed
+    from mltk.model import load
+
+    run, folder = trained_run
+    model, data = load(run, device="cpu"), load_data(str(folder))
+    in_ram = embed(model, data, batch_size=8, workers=0)
+    on_disk = embed(model, data, batch_size=8, workers=0, out=tmp_path / "e.npy")
+    assert isinstance(on_disk, np.memmap) and Path(on_disk.filename) == (tmp_path / "e.npy").resolve()
+    np.testing.assert_allclose(on_disk, in_ram, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy"]
+    calls = []
+
+    def fail_on_the_third_batch(images):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the device fell over")
+        return original(images)
+
+    original = model.embedder.embed
+    monkeypatch.setattr(model.embedder, "embed", fail_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="fell over"):
+        embed(model, data, batch_size=8, workers=0, out=tmp_path / "f.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy"]  # no f.npy, no temporary file
+
+
+def test_evaluate_streams_saved_embeddings_and_states_the_index_cost(trained_run, mltk_main, tmp_path):
+    run, folder = trained_run
+    code, out, err = mltk_main("evaluate", run, "--data", folder, "--index", "hnsw", "--ef-search", "16", "--save-embeddings", "--no-report", "--workers", "0", "--out", tmp_path / "e")
+    assert code == 0, err
+    values = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert values["index"] == "hnsw" and values["index_ef_search"] == 16 and values["index_check_queries"] == 40
+    assert 0 <= values["index_recall@8"] <= 1 and "index_check_recall@1_exact" in values
+    assert "hnsw index: found" in out and "of the exact 8 nearest neighbours" in out and "recall@1 on them" in out
+    assert np.load(tmp_path / "e" / "embeddings.npy").shape == (40, 16)
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt"]
+    code, _, err = mltk_main("evaluate", run, "--data", folder, "--nprobe", "4")
+    assert code == 2 and err.strip() == "error: --nprobe goes with --index ivf, --ef-search with --index hnsw"
+
+
+@pytest.fixture(scope="module")
+def index_dir(trained_run, tmp_path_factory):
+    from conftest import run_mltk
+
+    run, folder = trained_run
+    out = tmp_path_factory.mktemp("indexes") / "gallery"
+    result = run_mltk("index", str(run), "--data", str(folder), "--out", str(out), "--kind", "ivf", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert "indexed 40 images (16 dimensions): ivf index (nlist 1, nprobe 1)" in result.stdout
+    return out
+
+
+def test_an_index_directory_is_self_contained(index_dir, trained_run):
+    import mltk
+
+    _, folder = trained_run
+    names = {"index.faiss", "embeddings.npy", "paths.txt", "labels.npy", "classes.json", "model.pt", "meta.json"}
+    assert {p.name for p in index_dir.iterdir()} == names
+    assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    meta = json.loads((index_dir / "meta.json").read_text())
+    assert (meta["kind"], meta["dim"], meta["count"], meta["metric"]) == ("ivf", 16, 40, "inner_product")
+    assert meta["params"] == {"nlist": 1, "nprobe": 1} and meta["mltk_version"] == mltk.__version__
+    paths = (index_dir / "paths.txt").read_text().splitlines()
+    labels, classes = np.load(index_dir / "labels.npy"), json.loads((index_dir / "classes.json").read_text())
+    assert paths[5] == str((folder / "class_01" / "1.png").resolve()) and classes[labels[5]] == "class_01"
+    model = mltk.load(index_dir / "model.pt", device="cpu")  # the model travels with the index
+    vectors = model.embed([paths[0], paths[37]]).numpy()
+    np.testing.assert_allclose(vectors, np.load(index_dir / "embeddings.npy")[[0, 37]], atol=1e-5)
+
+
+def test_search_finds_a_gallery_image_first_with_score_one(index_dir, trained_run, mltk_main):
+    _, folder = trained_run
+    query, other = folder / "class_03" / "2.png", folder / "class_07" / "0.png"
+    code, out, err = mltk_main("search", index_dir, query, other, "--k", "3", "--json")
+    assert code == 0, err
+    results = json.loads(out)  # stdout is the JSON document and nothing else
+    assert [r["query"] for r in results] == [str(query), str(other)]
+    for result, image, name in zip(results, (query, other), ("class_03", "class_07")):
+        first = result["neighbours"][0]
+        assert first["path"] == str(image.resolve()) and first["class"] == name and first["score"] == pytest.approx(1.0, abs=1e-5)
+        assert [n["rank"] for n in result["neighbours"]] == [1, 2, 3]
+        scores = [n["score"] for n in result["neighbours"]]
+        assert scores == sorted(scores, reverse=True)
+    code, out, err = mltk_main("search", index_dir, query, "--k", "2")
+    assert code == 0, err
+    assert "class_03" in out and "2.png" in out and "1.0000" in out
+
+
+def test_search_errors_are_one_line(index_dir, trained_run, mltk_main, tmp_path):
+    _, folder = trained_run
+    query = folder / "class_03" / "2.png"
+    (tmp_path / "broken.png").write_text("not an image")
+    cases = [
+        ((tmp_path / "nowhere", query), "does not exist"),
+        ((folder, query), "is not an mltk index directory"),
+        ((index_dir, tmp_path / "broken.png"), "broken.png' cannot be read: not an image"),
+        ((index_dir, tmp_path / "missing.png"), "missing.png' cannot be read: does not exist"),
+        ((index_dir, query, "--k", "41"), "k=41: give 1 to 40"),
+        ((index_dir, query, "--ef-search", "8"), "ef_search applies to an hnsw index"),
+    ]
+    for args, message in cases:
+        code, out, err = mltk_main("search", *args)
+        assert code != 0 and out == "" and err.startswith("error: ") and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_an_index_directory_is_replaced_whole_or_not_at_all(trained_run, tmp_path, monkeypatch):
+    from mltk.data import load_data
+    from mltk.model import load
+
+    run, folder = trained_run
+    model, data = load(run, device="cpu"), load_data(str(folder))
+    out = tmp_path / "idx"
+    mindex.write_index_dir(model, data, out, "flat", workers=0)
+    before = (out / "meta.json").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted while building")
+
+    monkeypatch.setattr(mindex, "build", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        mindex.write_index_dir(model, data, out, "hnsw", workers=0)
+    assert (out / "meta.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    monkeypatch.undo()
+    written, _ = mindex.write_index_dir(model, data.rows(list(range(20))), out, "hnsw", workers=0)
+    assert mindex.open_index_dir(out).meta["count"] == 20 == written.index.ntotal
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(MltkError, match="exists and is not an mltk index directory"):
+        mindex.write_index_dir(model, data, tmp_path / "notes", workers=0)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_index_options_of_another_kind_are_refused(trained_run, mltk_main, tmp_path):
+    run, folder = trained_run
+    code, _, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "i", "--kind", "hnsw", "--nprobe", "4")
+    assert code == 2 and "--nprobe: not an option of --kind hnsw" in err and not (tmp_path / "i").exists()
