@@ -1,10 +1,13 @@
 """Faiss indexes over L2-normalised embeddings (cosine similarity = inner product), and index directories.
 
 Kinds: "flat" is exact (IndexFlatIP); "ivf" (IndexIVFFlat) puts the vectors in ``nlist`` k-means
-cells (about 4·sqrt(N)) and a query visits the ``nprobe`` nearest cells; "hnsw" (IndexHNSWFlat)
-walks a graph of ``m`` links per vector, keeping ``ef_search`` candidates. The approximate kinds
-trade some of the true nearest neighbours for speed on galleries in the millions; every kind
-keeps its vectors in memory (faiss's flat storage).
+cells (about 4·sqrt(N)) and a query visits the ``nprobe`` nearest cells; "ivfpq" (IndexIVFPQ) does
+the same but keeps each vector as ``pq_m`` one-byte codes (product quantization of its residual),
+so 10 million vectors of 8192 dimensions take 640 MB instead of 320 GiB, and its scores are
+approximations of the cosine; "hnsw" (IndexHNSWFlat) walks a graph of ``m`` links per vector,
+keeping ``ef_search`` candidates. The approximate kinds trade some of the true nearest neighbours
+for speed (and ivfpq for memory) on galleries in the millions; flat, ivf and hnsw keep the float32
+vectors in memory.
 
 Indexes are built and stored in their CPU form. A search runs on every GPU faiss sees (flat and
 IVF; HNSW has no GPU form, and faiss's GPU search takes k <= 2048). Vectors are added in chunks
@@ -31,11 +34,13 @@ import numpy as np
 
 from mltk.errors import MltkError, UsageError
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")
 GPU_MAX_K = 2048  # faiss's GPU search: k and nprobe at most this
 CHUNK = 65536  # vectors added to an index at a time
 BLOCK = 4096  # queries searched at a time
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+PQ_BITS = 8  # each code is a byte: 256 centroids per sub-vector, trained on at least 256 vectors
 FORMAT = "mltk-index-1"
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -53,12 +58,18 @@ def default_nprobe(nlist: int) -> int:
     return min(nlist, max(16, nlist // 8))
 
 
+def default_pq_m(dim: int) -> int:
+    """Bytes per vector for ivfpq: 64 where it divides the dimension (the largest divisor up to 64 otherwise)."""
+    return max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
+
+
 def build(
     vectors: np.ndarray,
     kind: str = "flat",
     *,
     nlist: int | None = None,
     nprobe: int | None = None,
+    pq_m: int | None = None,
     m: int = HNSW_M,
     ef_construction: int = HNSW_EF_CONSTRUCTION,
     ef_search: int = HNSW_EF_SEARCH,
@@ -68,7 +79,8 @@ def build(
     """An index of ``vectors`` (an array or a memmap, N x dim, L2-normalised); position i is row i.
 
     ivf: ``nlist`` cells (default ``default_nlist``), trained on a seeded sample, ``nprobe`` visited
-    (default ``default_nprobe``); hnsw: ``m`` links per vector, ``ef_construction`` and ``ef_search``
+    (default ``default_nprobe``); ivfpq: the same, with ``pq_m`` bytes per vector (it divides the
+    dimension; default ``default_pq_m``); hnsw: ``m`` links per vector, ``ef_construction`` and ``ef_search``
     candidates while building and searching.
     """
     import faiss
@@ -90,7 +102,16 @@ def build(
         nlist = default_nlist(n) if nlist is None else nlist
         if not 1 <= nlist <= n:
             raise UsageError(f"nlist={nlist}: an IVF index of {n} vectors takes 1 to {n} cells")
-        index = faiss.IndexIVFFlat(_centroids(vectors, nlist, seed), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivfpq":
+            pq_m = default_pq_m(dim) if pq_m is None else pq_m
+            if pq_m < 1 or dim % pq_m:
+                raise UsageError(f"pq_m={pq_m}: it must divide the {dim} dimensions (e.g. {default_pq_m(dim)})")
+            if n < 2**PQ_BITS:
+                raise UsageError(f"an ivfpq index trains 256 codes per sub-vector and needs at least 256 vectors; {n} given: use ivf or flat")
+            index = faiss.IndexIVFPQ(_centroids(vectors, nlist, seed), dim, nlist, pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+            index.train(_sample(vectors, max(training_rows(nlist, dim), 64 * 2**PQ_BITS), seed))  # the codebooks; the cells are trained
+        else:
+            index = faiss.IndexIVFFlat(_centroids(vectors, nlist, seed), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(nlist, default_nprobe(nlist) if nprobe is None else nprobe)
     for s in range(0, n, CHUNK):
         index.add(np.ascontiguousarray(vectors[s : s + CHUNK], np.float32))
@@ -107,12 +128,22 @@ def _centroids(vectors, nlist: int, seed: int):
     if nlist == 1:  # one cell holds everything: nothing to train
         quantizer.add(np.eye(1, vectors.shape[1], dtype=np.float32))
         return quantizer
-    sample = np.sort(np.random.default_rng(seed).choice(len(vectors), min(len(vectors), 64 * nlist), replace=False))
-    points = np.ascontiguousarray(vectors[sample], np.float32)
+    points = _sample(vectors, training_rows(nlist, vectors.shape[1]), seed)
     kmeans = faiss.Kmeans(vectors.shape[1], nlist, niter=20, seed=seed, spherical=True, gpu=faiss.get_num_gpus() > 0)
     kmeans.train(points)
     quantizer.add(kmeans.centroids)
     return quantizer
+
+
+def training_rows(nlist: int, dim: int) -> int:
+    """Rows to train ``nlist`` cells on: 64 a cell, fewer (down to faiss's 39) where that would pass 4 GiB of float32."""
+    return max(39 * nlist, min(64 * nlist, (4 << 30) // (4 * dim)))
+
+
+def _sample(vectors, size: int, seed: int) -> np.ndarray:
+    """Up to ``size`` rows, drawn without replacement (seeded), in order: a memmap is read only there."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), min(len(vectors), size), replace=False))
+    return np.ascontiguousarray(vectors[rows], np.float32)
 
 
 def kind_of(index) -> str:
@@ -121,6 +152,8 @@ def kind_of(index) -> str:
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexHNSW):
         return "hnsw"
+    if isinstance(index, faiss.IndexIVFPQ):
+        return "ivfpq"
     if isinstance(index, faiss.IndexIVF):
         return "ivf"
     return "flat"
@@ -132,8 +165,8 @@ def configure(index, nprobe: int | None = None, ef_search: int | None = None) ->
 
     kind = kind_of(index)
     if nprobe is not None:
-        if kind != "ivf" or not 1 <= nprobe:
-            raise UsageError(f"nprobe applies to an ivf index and is at least 1 (this index: {kind})")
+        if kind not in IVF_KINDS or not 1 <= nprobe:
+            raise UsageError(f"nprobe applies to an ivf or ivfpq index and is at least 1 (this index: {kind})")
         faiss.downcast_index(index).nprobe = min(nprobe, faiss.downcast_index(index).nlist)
     if ef_search is not None:
         if kind != "hnsw" or not 1 <= ef_search:
@@ -148,6 +181,8 @@ def settings(index) -> dict[str, int]:
     index, kind = faiss.downcast_index(index), kind_of(index)
     if kind == "ivf":
         return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+    if kind == "ivfpq":
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe), "pq_m": int(index.pq.M)}
     if kind == "hnsw":
         return {"m": int(index.hnsw.nb_neighbors(1)), "ef_search": int(index.hnsw.efSearch)}
     return {}
@@ -177,15 +212,20 @@ def _on_gpus(index, kind: str, k: int):
     """The index on every GPU faiss sees, or the index itself (no GPU, HNSW, or past faiss's GPU limits)."""
     import faiss
 
-    if faiss.get_num_gpus() == 0 or kind == "hnsw" or k > GPU_MAX_K or (kind == "ivf" and index.nprobe > GPU_MAX_K):
+    if faiss.get_num_gpus() == 0 or kind == "hnsw" or k > GPU_MAX_K or (kind in IVF_KINDS and index.nprobe > GPU_MAX_K):
         return index
-    return faiss.index_cpu_to_all_gpus(index)  # copies nprobe with the vectors
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16LookupTables = kind == "ivfpq"  # faiss's GPU IVF-PQ needs them past 48 bytes per vector
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=options)  # copies nprobe with the vectors
+    except RuntimeError:  # a form faiss's GPU code does not take (e.g. some pq_m): search on the CPU
+        return index
 
 
 def _exact_search(index, kind: str, queries: np.ndarray, k: int):
     import faiss
 
-    if kind == "ivf":  # visiting every cell is an exact search
+    if kind in IVF_KINDS:  # visiting every cell: exact for ivf; for ivfpq, as close as its codes allow
         return _search(index, queries, k, faiss.SearchParametersIVF(nprobe=index.nlist))
     if kind == "hnsw":
         return _search(faiss.downcast_index(index.storage), queries, k)

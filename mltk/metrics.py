@@ -10,7 +10,7 @@ Embeddings are float32 and L2-normalised; scores are cosine similarities. The ru
 - Neighbours are ranked by similarity; a tie is broken by the lower gallery index, as a stable sort
   of ``-similarity`` does. The exact engines ("blocks", "faiss") give exactly that order for the
   similarities they compute (their float rounding may differ from numpy's in the last bit).
-- The approximate engines ("ivf", "hnsw": a faiss index, ``mltk.index``) may miss some of the true
+- The approximate engines ("ivf", "ivfpq", "hnsw": a faiss index, ``mltk.index``) may miss some of the true
   nearest neighbours. Their cost is measured: on a seeded sample of up to ``check_queries``
   queries the exact search runs too, and ``index_recall@k`` (the share of the exact k nearest the
   index found) and recall@1 of both on that sample are reported.
@@ -48,7 +48,7 @@ SAMPLE_PAIRS = 10**7
 BINS = 1 << 20
 BLOCK = 4096
 EXACT_ENGINES = ("blocks", "faiss")
-APPROXIMATE_ENGINES = ("ivf", "hnsw")  # faiss's IVF and HNSW indexes
+APPROXIMATE_ENGINES = ("ivf", "ivfpq", "hnsw")  # faiss's IVF, IVF-PQ and HNSW indexes
 ENGINES = EXACT_ENGINES + APPROXIMATE_ENGINES
 CHECK_QUERIES = 1000  # queries on which an approximate engine is checked against the exact search
 _WORST = -3.0  # below any cosine similarity: an empty heap slot
@@ -120,7 +120,7 @@ class Evaluation:
     them every item is a query against all the others (leave-one-out). ``pairs`` replaces the
     all-pairs verification with an explicit pair list. ``engine`` picks the kNN pass: "blocks"
     (torch matmul in blocks, one pass that also fills the pair histogram), "faiss" (exact), or an
-    approximate faiss index, "ivf" or "hnsw", built with ``index_options`` (``mltk.index.build``:
+    approximate faiss index, "ivf", "ivfpq" or "hnsw", built with ``index_options`` (``mltk.index.build``:
     nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries.
     """
 

@@ -54,8 +54,23 @@ def test_ivf_cells_follow_the_gallery_size_and_searches_are_never_short():
     np.testing.assert_allclose(sims, np.einsum("ij,ikj->ik", x[:200], x[found]), atol=1e-5)
     with pytest.raises(UsageError, match="k=4001 is more than the 4000 vectors"):
         mindex.search(index, x[:2], 4001)
-    with pytest.raises(UsageError, match="nprobe applies to an ivf index"):
+    with pytest.raises(UsageError, match="nprobe applies to an ivf or ivfpq index"):
         mindex.configure(mindex.build(x[:100], "flat"), nprobe=4)
+
+
+def test_an_ivfpq_index_keeps_pq_m_bytes_a_vector_and_finds_most_neighbours():
+    x, _ = clustered(n=3000, dim=32, classes=60, spread=1.0)
+    index = mindex.build(x, "ivfpq", nlist=16, nprobe=16, pq_m=8)
+    assert mindex.kind_of(index) == "ivfpq" and index.code_size == 8  # 8 bytes instead of 32 float32s (128 bytes)
+    assert mindex.settings(index) == {"nlist": 16, "nprobe": 16, "pq_m": 8}
+    sims, found = mindex.search(index, x[:500], 10)
+    assert neighbour_recall(found, brute_force(x[:500], x, 10)) >= 0.6  # compressed: some neighbours are lost
+    exact = np.einsum("ij,ikj->ik", x[:500], x[found])
+    assert np.abs(sims - exact).mean() < 0.05  # its scores approximate the cosines
+    with pytest.raises(UsageError, match="pq_m=5: it must divide the 32 dimensions"):
+        mindex.build(x, "ivfpq", pq_m=5)
+    with pytest.raises(UsageError, match="needs at least 256 vectors; 100 given"):
+        mindex.build(x[:100], "ivfpq")
 
 
 def test_exact_neighbours_break_ties_by_the_lower_position_across_chunks():
@@ -126,7 +141,7 @@ def test_an_exhaustive_ivf_search_on_a_query_gallery_split_gives_the_exact_metri
 
 def test_an_unknown_engine_names_the_choices():
     x, labels = clustered(n=50)
-    with pytest.raises(UsageError, match="unknown engine 'annoy'; choose one of blocks, faiss, ivf, hnsw"):
+    with pytest.raises(UsageError, match="unknown engine 'annoy'; choose one of blocks, faiss, ivf, ivfpq, hnsw"):
         evaluate_embeddings(x, labels, engine="annoy")
 
 
@@ -215,7 +230,7 @@ def test_evaluate_streams_saved_embeddings_and_states_the_index_cost(trained_run
     assert np.load(tmp_path / "e" / "embeddings.npy").shape == (40, 16)
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt"]
     code, _, err = mltk_main("evaluate", run, "--data", folder, "--nprobe", "4")
-    assert code == 2 and err.strip() == "error: --nprobe goes with --index ivf, --ef-search with --index hnsw"
+    assert code == 2 and err.strip() == "error: --nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw"
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from mltk.errors import UsageError
 class IndexKind(str, Enum):
     flat = "flat"
     ivf = "ivf"
+    ivfpq = "ivfpq"
     hnsw = "hnsw"
 
 
-ENGINE = {"flat": "faiss", "ivf": "ivf", "hnsw": "hnsw"}  # --index → mltk.metrics engine
+ENGINE = {"flat": "faiss", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}  # --index → mltk.metrics engine
 
 
 def evaluate(
@@ -37,8 +38,8 @@ def evaluate(
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html (plots take a while on big sets).")] = True,
-    index: Annotated[Optional[IndexKind], typer.Option(help="Nearest neighbours from a faiss index: flat (exact), or ivf / hnsw (approximate, for millions of images; their recall against the exact search is measured on 1,000 queries). Default: mltk's exact blockwise pass.")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="With --index ivf: cells a query visits (more: slower, closer to exact).")] = None,
+    index: Annotated[Optional[IndexKind], typer.Option(help="Nearest neighbours from a faiss index: flat (exact), or ivf / ivfpq / hnsw (approximate, for millions of images; their recall against the exact search is measured on 1,000 queries). Default: mltk's exact blockwise pass.")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="With --index ivf or ivfpq: cells a query visits (more: slower, closer to exact).")] = None,
     ef_search: Annotated[Optional[int], typer.Option(help="With --index hnsw: candidates a query keeps (more: slower, closer to exact).")] = None,
 ) -> None:
     """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, and report.html."""
@@ -56,8 +57,8 @@ def evaluate(
     if backbone and not (data or query):
         raise UsageError("--backbone needs --data (or --query and --gallery)")
     kind = index.value if index is not None else None
-    if nprobe is not None and kind != "ivf" or ef_search is not None and kind != "hnsw":
-        raise UsageError("--nprobe goes with --index ivf, --ef-search with --index hnsw")
+    if nprobe is not None and kind not in ("ivf", "ivfpq") or ef_search is not None and kind != "hnsw":
+        raise UsageError("--nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw")
 
     from mltk import evaluate as ev
     from mltk.data import describe_files, load_data

@@ -13,9 +13,10 @@ def index(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file: the model that embeds the gallery.")],
     data: Annotated[str, typer.Option(help="Gallery images: a folder of <class>/<image>, a CSV (path,label) or a dataset name.")],
     out: Annotated[Path, typer.Option(help="Index directory to write (an earlier index there is replaced).")],
-    kind: Annotated[IndexKind, typer.Option(help="flat: exact; ivf or hnsw: approximate, for galleries in the millions.")] = IndexKind.flat,
-    nlist: Annotated[Optional[int], typer.Option(help="With --kind ivf: k-means cells (default about 4·sqrt(N)).")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="With --kind ivf: cells a query visits (default nlist/8, at least 16).")] = None,
+    kind: Annotated[IndexKind, typer.Option(help="flat: exact; ivf, ivfpq (compressed: pq-m bytes a vector) or hnsw: approximate, for galleries in the millions.")] = IndexKind.flat,
+    nlist: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: k-means cells (default about 4·sqrt(N)).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: cells a query visits (default nlist/8, at least 16).")] = None,
+    pq_m: Annotated[Optional[int], typer.Option(help="With --kind ivfpq: bytes per vector; divides the dimension (default 64 where it does).")] = None,
     m: Annotated[Optional[int], typer.Option("--m", help="With --kind hnsw: graph links per vector (default 32).")] = None,
     ef_search: Annotated[Optional[int], typer.Option(help="With --kind hnsw: candidates a query keeps (default 128).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
@@ -31,12 +32,12 @@ def index(
     from mltk.index import write_index_dir
     from mltk.model import load
 
-    options = {"nlist": nlist, "nprobe": nprobe, "m": m, "ef_search": ef_search}
+    options = {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "m": m, "ef_search": ef_search}
     given = {k: v for k, v in options.items() if v is not None}
-    allowed = {"flat": set(), "ivf": {"nlist", "nprobe"}, "hnsw": {"m", "ef_search"}}[kind.value]
+    allowed = {"flat": set(), "ivf": {"nlist", "nprobe"}, "ivfpq": {"nlist", "nprobe", "pq_m"}, "hnsw": {"m", "ef_search"}}[kind.value]
     if set(given) - allowed:
         wrong = ", ".join("--" + k.replace("_", "-") for k in sorted(set(given) - allowed))
-        raise UsageError(f"{wrong}: not an option of --kind {kind.value} (ivf: --nlist, --nprobe; hnsw: --m, --ef-search)")
+        raise UsageError(f"{wrong}: not an option of --kind {kind.value} (ivf: --nlist, --nprobe; ivfpq: those and --pq-m; hnsw: --m, --ef-search)")
     model = load(run, device)
     gallery = load_data(data)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -60,7 +61,7 @@ def search(
     images: Annotated[list[Path], typer.Argument(help="Query image files.")],
     k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, neighbours: [{rank, path, label, class, score}]}].")] = False,
-    nprobe: Annotated[Optional[int], typer.Option(help="ivf index: cells a query visits (default: the index's).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="ivf or ivfpq index: cells a query visits (default: the index's).")] = None,
     ef_search: Annotated[Optional[int], typer.Option(help="hnsw index: candidates a query keeps (default: the index's).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
 ) -> None:
