@@ -9,8 +9,8 @@ keeping ``ef_search`` candidates. The approximate kinds trade some of the true n
 for speed (and ivfpq for memory) on galleries in the millions; flat, ivf and hnsw keep the float32
 vectors in memory.
 
-Indexes are built and stored in their CPU form. A search runs on every GPU faiss sees (flat and
-IVF; HNSW has no GPU form, and faiss's GPU search takes k <= 2048). Vectors are added in chunks
+Indexes are built and stored in their CPU form. A search runs on every GPU faiss sees, the vectors
+sharded across them (flat, ivf, ivfpq; HNSW has no GPU form, and faiss's GPU search takes k <= 2048). Vectors are added in chunks
 and queries searched in blocks, so a float32 ``np.memmap`` is read, never copied whole. A search
 returns k results for every query whenever the index holds k vectors: a query an approximate
 search leaves short is searched again exactly.
@@ -215,6 +215,7 @@ def _on_gpus(index, kind: str, k: int):
     if faiss.get_num_gpus() == 0 or kind == "hnsw" or k > GPU_MAX_K or (kind in IVF_KINDS and index.nprobe > GPU_MAX_K):
         return index
     options = faiss.GpuMultipleClonerOptions()
+    options.shard = True  # each GPU holds 1/n of the vectors (not a copy of all): n GPUs hold an n times larger gallery
     options.useFloat16LookupTables = kind == "ivfpq"  # faiss's GPU IVF-PQ needs them past 48 bytes per vector
     try:
         return faiss.index_cpu_to_all_gpus(index, co=options)  # copies nprobe with the vectors
