@@ -378,10 +378,11 @@ def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -
                 indices = miner(embeddings, labels) if miner is not None else None
                 total, parts = objective(embeddings, labels, indices)
                 # What is logged and checked: the mean over processes, so every process takes the same decision.
-                shown = dict(zip(["loss", *parts], distributed.mean(torch.stack([losses.weighted(parts), *parts.values()]), world).tolist()))
-                if not math.isfinite(shown["loss"]):
+                checked, *values = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world).tolist()
+                shown = dict(zip(["loss", *parts], values))
+                if not math.isfinite(checked):
                     raise MltkError(
-                        f"the loss became {shown['loss']} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
+                        f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
                         f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
                     )
                 optimizer.zero_grad(set_to_none=True)
