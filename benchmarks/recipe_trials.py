@@ -39,7 +39,6 @@ TRIALS = {
     "arcface_margin20": {"loss_options": {"arcface": {"margin": 20}}},
     "lr2e-3_warmup2_m2": {"lr": 0.002, "warmup_epochs": 2, "m_per_class": 2},
     "lr2e-3_warmup2_m2_seed1": {"lr": 0.002, "warmup_epochs": 2, "m_per_class": 2, "seed": 1},
-    "lr2e-3_warmup2_seed1": {"lr": 0.002, "warmup_epochs": 2, "seed": 1},
 }
 
 
