@@ -45,6 +45,21 @@ def make_image_folder(root: Path, classes: int = 8, per_class: int = 4, size: in
     return root
 
 
+TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=1, seed=0)  # a run in seconds
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run trained on 7 classes of synthetic images, 3 more held out: (run directory, image folder)."""
+    from mltk.config import make_config
+    from mltk.train import train
+
+    root = tmp_path_factory.mktemp("run")
+    folder = make_image_folder(root / "images", classes=10, per_class=4)
+    train(make_config({**TINY, "data": str(folder), "val_classes": 0.3}), root / "run")
+    return root / "run", folder
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")

@@ -6,23 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from mltk.config import make_config
 from mltk.data import load_data
 from mltk.evaluate import evaluate, untrained_model
 from mltk.model import load
-from mltk.train import train
-
-TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from conftest import make_image_folder
-
-    root = tmp_path_factory.mktemp("eval")
-    folder = make_image_folder(root / "images", classes=10, per_class=4)
-    train(make_config({**TINY, "data": str(folder), "val_classes": 0.3}), root / "run")
-    return root / "run", folder
 
 
 def test_evaluate_on_held_out_classes_writes_metrics_and_a_report(trained_run, mltk_cli):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 
 import mltk
 from mltk.config import make_config
@@ -14,7 +15,6 @@ from mltk.data import load_data, open_image
 from mltk.errors import MltkError
 from mltk.train import train
 
-TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=1, seed=0)
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit:FutureWarning")  # torch's deprecation notice
 
 

@@ -178,20 +178,6 @@ def test_a_memmap_gives_the_same_metrics_and_is_never_copied(tmp_path):
 # ---- embedding to disk, `mltk index`, `mltk search` ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from conftest import make_image_folder
-    from test_evaluate import TINY
-
-    from mltk.config import make_config
-    from mltk.train import train
-
-    root = tmp_path_factory.mktemp("index")
-    folder = make_image_folder(root / "images", classes=10, per_class=4)
-    train(make_config({**TINY, "data": str(folder), "val_classes": 0.3}), root / "run")
-    return root / "run", folder
-
-
 def test_embeddings_stream_to_a_file_that_appears_only_when_complete(trained_run, tmp_path, monkeypatch):
     from mltk.data import load_data
     from mltk.evaluate import embed
