@@ -83,15 +83,6 @@ def mean(value: torch.Tensor, world: World) -> torch.Tensor:
     return value / world.size
 
 
-def all_any(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every process when ``flag`` is true on any: one process's decision to stop is everyone's."""
-    if not world.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
-
-
 def gather_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
     """Every process's ``rows`` (N_r, ...) concatenated in rank order; N_r may differ between processes."""
     if not world.distributed:
@@ -105,7 +96,3 @@ def gather_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
-
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()

@@ -159,12 +159,17 @@ def sklearn_eer(fpr, tpr):
     return float(np.interp(at, u, fpr))
 
 
+def random_pairs(data: str, n: int, seed: int):
+    """The embeddings of ``data`` and ``n`` pairs of them drawn at random: (x, labels, first, second, same)."""
+    x, labels = DATA[data]()
+    rng = np.random.default_rng(seed)
+    first, second = rng.integers(0, len(x), n), rng.integers(0, len(x), n)
+    return x, labels, first, second, labels[first] == labels[second]
+
+
 @pytest.mark.parametrize("data", sorted(DATA))
 def test_explicit_pairs_match_sklearn(data):
-    x, labels = DATA[data]()
-    rng = np.random.default_rng(5)
-    first, second = rng.integers(0, len(x), 3000), rng.integers(0, len(x), 3000)
-    same = labels[first] == labels[second]
+    x, labels, first, second, same = random_pairs(data, 3000, seed=5)
     result = evaluate_embeddings(x, labels, pairs=Pairs.from_indices(x, first, second, same), metrics=VERIFICATION, fars=(0.1, 0.01, 0.005))
     scores = np.einsum("ij,ij->i", x[first], x[second])
     fpr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
@@ -206,10 +211,7 @@ def reference_cv_accuracy(scores, same, folds):
 
 @pytest.mark.parametrize("data", sorted(DATA))
 def test_cross_validated_accuracy_matches_brute_force(data):
-    x, labels = DATA[data]()
-    rng = np.random.default_rng(6)
-    first, second = rng.integers(0, len(x), 1200), rng.integers(0, len(x), 1200)
-    same = labels[first] == labels[second]
+    x, labels, first, second, same = random_pairs(data, 1200, seed=6)
     same[:300] = True  # enough positives for a threshold worth choosing
     folds = np.repeat(np.arange(10), 120)
     pairs = Pairs.from_indices(x, first, second, same, folds=folds)
