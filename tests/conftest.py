@@ -78,3 +78,40 @@ def mltk_main(monkeypatch, capsys):
         return stop.value.code or 0, captured.out, captured.err
 
     return run
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file, folder and link under ``root`` (and ``root`` itself): relative path -> kind and content hash.
+
+    Two equal snapshots mean nothing was created, removed or changed: what a refused command must leave.
+    """
+    import hashlib
+
+    root = Path(root)
+    found: dict[str, str] = {}
+    if not root.exists() and not root.is_symlink():
+        return found
+    for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = f"link -> {os.readlink(path)}"
+        elif path.is_dir():
+            found[rel] = "dir"
+        else:
+            found[rel] = "file " + hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def one_line_error(result, code: int | None = None) -> str:
+    """Assert ``result`` (``mltk_main``'s tuple or ``run_mltk``'s CompletedProcess) is a refusal: a non-zero exit
+    (``code`` when given), nothing on stdout, exactly one ``error: ...`` line on stderr; returns that line."""
+    if isinstance(result, subprocess.CompletedProcess):
+        exit_code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        exit_code, out, err = result
+    assert exit_code != 0 and (code is None or exit_code == code), (exit_code, out, err)
+    assert out.strip() == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
