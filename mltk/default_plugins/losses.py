@@ -10,6 +10,35 @@ NOT_LOSSES = {
     "BaseMetricLossFunction", "BaseLossWrapper", "GenericPairLoss", "MultipleLosses", "CrossBatchMemory",
     "SelfSupervisedLoss", "EmbeddingRegularizerMixin", "WeightRegularizerMixin",
 }
+# Parameters a config file cannot give (objects: a distance, a reducer, a regulariser; set by a subclass)
+# and those mltk gives (the sizes): left out of the options a builder declares.
+NOT_OPTIONS = {"distance", "reducer", "embedding_regularizer", "weight_regularizer", "weight_init_func", "mat_based_loss"}
+SIZES = {"num_classes", "embedding_size", "l", "descriptors_dim"}
+
+
+@functools.lru_cache(maxsize=None)
+def options(cls: type, leading: tuple[str, ...] = ()) -> inspect.Signature:
+    """A builder's signature for ``cls``: ``leading`` (what mltk passes), then by keyword the options of
+    ``cls.__init__`` and its bases' (the first default wins), which mltk.config checks a config against."""
+    params = {name: inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading}
+    for c in cls.__mro__:
+        if "__init__" not in vars(c):
+            continue
+        try:
+            found = list(inspect.signature(c.__init__).parameters.values())[1:]  # without self
+        except (TypeError, ValueError):
+            continue
+        for p in found:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in NOT_OPTIONS | SIZES:
+                params.setdefault(p.name, p.replace(kind=p.KEYWORD_ONLY))
+    return inspect.Signature(list(params.values()))
+
+
+def declared(builder, cls: type, leading: tuple[str, ...] = ("num_classes", "embedding_size")):
+    """``builder`` (a partial) that says, through its signature, which options it takes."""
+    builder = functools.partial(builder)
+    builder.__signature__ = options(cls, leading)
+    return builder
 
 
 def pml_loss(class_name: str, num_classes: int, embedding_size: int, **kwargs):
@@ -51,9 +80,11 @@ def arcface(num_classes: int, embedding_size: int, **kwargs):
 def register_losses(register):
     from pytorch_metric_learning import losses
 
-    register("center", center, description="CenterLoss: distance of each embedding to its learned class center")
-    register("ce", ce, description="softmax cross-entropy through a linear classifier on the embedding")
-    register("arcface", arcface, description="pytorch-metric-learning ArcFaceLoss")
+    from mltk.losses import CenterLoss, CrossEntropyLoss
+
+    register("center", declared(center, CenterLoss), description="CenterLoss: distance of each embedding to its learned class center")
+    register("ce", declared(ce, CrossEntropyLoss), description="softmax cross-entropy through a linear classifier on the embedding")
+    register("arcface", declared(arcface, losses.ArcFaceLoss), description="pytorch-metric-learning ArcFaceLoss")
     for name, cls in sorted(vars(losses).items()):
         if inspect.isclass(cls) and issubclass(cls, losses.BaseMetricLossFunction) and name not in NOT_LOSSES:
-            register(name, functools.partial(pml_loss, name), description="pytorch-metric-learning")
+            register(name, declared(functools.partial(pml_loss, name), cls), description="pytorch-metric-learning")

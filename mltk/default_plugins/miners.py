@@ -31,8 +31,10 @@ def pml_miner(class_name: str, **kwargs):
 def register_miners(register):
     from pytorch_metric_learning import miners
 
+    from mltk.default_plugins.losses import declared
+
     for alias, name in ALIASES.items():
-        register(alias, functools.partial(pml_miner, name), description=f"alias of {name}")
+        register(alias, declared(functools.partial(pml_miner, name), getattr(miners, name), ()), description=f"alias of {name}")
     for name, cls in sorted(vars(miners).items()):
         if inspect.isclass(cls) and issubclass(cls, miners.BaseMiner) and name not in NOT_MINERS:
-            register(name, functools.partial(pml_miner, name), description="pytorch-metric-learning")
+            register(name, declared(functools.partial(pml_miner, name), cls, ()), description="pytorch-metric-learning")
