@@ -3,6 +3,8 @@
 import csv
 import os
 import random
+import re
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +17,12 @@ from mltk.errors import MltkError
 
 Source = Union[str, Path, Image.Image]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
+MAX_CSV_LINE = 65536  # bytes: a path and a label fit many times over; a file of one endless line does not fill memory
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# An image over PIL's pixel limit is refused by mltk itself (check_image, open_image), once and by
+# name; PIL's own DecompressionBombWarning would only repeat it, raw, for every file and epoch.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -74,24 +82,80 @@ def image_folder(root: Path) -> LabelledImages:
     return LabelledImages(sources, labels, classes, root.name)
 
 
-def csv_list(path: Path) -> LabelledImages:
-    """A CSV with columns ``path,label``; paths relative to the CSV's folder."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a message, cut to ``limit`` characters: a message never carries a file's contents."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for each non-blank row of the CSV ``path``, read as UTF-8 a bounded line at a time.
+
+    A row runs over several lines only inside quotes: that is a quote left open (it would swallow
+    the rest of the file), so it is named by the line where it opens.
+    """
+    where = str(path)
+    with path.open("rb") as f:
+        read = 0
+
+        def lines() -> Iterator[str]:
+            nonlocal read
+            while raw := f.readline(MAX_CSV_LINE + 1):
+                read += 1
+                if len(raw) > MAX_CSV_LINE:
+                    raise MltkError(f"{where!r} line {read}: longer than {MAX_CSV_LINE} bytes; expected path,label lines")
+                try:
+                    yield raw.decode("utf-8-sig" if read == 1 else "utf-8")
+                except UnicodeDecodeError:  # a binary file, or another encoding
+                    raise MltkError(f"{where!r} line {read}: not a readable CSV (not UTF-8 text)") from None
+
+        reader, start = csv.reader(lines()), 1
         try:
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise MltkError(f"{str(path)!r} needs a header with the columns path,label (has {reader.fieldnames})")
-            rows = [(reader.line_num, row["path"], row["label"]) for row in reader]
-        except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, NUL bytes, a runaway quote
-            raise MltkError(f"{str(path)!r} line {reader.line_num + 1}: not a readable CSV ({exc})") from None
-    sources = []
-    for line, rel, label in rows:
+            for fields in reader:
+                if reader.line_num > start:
+                    raise MltkError(f"{where!r} line {start}: a quoted field runs on to line {reader.line_num}; is a closing quote missing?")
+                if fields:
+                    yield start, fields
+                start = reader.line_num + 1
+        except csv.Error as exc:  # past csv's field size limit: a quote left open over many lines
+            problem = f"a quoted field runs on to line {read}; is a closing quote missing?" if read > start else f"not a readable CSV ({exc})"
+            raise MltkError(f"{where!r} line {start}: {problem}") from None
+
+
+def csv_image(path: Path, line: int, rel: str) -> Path:
+    """The image a CSV row names: a relative path that stays inside the CSV's folder (links inside it are followed)."""
+    where = f"{str(path)!r} line {line}"
+    if _CONTROL.search(rel):
+        raise MltkError(f"{where}: the path {_short(rel)} holds control characters")
+    if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+        raise MltkError(f"{where}: the path {_short(rel)} leaves the CSV's folder; paths are relative to it, inside it")
+    full = (path.parent / rel).resolve()
+    try:
+        found = full.is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        raise MltkError(f"{where}: image {_short(rel)} cannot be opened ({exc.strerror or exc})") from None
+    if not found:
+        raise MltkError(f"{where}: image {_short(rel)} does not exist")
+    return full
+
+
+def csv_list(path: Path) -> LabelledImages:
+    """A CSV with columns ``path,label``; paths relative to the CSV's folder, and inside it."""
+    rows, columns = [], None
+    for line, fields in csv_rows(path):
+        if columns is None:
+            if not {"path", "label"} <= set(fields):
+                raise MltkError(f"{str(path)!r} needs a header with the columns path,label (has {_short(','.join(fields))})")
+            columns = fields.index("path"), fields.index("label")
+            continue
+        rel, label = (fields[i] if i < len(fields) else "" for i in columns)
         if not rel or not label:
-            raise MltkError(f"{str(path)!r} line {line}: needs a path and a label, got {rel or ''!r},{label or ''!r}")
-        full = (path.parent / rel).resolve()
-        if not full.is_file():
-            raise MltkError(f"{str(path)!r} line {line}: image {rel!r} does not exist")
-        sources.append(full)
+            raise MltkError(f"{str(path)!r} line {line}: needs a path and a label, got {_short(rel)},{_short(label)}")
+        if _CONTROL.search(label):
+            raise MltkError(f"{str(path)!r} line {line}: the label {_short(label)} holds control characters")
+        rows.append((line, rel, label))
+    if columns is None:
+        raise MltkError(f"{str(path)!r} needs a header with the columns path,label (it is empty)")
+    sources = [csv_image(path, line, rel) for line, rel, _ in rows]
     if not sources:
         raise MltkError(f"{str(path)!r} lists no images")
     classes = sorted({label for _, _, label in rows})
@@ -136,9 +200,26 @@ def split_classes(data: LabelledImages, fraction: float, seed: int) -> tuple[Lab
 
 
 def open_image(source: Source, mode: str) -> Image.Image:
-    """An image in ``mode`` ('RGB' or 'L'): greyscale works with RGB backbones and the other way round."""
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    return image.convert(mode)
+    """An image in ``mode`` ('RGB' or 'L'): greyscale works with RGB backbones and the other way round.
+
+    A file over PIL's pixel limit is refused from its header, before a byte of it is decoded.
+    """
+    if isinstance(source, Image.Image):
+        return source.convert(mode)
+    with Image.open(source) as image:
+        reason = too_large(image)
+        if reason:
+            raise Image.DecompressionBombError(reason)
+        return image.convert(mode)
+
+
+def too_large(image: Image.Image) -> str | None:
+    """Why an opened image is too large to decode: over ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL only warns up to twice that)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit and width * height > limit:
+        return f"too large: {width} x {height} pixels, over PIL's limit of {limit}"
+    return None
 
 
 def check_image(path: str | Path) -> str | None:
@@ -150,6 +231,9 @@ def check_image(path: str | Path) -> str | None:
     """
     try:
         with Image.open(path) as image:
+            reason = too_large(image)
+            if reason:
+                return reason
             if image.format == "PNG":
                 image.verify()
             else:
@@ -157,6 +241,9 @@ def check_image(path: str | Path) -> str | None:
                 image.load()
     except UnidentifiedImageError:
         return "not an image"
+    except Image.DecompressionBombError as exc:  # over twice the limit: PIL refuses it while opening
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        return f"too large: {pixels[1] + ' pixels, ' if pixels else ''}over PIL's limit of {Image.MAX_IMAGE_PIXELS}"
     except Exception as exc:  # truncated or corrupt: PIL raises OSError, SyntaxError, ValueError ...
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return None

@@ -35,10 +35,12 @@ def _allowed() -> set[str] | None:
 
 def _load_entry_points() -> None:
     allowed = _allowed()
+    wanted = set(allowed or ())  # names MLTK_LOAD_PLUGINS asks for that no installed plugin has answered yet
     for ep in entry_points(group="mltk"):
         dist = (ep.dist.name, ep.dist.version) if ep.dist else (ep.name, "")
         if allowed is not None and ep.name not in allowed and dist[0] not in allowed:
             continue
+        wanted -= {ep.name, dist[0]}
         distributions[ep.name] = dist
         try:
             if pm.has_plugin(ep.name):
@@ -46,6 +48,8 @@ def _load_entry_points() -> None:
             pm.register(ep.load(), name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
             errors[ep.name] = f"{type(exc).__name__}: {exc}"
+    for name in sorted(wanted - set(DEFAULT_PLUGINS)):  # a typo or an uninstalled package must not go unnoticed
+        errors[name] = "not installed: MLTK_LOAD_PLUGINS names it, but no installed package has an mltk plugin of that name"
     while True:  # a plugin implementing an unknown hook is reported, then dropped
         try:
             pm.check_pending()

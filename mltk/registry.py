@@ -2,12 +2,14 @@
 
 Catalogues are rebuilt from the hooks on every call, so registering or unregistering a plugin
 is seen at once. A duplicate name or a hook that raises is recorded in ``mltk.plugins.errors``
-under the plugin's name; the other plugins' entries stay available.
+under the plugin's name; the other plugins' entries stay available. A name that could not be
+written in a ``--loss`` spec (or a table) is refused on its own: the plugin's other entries stay.
 """
 
 import difflib
 import fnmatch
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,6 +17,9 @@ from mltk.errors import UsageError
 from mltk.plugins import errors, pm
 
 KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics": "metric", "datasets": "dataset"}
+#: what a name may be: a term of a loss spec (mltk.config's _TERM), so no spaces, '*', '+', markup or control characters
+NAME = re.compile(r"[A-Za-z_][\w.\-]*")
+MAX_NAME = 100
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,10 @@ def catalogue(kind: str) -> dict[str, Entry]:
         added: dict[str, Entry] = {}
 
         def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+            problem = refusal(name, factory, description)
+            if problem:  # this entry only: the plugin's others are fine
+                report(plugin, f"register_{kind}: {KINDS[kind]} {problem}")
+                return
             owner = entries.get(name) or added.get(name)
             if owner is not None:
                 raise ValueError(f"{KINDS[kind]} {name!r} is already registered by {owner.plugin!r}")
@@ -45,10 +54,42 @@ def catalogue(kind: str) -> dict[str, Entry]:
         try:
             impl.function(register=register)
         except Exception as exc:  # report the plugin by name, keep everything else
-            errors[plugin] = f"register_{kind}: {type(exc).__name__}: {exc}"
+            report(plugin, f"register_{kind}: {type(exc).__name__}: {exc}")
             continue
         entries.update(added)
     return entries
+
+
+def refusal(name: Any, factory: Any, description: Any) -> str | None:
+    """Why ``register(name, factory, description)`` is refused, or None."""
+    if not isinstance(name, str):
+        return f"name {_shown(name)} refused: a name is a string"
+    if len(name) > MAX_NAME or not NAME.fullmatch(name):
+        return (
+            f"name {_shown(name)} refused: a name starts with a letter or '_' and holds only letters, "
+            f"digits, '_', '.' and '-' (at most {MAX_NAME})"
+        )
+    if not callable(factory):
+        return f"{name!r} refused: its builder is a {type(factory).__name__}, not something to call"
+    if not isinstance(description, str):
+        return f"{name!r} refused: its description is a {type(description).__name__}, not a string"
+    return None
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A short repr: strings quoted (control characters escaped) and cut, other values by their type."""
+    if not isinstance(value, str):
+        return f"of type {type(value).__name__}"
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def report(plugin: str, message: str) -> None:
+    """Record a plugin's problem once; catalogues are rebuilt on every lookup, so the same one comes back."""
+    known = errors.get(plugin)
+    if not known:
+        errors[plugin] = message
+    elif message not in known:
+        errors[plugin] = f"{known}; {message}"
 
 
 def names(kind: str, pattern: str = "*") -> list[str]:

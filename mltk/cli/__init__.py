@@ -5,13 +5,16 @@ that need them, so ``mltk --help`` starts fast.
 """
 
 import json
+import re
 import sys
 from enum import Enum
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from mltk.errors import MltkError
 
@@ -35,9 +38,26 @@ class Kind(str, Enum):
     datasets = "datasets"
 
 
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text: object) -> str:
+    """``text`` as one line of plain characters: ANSI sequences dropped, other control characters (newlines too) a space.
+
+    Names, paths, plugin errors and file contents are data: without this a file name could move the
+    cursor, recolour the terminal or break the one-line error.
+    """
+    return _CONTROL.sub(lambda m: "" if m.group().startswith("\x1b") else " ", str(text))
+
+
+def cell(text: object) -> Text:
+    """A table cell that shows ``text`` as it is: a Text object is never read as rich markup."""
+    return Text(plain(text))
+
+
 def warn(message: str) -> None:
     """One ``warning:`` line on stderr (above a progress bar, if one is showing)."""
-    err.print(f"warning: {message}", soft_wrap=True, markup=False, highlight=False)
+    err.print(f"warning: {plain(message)}", soft_wrap=True, markup=False, highlight=False)
 
 
 def warn_plugin_errors() -> None:
@@ -62,7 +82,7 @@ def list_(
     table = Table("name", "plugin", "description", box=None, header_style="bold")
     for name in names:
         entry = entries[name]
-        table.add_row(name, plugin_label(entry.plugin), entry.description)
+        table.add_row(cell(name), cell(plugin_label(entry.plugin)), cell(entry.description))
     console.print(table, soft_wrap=True)
     warn_plugin_errors()
 
@@ -99,8 +119,8 @@ def plugins(
         summary = ", ".join(
             f"{len(v)} {k}" if len(v) > 6 else f"{k}: {' '.join(v)}" for k, v in row["registers"].items()
         )
-        status = f"[red]error: {row['error']}[/red]" if row["error"] else "[green]ok[/green]"
-        table.add_row(row["name"], row["version"], summary or "-", status)
+        status = Text(f"error: {plain(row['error'])}", style="red") if row["error"] else Text("ok", style="green")
+        table.add_row(cell(row["name"]), cell(row["version"]), cell(summary or "-"), status)
     console.print(table)
 
 
@@ -121,7 +141,7 @@ def render_summary(result) -> None:
     if result.best:
         table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
     console.print(table)
-    console.print(f"run directory: [bold]{result.run_dir}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
+    console.print(f"run directory: [bold]{escape(plain(result.run_dir))}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
 
 
 def plugin_label(plugin: str) -> str:
@@ -157,11 +177,37 @@ def _add_plugin_commands() -> None:
             errors[impl.plugin_name] = f"register_commands: {type(exc).__name__}: {exc}"
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and a non-zero exit code."""
-    _add_plugin_commands()
+def _click_exceptions():
+    """The exceptions Typer's parser raises: from its own copy of click (newer Typer) or from click."""
     try:
-        app(prog_name="mltk")
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def fail(message: object, code: int) -> None:
+    """The one ``error:`` line and the exit code."""
+    print(f"error: {' '.join(plain(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Entry point: user errors (mltk's and the command line's) become one line on stderr and a non-zero exit code."""
+    _add_plugin_commands()
+    click = _click_exceptions()
+    try:
+        code = app(prog_name="mltk", standalone_mode=False)  # Typer returns here instead of printing its error box
     except MltkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        fail(exc, exc.exit_code)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `mltk`: the help, as before (rich already printed it)
+            print(exc.format_message() or "", end="")
+            sys.exit(exc.exit_code)
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        fail(f"{exc.format_message().strip().rstrip('.')}{where}", exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        fail("aborted", 1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit's code (--help: 0), else 0
