@@ -1,6 +1,9 @@
 """``mltk evaluate`` as a library: pick the model and the images, embed them, compute the metrics, write outputs."""
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -10,7 +13,8 @@ import torch
 
 from mltk.data import ImageDataset, LabelledImages, check_image, describe_files, drop_unreadable, load_data, select_classes, split_classes
 from mltk.errors import MltkError, UsageError, is_out_of_memory, out_of_memory
-from mltk.model import EmbeddingModel, Embedder
+from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
+from mltk.outputs import check_dir, disk_error, stale_temporaries, temporary
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -18,10 +22,24 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 def untrained_model(backbone: str, pretrained: bool = False, weights: str | None = None, image_size: int | None = None, device: str | None = None) -> EmbeddingModel:
     """A backbone's own pooled features, no training (experiment config 0)."""
     from mltk.data import data_config
+
+    check_settings(image_size=image_size)
     from mltk.registry import create_backbone
 
     embedder = Embedder(create_backbone(backbone, pretrained=pretrained, weights=weights, img_size=image_size), dim=None)
     return EmbeddingModel(embedder, data_config(embedder.backbone, image_size), device=device)
+
+
+def check_settings(batch_size: int = 1, workers: int = 0, max_pairs: int | None = None, image_size: int | None = None) -> None:
+    """Numbers that must be in range, checked before any work: one line naming the option."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive number of images, got {batch_size}")
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 (load in this process) or more processes, got {workers}")
+    if max_pairs is not None and max_pairs < 1:
+        raise UsageError(f"--max-pairs must be a positive number of pairs, got {max_pairs}")
+    if image_size is not None and not 8 <= image_size <= MAX_SIDE:  # what mltk run takes
+        raise UsageError(f"--image-size must be a side in pixels from 8 to {MAX_SIDE}, got {image_size}")
 
 
 def held_out_data(model: EmbeddingModel) -> LabelledImages:
@@ -53,10 +71,8 @@ def embed(
         vectors = np.zeros((len(data), model.embedder.dim), np.float32)
         _embed_into(vectors, model, data, batch_size, workers, flip_tta, progress)
         return vectors
-    import os
-
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary(out)
     try:
         if len(data):
             vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), model.embedder.dim))
@@ -154,6 +170,7 @@ def evaluate(
     from mltk import registry
     from mltk.pairs import check_images, read_pairs
 
+    check_settings(batch_size, workers, max_pairs)
     for name in metrics or []:  # a misspelt metric fails now, not after the embedding
         registry.get("metrics", name)
     if engine not in metrics_mod.ENGINES:  # a misspelt engine fails now too
@@ -201,25 +218,104 @@ def source_name(source) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
 
 
-def write_outputs(result: EvalResult, out: Path, save_embeddings: bool) -> None:
-    """metrics.json, and with ``save_embeddings`` embeddings.npy, labels.npy and paths.txt (one per row).
+OUTPUTS = ("metrics.json", "report.html", "embeddings.npy", "labels.npy", "paths.txt", "skipped_images.txt")
+
+
+def check_out(out: str | Path) -> Path:
+    """``out`` can take an evaluation: absent, empty, or an earlier evaluation's folder; else one line, before any work.
+
+    An earlier evaluation is recognised by its files: a metrics.json and nothing but evaluate's outputs
+    (and the hidden temporaries of its writes). It is replaced as a whole; anything else is not mltk's
+    to replace.
+    """
+    out = check_dir(out)
+    if out.is_dir():
+        names = sorted(entry.name for entry in out.iterdir() if not _own_temporary(entry.name))
+        foreign = [n for n in names if n not in OUTPUTS]
+        if foreign or names and "metrics.json" not in names:
+            shown = ", ".join(map(repr, foreign[:3])) + (" ..." if len(foreign) > 3 else "") if foreign else "no metrics.json"
+            raise MltkError(f"--out {str(out)!r} is not empty and not an earlier evaluation ({shown}); give a new or empty folder")
+    return out
+
+
+def _own_temporary(name: str) -> bool:
+    """A hidden ``.NAME.tmp...`` an earlier ``mltk evaluate`` left while writing NAME."""
+    return name.startswith(".") and any(name.startswith(f".{output}.tmp") for output in OUTPUTS)
+
+
+@contextmanager
+def output_folder(out: Path):
+    """A hidden sibling of ``out`` to write the outputs into, renamed to ``out`` when the block ends.
+
+    An earlier evaluation in ``out`` is replaced as a whole, so the folder always holds the files of
+    one evaluation, all of them; if the block fails or is interrupted, the sibling and any folder made
+    for it are removed and ``out`` stays as it was. Check ``out`` with ``check_out`` first.
+    """
+    out = Path(out).resolve()  # a link to a folder: the folder is replaced, the link stays
+    for stale in stale_temporaries(out.parent, out.name):  # what a killed evaluation left
+        shutil.rmtree(stale, ignore_errors=True)
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the first folder mltk creates
+    tmp = temporary(out)
+    try:
+        _writing(lambda: tmp.mkdir(parents=True), out)
+        yield tmp
+        _writing(lambda: _swap_in(tmp, out), out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None and made != out:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _writing(step: Callable[[], None], out: Path) -> None:
+    """``step()``; an OSError (a full disk, no permission) is one line saying that ``out`` is as it was."""
+    try:
+        step()
+    except OSError as exc:
+        raise disk_error(exc, f"the evaluation to {str(out)!r}", "nothing was written") from None
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: str | None = None) -> None:
+    """metrics.json, report.html (the ``report`` given), and with ``save_embeddings`` embeddings.npy, labels.npy and
+    paths.txt (one per row), and skipped_images.txt: into ``out``, the folder ``output_folder`` gives, which is
+    swapped in whole or removed.
 
     Embeddings already streamed to ``out/embeddings.npy`` (``evaluate(embeddings_file=...)``) stay as they are.
     """
-    out.mkdir(parents=True, exist_ok=True)
     clean = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v) for k, v in result.values.items()}
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(clean, indent=2))
-    tmp.replace(out / "metrics.json")
-    if save_embeddings:
-        streamed = result.embeddings_file is not None and Path(result.embeddings_file).resolve() == (out / "embeddings.npy").resolve()
-        if not streamed:
-            np.save(out / "embeddings.npy", result.embeddings)
-        if result.labels is not None:
-            np.save(out / "labels.npy", result.labels)
-        (out / "paths.txt").write_text("".join(source_name(s) + "\n" for s in result.sources))
-    if result.skipped:
-        (out / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in result.skipped))
+
+    def write() -> None:
+        (out / "metrics.json").write_text(json.dumps(clean, indent=2))
+        if report is not None:
+            (out / "report.html").write_text(report, encoding="utf-8")
+        if save_embeddings:
+            streamed = result.embeddings_file is not None and Path(result.embeddings_file).resolve() == (out / "embeddings.npy").resolve()
+            if not streamed:
+                np.save(out / "embeddings.npy", result.embeddings)
+            if result.labels is not None:
+                np.save(out / "labels.npy", result.labels)
+            (out / "paths.txt").write_text("".join(source_name(s) + "\n" for s in result.sources), encoding="utf-8", errors="surrogateescape")
+        if result.skipped:
+            (out / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in result.skipped), encoding="utf-8", errors="surrogateescape")
+
+    try:
+        write()
+    except OSError as exc:  # a full disk, say: output_folder removes the partial folder, --out is as it was
+        raise disk_error(exc, "the outputs of the evaluation", "--out is as it was") from None
 
 
 def build_report(result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0, progress: Progress | None = None) -> str:

@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from mltk.errors import MltkError, UsageError
+from mltk.outputs import check_file, disk_error, temporary
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest absolute difference from PyTorch's embeddings that is accepted
@@ -47,7 +49,9 @@ def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
     """Write the embedder of ``run`` (a run directory or checkpoint) to ``out`` as ``fmt``, and ``out``.json.
 
     The written file is loaded back and run on a batch of another size than the one it was
-    exported with; it is kept only if its embeddings match PyTorch's to ``TOLERANCE``.
+    exported with; it is kept only if its embeddings match PyTorch's to ``TOLERANCE``. Both files
+    are written or neither: an earlier ``out`` stays as it was if anything fails, and a folder made
+    for ``out`` is removed again.
     """
     from mltk.model import find_checkpoint, load
 
@@ -55,18 +59,18 @@ def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         check_onnx_available()
-    out = Path(out)
+    out, sidecar = check_paths(Path(out))
     checkpoint = find_checkpoint(run)
     model = load(checkpoint, device="cpu")
     module = Normalised(model.embedder).eval()
-    check_writable(out)
 
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *model.data_config["input_size"], generator=generator)
     check = torch.randn(3, *model.data_config["input_size"], generator=generator)  # another size: N must be free
-    sidecar = out.with_name(out.name + ".json")
+    made = next((p for p in reversed(out.absolute().parents) if not p.exists()), None)  # the first folder this makes
     tmp, sidecar_tmp = temporary(out), temporary(sidecar)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         # Export to a temporary file in the same folder, so a failure leaves nothing behind.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")  # its deprecation notice
@@ -84,12 +88,50 @@ def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
             raise MltkError(f"the exported {fmt} model does not match PyTorch: its embeddings differ by up to {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written")
         info = describe(model, checkpoint, fmt, out, diff)
         sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, out)
-        os.replace(sidecar_tmp, sidecar)
+        commit(tmp, out, sidecar_tmp, sidecar)
+    except BaseException as exc:  # an error or Ctrl-C: a folder made for the export goes again
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a folder in the way of FILE.json, ...
+            raise disk_error(exc, f"{str(out)!r} and its {sidecar.name!r}", "nothing was written; an earlier file there is as it was") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
         sidecar_tmp.unlink(missing_ok=True)
     return Exported(out, sidecar, diff, info)
+
+
+def check_paths(out: Path) -> tuple[Path, Path]:
+    """``out`` and its sidecar ``out``.json can both be written (nothing is created yet); else one line."""
+    out = check_file(out)
+    sidecar = out.with_name(out.name + ".json")
+    if sidecar.is_dir():
+        raise MltkError(f"{str(sidecar)!r} is a folder; the export writes its preprocessing there (FILE.json): give another --out")
+    return out, sidecar
+
+
+def commit(tmp: Path, out: Path, sidecar_tmp: Path, sidecar: Path) -> None:
+    """Rename both temporaries into place, or neither: if the sidecar's rename fails, ``out`` is put back as it was."""
+    backup = None
+    if out.exists():  # a second name for the earlier file, to put back
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        try:
+            os.link(out, backup)
+        except OSError:  # a file system without hard links
+            shutil.copy2(out, backup)
+    try:
+        os.replace(tmp, out)
+        try:
+            os.replace(sidecar_tmp, sidecar)
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, out)
+            else:
+                out.unlink(missing_ok=True)
+            raise
+    finally:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float) -> dict:
@@ -125,26 +167,6 @@ def check_onnx_available() -> None:
         raise MltkError(f"ONNX export needs {', '.join(missing)}: pip install 'mltk[export]'")
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
         raise MltkError(f"ONNX export needs torch>=2.5 (this is {torch.__version__}); --format torchscript works with it")
-
-
-def check_writable(out: Path) -> None:
-    """A clear error now, before exporting, if ``out`` cannot be written; its folder is created."""
-    if out.is_dir():
-        raise MltkError(f"{str(out)!r} is a folder; give a file name, e.g. {str(out / 'model.onnx')!r}")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise MltkError(f"cannot write {str(out)!r}: {str(blocker)!r} is a file, not a folder")
-    probe = temporary(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise MltkError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
-
-
-def temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -157,15 +157,125 @@ def save_checkpoint(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint dict, read with ``weights_only=True`` (a pickle that would run code is refused)."""
+def load_checkpoint(path: str | Path, run: bool = False) -> dict:
+    """A checkpoint, read with ``weights_only=True`` and checked field by field (``check_checkpoint``).
+
+    ``run``: the run's training state (epoch, best, losses, optimizer, ...) must be there too, as resuming needs.
+    """
     path = Path(path)
     if not path.is_file():
         raise MltkError(f"checkpoint {str(path)!r} does not exist")
     state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise MltkError(f"{str(path)!r} is not an mltk checkpoint (a weights file goes to --weights)")
-    return state
+    return check_checkpoint(state, f"checkpoint {str(path)!r}", run)
+
+
+# What a checkpoint holds. Every field is checked on load, since the file may come from anywhere:
+# a bad value is one line naming the checkpoint and the field, not a traceback deep in timm.
+MODEL_FIELDS = ("config", "data_config", "classes", "model")  # every checkpoint: what inference needs
+RUN_FIELDS = ("epoch", "best", "losses", "optimizer", "scheduler", "scaler", "sampler", "rng")  # a run's: what resuming needs
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode names
+CROP_MODES = ("center", "squash", "border")  # timm's eval transform
+MAX_SIDE = 4096  # pixels; far above any backbone's input, below what would exhaust memory at once
+
+
+def check_checkpoint(state: dict, source: str, run: bool = False) -> dict:
+    """The checkpoint's known fields, each checked; ``source`` names it in the error. Other keys are left out."""
+    from mltk.config import make_config, to_dict
+    from mltk.errors import UsageError
+
+    run = run or any(key in state for key in RUN_FIELDS)  # all of them or none: a run checkpoint or a slim one
+    missing = [key for key in MODEL_FIELDS + (RUN_FIELDS if run else ()) if key not in state]
+    if missing:
+        raise MltkError(f"{source} lacks the field{'s' if len(missing) > 1 else ''} {', '.join(missing)}; it was not written by mltk, or is damaged")
+    try:
+        config = to_dict(make_config(state["config"], source=f"the config of {source}"))
+    except UsageError as exc:  # the file's fault, not the command line's: exit 1
+        raise MltkError(str(exc)) from None
+    checked = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config,
+        "data_config": check_data_config(state["data_config"], source),
+        "classes": _names(_check(state["classes"], source, "classes", "a list of class names or null", _is_names)),
+        "model": _check(state["model"], source, "model", "a state dict (names to tensors)", _is_state_dict),
+    }
+    if run:
+        checked["epoch"] = _check(state["epoch"], source, "epoch", "a whole number >= 0", lambda v: _is_int(v) and v >= 0)
+        checked["best"] = _check(state["best"], source, "best", "{} or {epoch, score, by}", _is_best)
+        for key in RUN_FIELDS[2:]:
+            checked[key] = _check(state[key], source, key, "a mapping", lambda v: isinstance(v, dict))
+    return checked
+
+
+def check_data_config(data: dict, source: str) -> dict:
+    """timm's preprocessing settings, each in range: the transform of ``make_transform`` takes them as they are."""
+    if not isinstance(data, dict):
+        raise MltkError(f"{source}: data_config must be a mapping, got {_show(data)}")
+    known = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    unknown, missing = sorted(set(data) - set(known), key=str), [k for k in known if k not in data]
+    if unknown or missing:
+        problem = f"has an unknown key {_show(unknown[0])}" if unknown else f"lacks {missing[0]!r}"
+        raise MltkError(f"{source}: data_config {problem}; it holds {', '.join(known)}")
+    size = _check(data["input_size"], source, "data_config.input_size", f"[channels, height, width]: 1 or 3 channels, sides 1 to {MAX_SIDE}", _is_input_size)
+    channels = size[0]
+    numbers = lambda v: isinstance(v, (list, tuple)) and len(v) == channels and all(_is_number(x) for x in v)  # noqa: E731
+    return {
+        "input_size": tuple(size),
+        "interpolation": _check(data["interpolation"], source, "data_config.interpolation", f"one of {', '.join(INTERPOLATIONS)}", lambda v: isinstance(v, str) and v in INTERPOLATIONS),
+        "mean": tuple(map(float, _check(data["mean"], source, "data_config.mean", f"{channels} finite numbers, one per channel", numbers))),
+        "std": tuple(map(float, _check(data["std"], source, "data_config.std", f"{channels} finite numbers > 0, one per channel", lambda v: numbers(v) and min(v) > 0))),
+        "crop_pct": float(_check(data["crop_pct"], source, "data_config.crop_pct", "a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1)),
+        "crop_mode": _check(data["crop_mode"], source, "data_config.crop_mode", f"one of {', '.join(CROP_MODES)}", lambda v: isinstance(v, str) and v in CROP_MODES),
+    }
+
+
+def _check(value, source: str, name: str, expected: str, ok):
+    if not ok(value):
+        raise MltkError(f"{source}: {name} must be {expected}, got {_show(value)}")
+    return value
+
+
+def _show(value) -> str:
+    """A short quote of a value from a file: a tensor by its shape, anything else as ``mltk.config.show`` cuts it."""
+    from mltk.config import show
+
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else show(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_input_size(value) -> bool:
+    return (
+        isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value)
+        and value[0] in (1, 3) and all(1 <= side <= MAX_SIDE for side in value[1:])
+    )
+
+
+def _is_names(value) -> bool:
+    return value is None or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _names(value) -> list[str] | None:
+    return None if value is None else list(value)
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _is_best(value) -> bool:
+    return isinstance(value, dict) and (
+        not value or set(value) == {"epoch", "score", "by"} and _is_int(value["epoch"]) and _is_number(value["score"]) and isinstance(value["by"], str)
+    )
 
 
 def find_checkpoint(run: str | Path) -> Path:
@@ -179,13 +289,30 @@ def find_checkpoint(run: str | Path) -> Path:
     return run
 
 
+def inference_device(device: str | None) -> torch.device:
+    """``device`` (None: a GPU when there is one, else the CPU); one that torch does not know, or that is not here, is one line."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from mltk.errors import UsageError
+
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r} is not a device torch knows; give cpu, cuda, cuda:1, mps, ...") from None
+    if chosen.type == "cuda" and not (torch.cuda.is_available() and (chosen.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {device!r}: there is no such CUDA GPU here ({torch.cuda.device_count()} found); give --device cpu")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device!r}: MPS is not available here; give --device cpu")
+    return chosen
+
+
 class EmbeddingModel:
     """A trained embedder with its preprocessing: ``embed(images_or_paths)`` gives L2-normalised vectors."""
 
     def __init__(self, embedder: Embedder, data_config: dict, config=None, classes=None, device: str | None = None):
         from mltk.data import make_transform
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = inference_device(device)
         self.embedder = embedder.to(self.device).eval()
         self.data_config = data_config
         self.transform = make_transform(data_config, augment=False)
@@ -212,7 +339,19 @@ def load(run: str | Path, device: str | None = None) -> EmbeddingModel:
 
     path = find_checkpoint(run)
     state = load_checkpoint(path)
-    cfg = make_config(state["config"], source=f"checkpoint {run}")
-    embedder = build_embedder(cfg, from_checkpoint=True)
+    cfg = make_config(state["config"])  # checked by load_checkpoint
+    try:
+        embedder = build_embedder(cfg, from_checkpoint=True)
+    except MltkError as exc:  # e.g. a backbone no plugin registers here: the file's problem, named as such
+        raise MltkError(f"checkpoint {str(path)!r}: {exc}") from None
     load_state(embedder, state["model"], repr(str(path)))
-    return EmbeddingModel(embedder, state["data_config"], cfg, state.get("classes"), device)
+    channels, takes = state["data_config"]["input_size"][0], input_channels(embedder)
+    if takes is not None and channels != takes:  # e.g. backbone_kwargs in_chans: 1 with RGB preprocessing
+        raise MltkError(f"checkpoint {str(path)!r}: data_config.input_size has {channels} channels, the model takes {takes}")
+    return EmbeddingModel(embedder, state["data_config"], cfg, state["classes"], device)
+
+
+def input_channels(module: nn.Module) -> int | None:
+    """The channels the first convolution takes (None: the model has none)."""
+    first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else None

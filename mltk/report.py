@@ -1,4 +1,9 @@
-"""Plots and the self-contained HTML report of ``mltk evaluate`` (images inlined as base64 PNGs)."""
+"""Plots and the self-contained HTML report of ``mltk evaluate`` (images inlined as base64 PNGs).
+
+Class names, paths and every other string from a file are data, never markup: control characters
+are shown as escapes (``plain``), HTML is escaped, and matplotlib does not parse them as mathtext
+(a class called ``$x$`` is drawn as the four characters it is, and ``$\\foo{$`` does not crash).
+"""
 
 import base64
 import html
@@ -6,6 +11,11 @@ import io
 from typing import Sequence
 
 import numpy as np
+
+
+def plain(text) -> str:
+    """``text`` with control characters (a newline, NUL, an escape sequence) written as Python escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def _figure():
@@ -35,7 +45,8 @@ def roc_plot(fpr: np.ndarray, tpr: np.ndarray, auc: float) -> bytes:
         ax.grid(alpha=0.3)
         if log:
             ax.set_xscale("log")
-            ax.set_xlim(max(1e-5, fpr[fpr > 0].min() if (fpr > 0).any() else 1e-5), 1)
+            lowest = fpr[fpr > 0].min() if (fpr > 0).any() else 1e-5
+            ax.set_xlim(max(1e-5, min(lowest, 0.1)), 1)  # a span even when every positive FAR is 1
         else:
             ax.plot([0, 1], [0, 1], "k--", lw=0.8)
             ax.legend(loc="lower right")
@@ -59,10 +70,14 @@ def project(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
         perplexity = float(min(30, max(2, (len(embeddings) - 1) // 3)))
         return TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed).fit_transform(embeddings)
     if method == "umap":
+        import warnings
+
         import umap
 
         neighbours = int(min(15, max(2, len(embeddings) - 1)))
-        return umap.UMAP(n_components=2, metric="cosine", n_neighbors=neighbours, random_state=seed).fit_transform(embeddings)
+        with warnings.catch_warnings():  # its note that a seed means one thread, on every run
+            warnings.filterwarnings("ignore", message=r"n_jobs value .* overridden")
+            return umap.UMAP(n_components=2, metric="cosine", n_neighbors=neighbours, random_state=seed).fit_transform(embeddings)
     raise ValueError(f"unknown projection {method!r}")
 
 
@@ -73,9 +88,11 @@ def scatter_plot(points: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     cmap = plt.get_cmap("tab20" if len(classes) <= 20 else "hsv", len(classes))
     for i, c in enumerate(classes):
         mine = labels == c
-        ax.scatter(points[mine, 0], points[mine, 1], s=10, color=cmap(i), label=str(class_names[c]) if c < len(class_names) else str(c))
+        ax.scatter(points[mine, 0], points[mine, 1], s=10, color=cmap(i), label=plain(class_names[c]) if c < len(class_names) else str(c))
     if len(classes) <= 20:
-        ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        legend = ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        for text in legend.get_texts():  # class names are text, not mathtext
+            text.set_parse_math(False)
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -104,16 +121,17 @@ def retrieval_grid(queries: list, neighbours: list[list], correct: np.ndarray, o
 
 
 def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    return f'<img alt="{html.escape(plain(alt))}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def html_report(title: str, metrics: dict[str, float], info: dict[str, str], figures: dict[str, bytes]) -> str:
     """One self-contained HTML page: the metrics table, facts about the evaluation, the figures."""
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in metrics.items())
-    facts = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
-    sections = "".join(f"<section><h2>{html.escape(name)}</h2>{_img(png, name)}</section>" for name, png in figures.items())
+    text = lambda value: html.escape(plain(value))  # noqa: E731
+    rows = "".join(f"<tr><td>{text(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else f"<tr><td>{text(k)}</td><td>{text(v)}</td></tr>" for k, v in metrics.items())
+    facts = "".join(f"<tr><td>{text(k)}</td><td>{text(v)}</td></tr>" for k, v in info.items())
+    sections = "".join(f"<section><h2>{text(name)}</h2>{_img(png, name)}</section>" for name, png in figures.items())
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{text(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
@@ -121,7 +139,7 @@ td {{ border-bottom: 1px solid #ddd; padding: 3px 14px 3px 0; }}
 td:nth-child(2) {{ font-variant-numeric: tabular-nums; text-align: right; }}
 img {{ max-width: 100%; }}
 </style></head><body>
-<h1>{html.escape(title)}</h1>
+<h1>{text(title)}</h1>
 <h2>Metrics</h2><table>{rows}</table>
 <h2>Evaluation</h2><table>{facts}</table>
 {sections}

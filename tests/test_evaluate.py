@@ -69,7 +69,7 @@ def test_pair_list_csv_is_scored(trained_run, tmp_path):
 
 def test_pair_list_with_a_missing_image_is_one_error_line(trained_run, mltk_cli, tmp_path):
     run, folder = trained_run
-    (tmp_path / "pairs.csv").write_text("class_00/0.png,class_00/9.png,1\n")
+    (tmp_path / "pairs.csv").write_text("class_00/0.png,class_00/9.png,1\nclass_00/0.png,class_01/0.png,0\n")
     result = mltk_cli("evaluate", str(run), "--data", str(folder), "--pairs", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0 and result.stderr.startswith("error: ") and "9.png" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o" / "metrics.json").exists()

@@ -46,7 +46,7 @@ def test_single_number_header_has_no_folds(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda lines: lines[:3] + ["Abel_Pacheco\t1"] + lines[4:], r"pairs.txt, line 4: expected 'name i j' or 'name1 i name2 j', got 'Abel_Pacheco 1'"),
+        (lambda lines: lines[:3] + ["Abel_Pacheco\t1"] + lines[4:], r"pairs.txt, line 4: expected 'name i j' or 'name1 i name2 j', got 'Abel_Pacheco\\t1'$"),
         (lambda lines: lines[:5] + ["Abel_Pacheco\tone\tDean_Barker\t1"] + lines[6:], r"pairs.txt, line 6: expected 'name i j'"),
         (lambda lines: ["10 300 7"] + lines[1:], r"pairs.txt, line 1: expected a header 'folds n' or 'n', got '10 300 7'"),
         (lambda lines: lines[:-1], r"pairs.txt: the header \(line 1\) announces 8 pairs, the file has 7"),

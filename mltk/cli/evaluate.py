@@ -45,6 +45,7 @@ def evaluate(
     """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, and report.html."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
+    from rich.text import Text
 
     from mltk.cli import console, warn
 
@@ -56,16 +57,24 @@ def evaluate(
         raise UsageError("--pairs needs --data: the folder its image names are relative to")
     if backbone and not (data or query):
         raise UsageError("--backbone needs --data (or --query and --gallery)")
+    if run is not None and (pretrained or weights is not None or image_size is not None):
+        raise UsageError("--pretrained, --weights and --image-size go with --backbone; a run's checkpoint has its own")
     kind = index.value if index is not None else None
     if nprobe is not None and kind not in ("ivf", "ivfpq") or ef_search is not None and kind != "hnsw":
         raise UsageError("--nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw")
+    for option, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be a positive number, got {value}")
 
     from mltk import evaluate as ev
     from mltk.data import describe_files, load_data
-    from mltk.model import load
+    from mltk.model import inference_device, load
 
+    # Options and the output folder are checked before any work: a mistake costs no embedding.
+    ev.check_settings(batch_size, workers, max_pairs, image_size)
+    inference_device(device)
+    out = ev.check_out(out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")))
     model = load(run, device) if run is not None else ev.untrained_model(backbone, pretrained, weights, image_size, device)
-    out = out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}"))
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     inputs = {}
     if pairs is not None:
@@ -75,7 +84,8 @@ def evaluate(
     else:
         inputs = {"data": load_data(data) if data else ev.held_out_data(model)}
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True)
+    with ev.output_folder(out) as folder, bar:  # written aside, swapped in whole at the end; removed if anything fails
         tasks: dict[str, int] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -85,28 +95,26 @@ def evaluate(
 
         options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
         if save_embeddings:  # streamed there while embedding; the metrics read it as a memory map
-            out.mkdir(parents=True, exist_ok=True)
-            inputs["embeddings_file"] = out / "embeddings.npy"
+            inputs["embeddings_file"] = folder / "embeddings.npy"
         result = ev.evaluate(
             model, metrics=names, batch_size=batch_size, workers=workers, flip_tta=flip_tta, max_pairs=max_pairs, progress=progress,
             engine=ENGINE[kind] if kind else "blocks", index_options=options, **inputs,
         )
-        ev.write_outputs(result, out, save_embeddings)
-        if report:
-            title = f"mltk evaluate — {run if run is not None else backbone}"
-            html = ev.build_report(result, title, progress=progress)
-            (out / ".report.html.tmp").write_text(html)
-            (out / ".report.html.tmp").replace(out / "report.html")
+        html = ev.build_report(result, f"mltk evaluate — {run if run is not None else backbone}", progress=progress) if report else None
+        ev.write_outputs(result, folder, save_embeddings, html)
+        result.embeddings = None  # the memory map of folder/embeddings.npy: closed before the folder moves
 
+    # Every string here may come from a file or a plugin (paths, metric names): data, never rich markup.
     table = Table("metric", "value", header_style="bold")
     for key, value in result.values.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(Text(str(key)), Text(f"{value:.4f}" if isinstance(value, float) else str(value)))
     console.print(table)
     if "index_check_queries" in result.values:
-        console.print(index_cost(result.values))
+        console.print(index_cost(result.values), markup=False, highlight=False)
     if result.skipped:
         warn(f"{len(result.skipped)} unreadable images were left out: {describe_files(result.skipped)} (all in {out / 'skipped_images.txt'})")
-    console.print(f"written to [bold]{out}[/bold]: metrics.json" + (", report.html" if report else "") + (", embeddings.npy, labels.npy, paths.txt" if save_embeddings else ""))
+    written = [name for name in ev.OUTPUTS if (out / name).is_file()]
+    console.print(Text.assemble("written to ", (str(out), "bold"), f": {', '.join(written)}"), soft_wrap=True)
 
 
 def index_cost(values: dict) -> str:
