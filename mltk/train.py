@@ -1,9 +1,12 @@
 """The training loop, top to bottom: data, model, losses, optimiser, epochs, checkpoints."""
 
+import itertools
 import json
 import math
+import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -12,14 +15,20 @@ import torch
 from torch import nn
 
 from mltk import distributed, registry
-from mltk.config import RunConfig, parse_loss_spec, save_yaml, to_dict
+from mltk.config import RunConfig, make_config, parse_loss_spec, save_yaml, to_dict
 from mltk.distributed import World
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
     load_data, make_transform, select_classes, split_classes,
 )
-from mltk.errors import Interrupted, MltkError, is_out_of_memory, out_of_memory
+from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, out_of_memory
 from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
+from mltk.outputs import check_dir, disk_error, stale_temporaries, temporary
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a run directory is then not held
+    fcntl = None
 
 
 class WeightedLosses(nn.Module):
@@ -112,6 +121,152 @@ class RunResult:
     skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "skipped_images.txt")  # all mltk run writes
+NEEDS_LAST_PT = "--resume needs --out RUN_DIR of a run that has a last.pt"
+_HELD: set[int] = set()  # descriptors of the run directories this process holds
+
+
+def _release_in_child() -> None:
+    """A forked child (a DataLoader worker) lets go of its parent's folders: a kill -9 of the run frees them at once."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_release_in_child)
+
+
+class RunDirectory:
+    """The folder a run writes, which belongs to that run: checked before the data is read, made only once the
+    run is ready, and held by one process at a time (an exclusive flock on the folder itself: no lock file).
+
+    A folder that holds a run (any of RUN_FILES) is refused unless ``resume`` goes on with it or ``overwrite``
+    starts it over (removing RUN_FILES, nothing else). ``path=None``: a new folder runs/<time>, -2, -3 ... when
+    that is taken. ``main=False`` (torchrun's other ranks): nothing is checked, held or written.
+    """
+
+    def __init__(self, path: str | Path | None, resume: bool = False, overwrite: bool = False, main: bool = True):
+        self.fresh = path is None
+        self.path = Path("runs") / time.strftime("%Y%m%d-%H%M%S") if path is None else Path(path)
+        self.resume, self.overwrite, self.main = resume, overwrite, main
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunDirectory":
+        """Before the data is read: a folder that can be written, free, and holding a run only when told."""
+        if self.main:
+            check_dir(self.path)
+            if self.fresh and self.resume:
+                raise MltkError(NEEDS_LAST_PT)
+            if not self.fresh:  # (a new folder has nothing to check)
+                try:
+                    with self.checking():
+                        if self.path.is_dir():
+                            self.hold()
+                        self.check()
+                except BaseException:
+                    self.__exit__()  # a refused folder is not held: ``with`` calls __exit__ only after __enter__ returns
+                    raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def make(self) -> Path:
+        """Make (or claim) the folder, now that every part of the run is built: the run's first write."""
+        if self.main:
+            with self.checking():
+                if self.fresh:
+                    self.path = self.new_folder(self.path)
+                else:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                self.hold()
+                self.check()  # again, under the lock: another run may have come and gone since the start
+                for name in RUN_FILES:  # a kill -9 left these half-written; a live process's are left alone
+                    for stale in stale_temporaries(self.path, name):
+                        if ".tmp-" in stale.name and not stale.is_dir():
+                            stale.unlink(missing_ok=True)
+                    if self.overwrite:
+                        (self.path / name).unlink(missing_ok=True)
+        return self.path
+
+    @staticmethod
+    def new_folder(base: Path) -> Path:
+        """``base``, or ``base-2``, ``base-3`` ...: the first that this process creates (atomic: two runs started in
+        the same second never share one)."""
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(1):
+            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+
+    def hold(self) -> None:
+        """The folder's lock, taken without waiting: a second process on it stops here, having touched nothing."""
+        if self.fd is not None or fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MltkError(
+                f"--out {str(self.path)!r} is in use by another mltk run (it holds the folder); "
+                f"wait for that run to end, or give another --out"
+            ) from None
+        self.fd = fd
+        _HELD.add(fd)
+
+    def check(self) -> None:
+        """A run to resume has a last.pt; any other run there is started over only when told (``overwrite``)."""
+        if self.resume:
+            if not (self.path / "last.pt").is_file():
+                raise MltkError(NEEDS_LAST_PT)
+            return
+        found = [name for name in RUN_FILES if os.path.lexists(self.path / name)]
+        if found and not self.overwrite:
+            raise MltkError(
+                f"--out {str(self.path)!r} already holds a run ({', '.join(found)}): "
+                f"add --resume to go on with it, --overwrite to start it over, or give another --out"
+            )
+
+    @contextmanager
+    def checking(self):
+        try:
+            yield
+        except OSError as exc:  # e.g. a folder that cannot be read or locked, a best.pt that is a folder
+            raise MltkError(f"cannot use --out {str(self.path)!r}: {exc.strerror or exc}") from None
+
+
+RESUMABLE = ("epochs", "workers", "device", "out")  # how a run proceeds, not what it learns: a resume may change these
+LEFT_OPEN = ("image_size", "m_per_class", "amp")  # None means not chosen: a resume takes the run's own
+
+
+def resumed_config(cfg: RunConfig, state: dict, path: Path) -> RunConfig:
+    """The settings a resumed run goes on with: the run's own (its last.pt's), but RESUMABLE ones from ``cfg``.
+
+    Any other setting given with another value is refused: the run would record one thing and do another.
+    """
+    run_cfg = make_config(state["config"], source=f"checkpoint {str(path)!r}")
+    own, given = to_dict(run_cfg), to_dict(cfg)
+    differ = [k for k in own if k not in RESUMABLE and given[k] != own[k] and not (k in LEFT_OPEN and given[k] is None)]
+    if differ:
+        shown = ", ".join(f"{k} {given[k]!r} (the run has {own[k]!r})" for k in differ)
+        raise UsageError(
+            f"cannot resume {str(path.parent)!r} with {shown}: a resumed run keeps its settings, only epochs, workers and "
+            f"device may change; leave the others out, or start a new run in another --out"
+        )
+    if cfg.epochs < state["epoch"]:
+        done = state["epoch"]
+        raise UsageError(f"--epochs {cfg.epochs} is fewer than the epochs {str(path)!r} holds ({done}); a resumed run goes on: give --epochs {done} or more")
+    return replace(run_cfg, **{k: given[k] for k in RESUMABLE})
+
+
 def load_splits(cfg: RunConfig) -> tuple[LabelledImages, LabelledImages | None]:
     data = load_data(cfg.data)
     if cfg.data_classes:
@@ -197,22 +352,20 @@ def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Call
         warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
 
 
-def restore(path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler, clean: bool = True) -> dict:
-    """Load last.pt into the run's objects (a mismatch names what differs); returns the checkpoint."""
-    for stale in path.parent.glob(".*.tmp-*") if clean else ():  # a save that a killed process left half-done
-        stale.unlink(missing_ok=True)
-    state = load_checkpoint(path)
+def restore(state: dict, path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler) -> None:
+    """Load last.pt's ``state`` into the run's objects (a mismatch names what differs)."""
     hint = "; resume with the options the run started with (its config.yaml)"
     load_state(model, state["model"], f"{str(path)!r} (model)", hint)
     if losses is not None:
         load_state(losses, state["losses"], f"{str(path)!r} (losses)", hint)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError as exc:  # e.g. --freeze-backbone changed: other parameter groups
-        raise MltkError(f"{str(path)!r} (optimizer) does not fit this run: {exc}{hint}") from None
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return state
+    for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        try:
+            part.load_state_dict(state[name])
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. --freeze-backbone changed: other parameter groups
+            raise MltkError(f"{str(path)!r} ({name}) does not fit this run: {exc}{hint}") from None
+    # The next step's learning rate follows this run's schedule (stretched when --epochs grew), not the saved value.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
@@ -223,35 +376,64 @@ def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     return float(result.values["recall@1"])
 
 
+@contextmanager
+def writing(name: str, kept: str):
+    """An OSError while writing ``name`` (a full disk) is one line that says what is still intact."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(exc, name, kept) from None
+
+
+@contextmanager
+def building(cfg: RunConfig):
+    """A lack of memory while the model, losses and optimiser are allocated: one line naming what to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        advice = f"lower --dim (now {cfg.dim}) or take a smaller --backbone (now {cfg.backbone!r}); nothing was written"
+        raise out_of_memory(exc, advice) from None
+
+
 def train(
     cfg: RunConfig,
-    run_dir: Path,
+    run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[int, int, int, dict], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt.
 
-    Ctrl-C raises ``Interrupted`` and a lack of memory an MltkError; either way last.pt keeps the
-    last completed epoch (epoch 0: the untrained model) and ``resume=True`` goes on from there.
+    ``run_dir`` (None: a new folder runs/<time>) must not hold a run unless ``resume=True`` goes on
+    with it (its settings kept; only epochs, workers and device may change) or ``overwrite=True``
+    starts it over; one process at a time holds it while the run writes to it.
+
+    Ctrl-C raises ``Interrupted`` and a lack of memory or disk space an MltkError; either way last.pt
+    keeps the last completed epoch (epoch 0: the untrained model) and ``resume=True`` goes on from there.
 
     Started by torchrun (RANK, WORLD_SIZE in the environment), each process trains on its share of
     the batches under DistributedDataParallel; only rank 0 writes the run directory and calls back.
     """
     check_names(cfg)  # a misspelt name fails now, not after the data is read
+    if resume and overwrite:
+        raise UsageError("--resume goes on with the run in --out, --overwrite starts it over: give one of them")
     world = distributed.from_environment()
-    device = distributed.device_for(world, cfg.device)
-    joined = world.distributed and not torch.distributed.is_initialized()
-    distributed.start(world, device)
-    try:
-        return _train(cfg, Path(run_dir), world, device, resume, on_step, on_epoch, on_warning)
-    finally:
-        if joined:
-            distributed.stop()
+    with RunDirectory(run_dir, resume, overwrite, main=world.is_main) as home:  # checked (and held) before the data is read
+        device = distributed.device_for(world, cfg.device)
+        joined = world.distributed and not torch.distributed.is_initialized()
+        distributed.start(world, device)
+        try:
+            return _train(cfg, home, world, device, resume, on_step, on_epoch, on_warning)
+        finally:
+            if joined:
+                distributed.stop()
 
 
-def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -> RunResult:
+def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning) -> RunResult:
     main = world.is_main  # the process that writes the run directory and reports
     on_step, on_epoch, on_warning = (f if main else None for f in (on_step, on_epoch, on_warning))
     warnings: list[str] = []
@@ -260,6 +442,12 @@ def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -
         warnings.append(message)
         if on_warning:
             on_warning(message)
+
+    # Resume: the run's own settings, read before the data (only how the run proceeds may change).
+    state = None
+    if resume:
+        state = load_checkpoint(home.path / "last.pt", run=True)  # every field checked: an untrusted file
+        cfg = resumed_config(cfg, state, home.path / "last.pt")
 
     # Data: train (and validation) images, unreadable files left out; settings left open take the dataset's hints.
     train_data, val_data = load_splits(cfg)
@@ -276,51 +464,59 @@ def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -
             f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)} of {len(train_data.classes)})"
         )
 
-    # Model: backbone + neck, seeded so the same seed gives the same initial weights.
-    seed_everything(cfg.seed)
-    model = build_embedder(cfg).to(device)
-    pre = data_config(model.backbone, cfg.image_size)
-    mode = "L" if pre["input_size"][0] == 1 else "RGB"
-    train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode, stand_in=True)
-    val_set = ImageDataset(val_data, make_transform(pre, False), mode) if val_data else None
-    if cfg.freeze_backbone:
-        model.backbone.requires_grad_(False)
+    # Model, losses and optimiser: allocated here, so a lack of memory is one line naming what to lower.
+    with building(cfg):
+        # Model: backbone + neck, seeded so the same seed gives the same initial weights (a resume loads its own).
+        seed_everything(cfg.seed)
+        model = build_embedder(cfg, from_checkpoint=resume).to(device)
+        pre = data_config(model.backbone, cfg.image_size)
+        mode = "L" if pre["input_size"][0] == 1 else "RGB"
+        train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode, stand_in=True)
+        val_set = ImageDataset(val_data, make_transform(pre, False), mode) if val_data else None
+        if cfg.freeze_backbone:
+            model.backbone.requires_grad_(False)
 
-    # Losses and optimiser: one group for the model, one for the parameters the losses own.
-    losses = build_losses(cfg, len(train_data.classes), model.dim).to(device) if cfg.epochs else None
-    miner = registry.create_miner(cfg.miner, **cfg.miner_options) if cfg.miner else None
-    net, objective = model, losses  # what the steps call: DDP-wrapped across processes
-    if world.distributed and cfg.epochs:
-        net, objective, miner = distribute(model, losses, miner, device)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if losses is not None and any(True for _ in losses.parameters()):
-        groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+        # Losses and optimiser: one group for the model, one for the parameters the losses own.
+        losses = build_losses(cfg, len(train_data.classes), model.dim).to(device) if cfg.epochs else None
+        miner = registry.create_miner(cfg.miner, **cfg.miner_options) if cfg.miner else None
+        net, objective = model, losses  # what the steps call: DDP-wrapped across processes
+        if world.distributed and cfg.epochs:
+            net, objective, miner = distribute(model, losses, miner, device)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        if losses is not None and any(True for _ in losses.parameters()):
+            groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups)
     steps_per_epoch = len(sampler)
     schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp = cfg.amp if cfg.amp is not None else default_amp(device)
-    cfg = replace(cfg, amp=amp)  # config.yaml records what ran
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
-    # Resume: model, losses, optimiser, scheduler and the epoch to go on from (the RNG follows from it).
-    # Nothing is written before this point, so a bad option leaves no half-made run directory.
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # Run directory: made (or claimed, with --overwrite cleared) only now that every part is built, so a bad
+    # option leaves nothing behind; then the checkpoint is loaded before anything in it is written.
+    run_dir = home.make()
+    cfg = replace(cfg, amp=amp, out=str(run_dir))  # config.yaml records what ran, and where
     result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes), warnings=warnings, skipped=skipped)
     if val_data:
         result.val_images, result.val_classes = len(val_data), len(val_data.classes)
-    if skipped and main:
-        list_skipped(run_dir, skipped, "w")
     start_epoch = 0
-    if resume:
-        state = restore(run_dir / "last.pt", model, losses, optimizer, scheduler, scaler, clean=main)
+    if state is not None:
+        restore(state, run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
         start_epoch, result.best = state["epoch"], state["best"]
         result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
+        del state  # its tensors: memory the run needs
     if main:
-        write_history(run_dir, result.history)
-        save_yaml(cfg, run_dir / "config.yaml")
+        kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
+        with writing("skipped_images.txt", kept):
+            if skipped:
+                list_skipped(run_dir, skipped, "w")
+            else:  # a resumed run's old list: its images read now
+                (run_dir / "skipped_images.txt").unlink(missing_ok=True)
+        with writing("metrics.jsonl", kept):
+            write_history(run_dir, result.history)
+        with writing("config.yaml", kept):
+            write_config(cfg, run_dir / "config.yaml")
 
     def checkpoint(epoch: int) -> dict:
         return {
@@ -339,9 +535,11 @@ def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -
         }
 
     if cfg.epochs == 0 and main:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
-        save_checkpoint(checkpoint(0), run_dir / "best.pt")
+        with writing("best.pt", kept):
+            save_checkpoint(checkpoint(0), run_dir / "best.pt")
     if not resume and main:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
-        save_checkpoint(checkpoint(0), run_dir / "last.pt")
+        with writing("last.pt", kept):
+            save_checkpoint(checkpoint(0), run_dir / "last.pt")
 
     done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
     try:
@@ -416,19 +614,24 @@ def _train(cfg, run_dir, world, device, resume, on_step, on_epoch, on_warning) -
                 record["val_recall@1"] = recall_at_1(emb, y)
                 bad += val_bad
             if main:
-                report_failures(bad, epoch, result, warn)
+                with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
+                    report_failures(bad, epoch, result, warn)
             score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
             improved = not result.best or score > result.best["score"]
             if improved:
                 result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
 
-            # Commit: the metrics line, best.pt, then last.pt; a run killed before last.pt is replaced redoes this epoch.
+            # Commit: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt is
+            # replaced redoes this epoch.
             if main:
-                with open(run_dir / "metrics.jsonl", "a") as f:
+                kept = f"last.pt keeps epoch {done}"
+                with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if improved:
-                    save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
-                save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
+                    with writing("best.pt", kept):
+                        save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
+                with writing("last.pt", kept):
+                    save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
             done = epoch + 1
             result.history.append(record)
             if on_epoch:
@@ -452,16 +655,31 @@ def read_history(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):  # anything else is not a record of ours
+            records.append(record)
     return records
 
 
 def write_history(run_dir: Path, records: list[dict]) -> None:
     path = run_dir / "metrics.jsonl"
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    tmp = temporary(path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_config(cfg: RunConfig, path: Path) -> None:
+    """config.yaml, whole or not at all (a temporary renamed into place)."""
+    tmp = temporary(path)
+    try:
+        save_yaml(cfg, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -283,7 +283,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert proc.stdout.readline() == "writing\n"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state = load_checkpoint(path)
+    state = torch.load(path, weights_only=True)  # a stand-in payload, not a whole checkpoint: read as it is
     assert state["version"] == 1 and torch.equal(state["w"], torch.ones(100_000))
     (partial,) = [p for p in tmp_path.iterdir() if p != path]  # the half-written file, under another name
     assert partial.name.startswith(".last.pt.tmp-")
@@ -329,7 +329,7 @@ def test_resume_with_another_architecture_names_the_keys_and_changes_nothing(ima
     cfg, run = tiny_config(image_folder, epochs=1), tmp_path / "run"
     train(cfg, run)
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "last.pt")}
-    with pytest.raises(MltkError, match=r"last.pt' \(model\) does not fit this model: wrong shape neck.0.bias, neck.0.weight, neck.1.bias \.\.\. \(6\); resume with the options the run started with \(its config.yaml\)"):
+    with pytest.raises(MltkError, match=r"^cannot resume '.*run' with dim 8 \(the run has 16\): a resumed run keeps its settings, only epochs, workers and device may change; leave the others out, or start a new run in another --out$"):
         train(replace(cfg, dim=8, epochs=2), run, resume=True)
     assert before == {name: (run / name).read_bytes() for name in before}
     state = load_checkpoint(run / "last.pt")

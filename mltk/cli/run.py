@@ -1,7 +1,6 @@
 """``mltk run``: train an embedding model composed from the registry."""
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,9 +31,10 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<time>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory; one that already holds a run needs --resume or --overwrite (default: a new runs/<time>).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --device may change).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out over: deletes its config.yaml, metrics.jsonl, last.pt, best.pt and skipped_images.txt, nothing else.")] = False,
 ) -> None:
     """Train an embedding model: backbone + neck, weighted losses, m-per-class batches.
 
@@ -51,15 +51,14 @@ def run(
             raise MltkError("--resume needs --out RUN_DIR of a run that has a last.pt")
         config = config or out / "config.yaml"
     cfg = config_mod.resolve(config, options)
-    run_dir = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg.out = str(run_dir)
+    run_dir = out or cfg.out  # None: train() makes a new runs/<time>
 
     from mltk.distributed import from_environment
     from mltk.train import train
 
     if not from_environment().is_main:  # under torchrun, rank 0 shows progress and the summary
         try:
-            train(cfg, run_dir, resume=resume)
+            train(cfg, run_dir, resume=resume, overwrite=overwrite)
         except Interrupted as exc:
             raise typer.Exit(exc.exit_code) from None
         return
@@ -83,7 +82,7 @@ def run(
             progress.console.print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s{val}")
 
         try:
-            result = train(cfg, run_dir, resume=resume, on_step=on_step, on_epoch=on_epoch, on_warning=warn)
+            result = train(cfg, run_dir, resume=resume, overwrite=overwrite, on_step=on_step, on_epoch=on_epoch, on_warning=warn)
         except Interrupted as exc:  # Typer would exit 130 silently: say what was kept and how to go on
             print(exc, file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
