@@ -21,9 +21,11 @@ and labels, and the model that embeds queries (see ``write_index_dir``).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import reprlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from mltk.errors import MltkError, UsageError
+from mltk.outputs import check_dir, disk_error, stale_temporaries, temporary
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")
@@ -85,14 +88,8 @@ def build(
     """
     import faiss
 
-    if kind not in KINDS:
-        raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     n, dim = vectors.shape
-    if n == 0:
-        raise UsageError("nothing to index: no vectors")
-    for name, value, least in (("nprobe", nprobe, 1), ("m", m, 2), ("ef_construction", ef_construction, 1), ("ef_search", ef_search, 1)):
-        if value is not None and value < least:
-            raise UsageError(f"{name}={value}: it is at least {least}")
+    check_options(kind, n, dim, nlist=nlist, nprobe=nprobe, pq_m=pq_m, m=m, ef_construction=ef_construction, ef_search=ef_search)
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -100,14 +97,8 @@ def build(
         index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
     else:
         nlist = default_nlist(n) if nlist is None else nlist
-        if not 1 <= nlist <= n:
-            raise UsageError(f"nlist={nlist}: an IVF index of {n} vectors takes 1 to {n} cells")
         if kind == "ivfpq":
             pq_m = default_pq_m(dim) if pq_m is None else pq_m
-            if pq_m < 1 or dim % pq_m:
-                raise UsageError(f"pq_m={pq_m}: it must divide the {dim} dimensions (e.g. {default_pq_m(dim)})")
-            if n < 2**PQ_BITS:
-                raise UsageError(f"an ivfpq index trains 256 codes per sub-vector and needs at least 256 vectors; {n} given: use ivf or flat")
             index = faiss.IndexIVFPQ(_centroids(vectors, nlist, seed), dim, nlist, pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
             index.train(_sample(vectors, max(training_rows(nlist, dim), 64 * 2**PQ_BITS), seed))  # the codebooks; the cells are trained
         else:
@@ -118,6 +109,29 @@ def build(
         if progress:
             progress("indexing", min(s + CHUNK, n), n)
     return index
+
+
+def check_options(
+    kind: str, n: int | None = None, dim: int | None = None, *, nlist: int | None = None, nprobe: int | None = None,
+    pq_m: int | None = None, m: int | None = None, ef_construction: int | None = None, ef_search: int | None = None, seed: int = 0,
+) -> None:
+    """The options ``build`` takes, for ``n`` vectors of ``dim`` dimensions: checked before anything is embedded.
+
+    Without ``n`` and ``dim`` (the model and data not loaded yet), what does not depend on them.
+    """
+    if kind not in KINDS:
+        raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if n == 0:
+        raise UsageError("nothing to index: no vectors")
+    for name, value, least in (("nlist", nlist, 1), ("nprobe", nprobe, 1), ("pq_m", pq_m, 1), ("m", m, 2), ("ef_construction", ef_construction, 1), ("ef_search", ef_search, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{name}={value}: it is at least {least}")
+    if kind in IVF_KINDS and n is not None and nlist is not None and nlist > n:
+        raise UsageError(f"nlist={nlist}: an IVF index of {n} vectors takes 1 to {n} cells")
+    if kind == "ivfpq" and dim is not None and pq_m is not None and dim % pq_m:
+        raise UsageError(f"pq_m={pq_m}: it must divide the {dim} dimensions (e.g. {default_pq_m(dim)})")
+    if kind == "ivfpq" and n is not None and n < 2**PQ_BITS:
+        raise UsageError(f"an ivfpq index trains 256 codes per sub-vector and needs at least 256 vectors; {n} given: use ivf or flat")
 
 
 def _centroids(vectors, nlist: int, seed: int):
@@ -164,13 +178,14 @@ def configure(index, nprobe: int | None = None, ef_search: int | None = None) ->
     import faiss
 
     kind = kind_of(index)
+    for name, value, applies in (("nprobe", nprobe, IVF_KINDS), ("ef_search", ef_search, ("hnsw",))):
+        if value is not None and kind not in applies:
+            raise UsageError(f"{name} applies to an {' or '.join(applies)} index (this index: {kind})")
+        if value is not None and value < 1:
+            raise UsageError(f"{name}={value}: it is at least 1")
     if nprobe is not None:
-        if kind not in IVF_KINDS or not 1 <= nprobe:
-            raise UsageError(f"nprobe applies to an ivf or ivfpq index and is at least 1 (this index: {kind})")
         faiss.downcast_index(index).nprobe = min(nprobe, faiss.downcast_index(index).nlist)
     if ef_search is not None:
-        if kind != "hnsw" or not 1 <= ef_search:
-            raise UsageError(f"ef_search applies to an hnsw index and is at least 1 (this index: {kind})")
         faiss.downcast_index(index).hnsw.efSearch = ef_search
 
 
@@ -328,6 +343,13 @@ def overlap(found: np.ndarray, exact: np.ndarray, k: int) -> float:
 
 # ---- index directories ---------------------------------------------------------------------------
 
+# Everything ``write_index_dir`` puts in an index directory: a folder holding anything else is not
+# only an index, and replacing it (a removal of the whole folder) would take the rest with it.
+WRITTEN = ("index.faiss", "embeddings.npy", "paths.txt", "labels.npy", "classes.json", "model.pt", "meta.json", "skipped_images.txt")
+META_MAX = 1 << 20  # meta.json holds a few hundred bytes: a larger file of that name is not one
+META_FIELDS = {"kind": str, "metric": str, "dim": int, "count": int, "params": dict}  # what a search relies on
+META_TEXT = ("run", "data", "mltk_version", "faiss_version", "torch_version", "created")  # strings when present
+
 
 @dataclass
 class IndexDir:
@@ -345,6 +367,64 @@ class IndexDir:
         return self.path / "model.pt"
 
 
+def read_meta(path: Path) -> dict | None:
+    """meta.json of ``path`` when it names this index format (the proof that mltk wrote the folder), else None."""
+    try:
+        with open(path / "meta.json", "rb") as f:
+            text = f.read(META_MAX + 1)
+        meta = json.loads(text) if len(text) <= META_MAX else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, workers: int = 2, **options) -> Path:
+    """What ``write_index_dir`` can check before the model loads: the kind, sizes, options and ``out``.
+
+    Returns where the index will be written: ``out`` made absolute (a symbolic link: the folder it
+    names). ``out`` is new, an empty folder, or an index mltk wrote that holds nothing else;
+    anything else is refused and left as it is.
+    """
+    check_options(kind, **options)
+    for name, value, least in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+        if value < least:
+            raise UsageError(f"{name}={value}: it is at least {least}")
+    given = str(out)
+    check_dir(out)
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        try:
+            out = out.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise MltkError(f"--out {given!r} is a symbolic link to nowhere; give a folder") from None
+    check_dir(out.parent, f"the folder of --out {given!r}")  # the index is made beside it, then renamed
+    _check_replaceable(out, given)
+    return out
+
+
+def _check_replaceable(out: Path, given: str) -> None:
+    """``out`` is absent, empty, or an mltk index and nothing else: what may be removed to put a new index there."""
+    if not out.is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise MltkError(f"cannot read --out {given!r}: {exc.strerror}") from None
+    if entries and read_meta(out) is None:
+        raise MltkError(f"--out {given!r} is a folder that is not an mltk index (it holds {_some(entries)}); give a new or empty folder")
+    foreign = [name for name in entries if name not in WRITTEN]
+    if foreign:
+        raise MltkError(
+            f"--out {given!r} is an mltk index but also holds {_some(foreign)}, which `mltk index` does not write "
+            "and replacing the index would delete; move them out or give another --out"
+        )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
+
+
 def write_index_dir(
     model, data, out: str | Path, kind: str = "flat", *, run: str = "", batch_size: int = 128, workers: int = 2,
     progress: Progress | None = None, **options,
@@ -354,8 +434,10 @@ def write_index_dir(
     ``out`` holds index.faiss, embeddings.npy (row i = line i of paths.txt), paths.txt, labels.npy,
     classes.json, model.pt (a slim mltk checkpoint: ``mltk.load(out / "model.pt")`` works), meta.json
     and, when images were left out, skipped_images.txt. It is built in a temporary sibling and
-    renamed into place, so ``out`` is never half-written; an earlier index there is replaced.
-    ``options`` go to ``build`` (nlist, nprobe, m, ef_construction, ef_search, seed).
+    renamed into place, so ``out`` is never half-written; an earlier index there is replaced, a
+    folder holding anything else is refused (``check_request``). Temporaries that killed runs left
+    beside ``out`` are removed first. ``options`` go to ``build`` (nlist, nprobe, m, ef_construction,
+    ef_search, seed).
     """
     import faiss
     import torch
@@ -365,30 +447,30 @@ def write_index_dir(
     from mltk.evaluate import embed, readable
     from mltk.model import save_checkpoint
 
-    out = Path(out)
-    if kind not in KINDS:
-        raise UsageError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "meta.json").is_file())):
-        raise MltkError(f"{str(out)!r} exists and is not an mltk index directory; give another --out")
+    given = str(out)
+    out = check_request(out, kind, batch_size, workers, **options)
+    skipped: list = []
+    data = readable(data, skipped)
+    check_options(kind, len(data), model.embedder.dim, **options)
+    paths = _paths(data)
+    _remove_stale(out)
+    made = [p for p in out.parents if not p.exists()]  # removed again if no index comes of it
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        skipped: list = []
-        data = readable(data, skipped)
         vectors = embed(model, data, batch_size, workers, progress=progress, out=tmp / "embeddings.npy")
         index = build(vectors, kind, progress=progress, **options)
         faiss.write_index(index, str(tmp / "index.faiss"))
-        paths = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else f"{data.name}[{i}]" for i, s in enumerate(data.sources)]
-        (tmp / "paths.txt").write_text("".join(p + "\n" for p in paths))
+        (tmp / "paths.txt").write_text("".join(p + "\n" for p in paths), encoding="utf-8", errors="surrogateescape")
         np.save(tmp / "labels.npy", np.asarray(data.labels, np.int64))
         (tmp / "classes.json").write_text(json.dumps(list(data.classes)))
         weights = {k: v.detach().cpu() for k, v in model.embedder.state_dict().items()}
         config = to_dict(model.config) if model.config is not None else None
         save_checkpoint({"config": config, "data_config": model.data_config, "classes": model.classes, "model": weights}, tmp / "model.pt")
         if skipped:
-            (tmp / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+            (tmp / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8", errors="surrogateescape")
         meta = {
             "format": FORMAT, "kind": kind, "metric": "inner_product", "dim": int(vectors.shape[1]), "count": len(paths),
             "params": settings(index), "run": str(run), "data": data.name, "mltk_version": __version__,
@@ -396,16 +478,45 @@ def write_index_dir(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         del vectors  # the memmap: closed before the folder moves
-        _swap_in(tmp, out)
-    except BaseException:
+        _swap_in(tmp, out, given)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # the deepest first; one that holds something now is kept
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_error(exc, f"index directory {given!r}", "nothing there was changed") from None
         raise
     return IndexDir(out, index, paths, np.asarray(data.labels, np.int64), list(data.classes), meta), skipped
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+def _paths(data) -> list[str]:
+    """Line i of paths.txt: image i's absolute path; one with a line break in its name cannot be a line."""
+    paths = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else f"{data.name}[{i}]" for i, s in enumerate(data.sources)]
+    broken = next((p for p in paths if "\n" in p), None)
+    if broken is not None:
+        raise MltkError(f"image {broken!r} has a line break in its path, and paths.txt holds one path a line; rename it")
+    return paths
+
+
+def _remove_stale(out: Path) -> None:
+    """What killed runs writing ``out`` left beside it: ``.NAME.tmp-PID`` and ``.NAME.old-PID`` of processes that are gone."""
+    for stale in stale_temporaries(out.parent, out.name):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _swap_in(tmp: Path, out: Path, given: str) -> None:
+    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after.
+
+    ``out`` is checked again first: files put there while the index was built are not removed with it.
+    """
+    _check_replaceable(out, given)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
@@ -413,28 +524,129 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def open_index_dir(path: str | Path) -> IndexDir:
-    """An index directory written by ``write_index_dir``; a missing or foreign folder is one clear error."""
+    """An index directory written by ``write_index_dir``, checked whole; a problem is one line naming its file.
+
+    Every file is untrusted: each must agree with meta.json (kind, dimensions, count), labels.npy is
+    a 1-D integer array read without pickles, and every label names a class of classes.json.
+    embeddings.npy, which a search does not read, is checked (its header) only when it is there: it
+    may be deleted to save space. model.pt is checked when ``search_images`` loads it.
+    """
     import faiss
 
     path = Path(path)
     if not path.is_dir():
-        raise MltkError(f"index directory {str(path)!r} does not exist; write one with `mltk index RUN --data GALLERY --out DIR`")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        where = "is a file, not a folder" if path.exists() else "does not exist"
+        raise MltkError(f"index directory {str(path)!r} {where}; write one with `mltk index RUN --data GALLERY --out DIR`")
+    meta = read_meta(path)
+    if meta is None:
         raise MltkError(f"{str(path)!r} is not an mltk index directory (no meta.json of format {FORMAT})")
+    _check_meta(path, meta)
+    dim, count = meta["dim"], meta["count"]
+    for name in ("index.faiss", "paths.txt", "labels.npy", "classes.json", "model.pt"):
+        if not (path / name).is_file():
+            raise _damaged(path, name, "is missing")
     try:
         index = faiss.read_index(str(path / "index.faiss"))
-        paths = (path / "paths.txt").read_text().splitlines()
-        labels = np.load(path / "labels.npy")
-        classes = json.loads((path / "classes.json").read_text())
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise MltkError(f"index directory {str(path)!r} is damaged: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
-    if not index.ntotal == len(paths) == len(labels):
-        raise MltkError(f"index directory {str(path)!r} is damaged: {index.ntotal} vectors, {len(paths)} paths, {len(labels)} labels")
+    except RuntimeError as exc:
+        raise _damaged(path, "index.faiss", f"cannot be read by faiss ({_first_line(exc)})") from None
+    found = {"kind": kind_of(index), "dim": index.d, "count": index.ntotal}
+    for key, value in found.items():
+        if value != meta[key]:
+            raise _damaged(path, "index.faiss", f"has {key} {value}; meta.json says {meta[key]}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise _damaged(path, "index.faiss", "does not rank by inner product")
+    paths = _read_paths(path, count)
+    classes = _read_classes(path)
+    labels = _read_labels(path, count, len(classes))
+    if (path / "embeddings.npy").exists():
+        shape, dtype = _npy_header(path, "embeddings.npy")
+        if shape != (count, dim) or dtype != np.float32:
+            raise _damaged(path, "embeddings.npy", f"holds {dtype} {shape}; expected float32 ({count}, {dim})")
     return IndexDir(path, index, paths, labels, classes, meta)
+
+
+def _damaged(path: Path, name: str, problem: str) -> MltkError:
+    return MltkError(f"index directory {str(path)!r} is damaged: {name} {problem}; write it again with `mltk index`")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    for key, kind in META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise _damaged(path, "meta.json", f"has {key}={reprlib.repr(meta.get(key))}; expected {kind.__name__}")
+    for key in META_TEXT:
+        if key in meta and not isinstance(meta[key], str):
+            raise _damaged(path, "meta.json", f"has {key}={reprlib.repr(meta[key])}; expected str")
+    problems = [
+        (meta["kind"] not in KINDS, f"kind={meta['kind']!r}; expected one of {', '.join(KINDS)}"),
+        (meta["metric"] != "inner_product", f"metric={meta['metric']!r}; expected 'inner_product'"),
+        (meta["dim"] < 1 or meta["count"] < 1, f"dim={meta['dim']}, count={meta['count']}; expected at least 1"),
+        (not all(isinstance(v, int) and not isinstance(v, bool) for v in meta["params"].values()), f"params={reprlib.repr(meta['params'])}; expected whole numbers"),
+    ]
+    for wrong, problem in problems:
+        if wrong:
+            raise _damaged(path, "meta.json", f"has {problem}")
+
+
+def _read_paths(path: Path, count: int) -> list[str]:
+    """paths.txt, a path a line: split at line feeds only (``splitlines`` would also split at characters a file name may hold)."""
+    try:
+        lines = (path / "paths.txt").read_bytes().decode("utf-8", errors="surrogateescape").split("\n")
+    except OSError as exc:
+        raise _damaged(path, "paths.txt", f"cannot be read ({exc.strerror})") from None
+    if lines[-1] == "":
+        lines.pop()
+    if len(lines) != count:
+        raise _damaged(path, "paths.txt", f"has {len(lines)} lines; meta.json says {count} images")
+    return lines
+
+
+def _read_classes(path: Path) -> list[str]:
+    try:
+        classes = json.loads((path / "classes.json").read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _damaged(path, "classes.json", f"is not JSON ({_first_line(exc)})") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise _damaged(path, "classes.json", f"holds {reprlib.repr(classes)}; expected a list of class names (strings)")
+    return classes
+
+
+def _read_labels(path: Path, count: int, classes: int) -> np.ndarray:
+    shape, dtype = _npy_header(path, "labels.npy")
+    if shape != (count,) or dtype.kind not in "iu":
+        raise _damaged(path, "labels.npy", f"holds {dtype} {shape}; expected integers ({count},)")
+    try:
+        labels = np.load(path / "labels.npy", allow_pickle=False).astype(np.int64)
+    except (OSError, ValueError, EOFError) as exc:
+        raise _damaged(path, "labels.npy", f"cannot be read ({_first_line(exc)})") from None
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(outside):
+        raise _damaged(path, "labels.npy", f"has label {labels[outside[0]]} at row {outside[0]}; classes.json names {classes} classes (0 to {classes - 1})")
+    return labels
+
+
+def _npy_header(path: Path, name: str) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of an .npy file, read from its header and checked against its size: a forged header allocates nothing."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path / name, "rb") as f:
+            version = npy.read_magic(f)
+            read = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f"npy format version {version}")
+            shape, _, dtype = read(f)
+            data = os.fstat(f.fileno()).st_size - f.tell()
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise _damaged(path, name, f"is not a numpy array file ({_first_line(exc)})") from None
+    if dtype.hasobject:
+        raise _damaged(path, name, "holds Python objects, not numbers")
+    if data != math.prod(shape) * dtype.itemsize:
+        raise _damaged(path, name, f"holds {data} bytes of data; its header announces {dtype} {shape}")
+    return shape, dtype
 
 
 def search_images(
@@ -451,10 +663,12 @@ def search_images(
         raise UsageError(f"k={k}: give 1 to {opened.index.ntotal}, the number of images in the index")
     configure(opened.index, nprobe, ef_search)
     for image in images:
-        problem = "does not exist" if not Path(image).is_file() else check_image(image)
+        problem = _not_an_image(Path(image)) or check_image(image)
         if problem:
             raise MltkError(f"query image {str(image)!r} cannot be read: {problem}")
     model = load(opened.model_file, device)
+    if model.embedder.dim != opened.meta["dim"]:
+        raise _damaged(opened.path, "model.pt", f"embeds in {model.embedder.dim} dimensions; the index holds {opened.meta['dim']}")
     vectors = embed(model, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers)
     sims, positions = neighbours(opened.index, vectors, k)
     return [
@@ -467,3 +681,13 @@ def search_images(
         }
         for i, image in enumerate(images)
     ]
+
+
+def _not_an_image(path: Path) -> str | None:
+    if path.is_dir():
+        return "it is a folder, not an image file"
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "it is not a regular file"
+    return None

@@ -308,7 +308,7 @@ def test_an_index_directory_is_replaced_whole_or_not_at_all(trained_run, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(MltkError, match="exists and is not an mltk index directory"):
+    with pytest.raises(MltkError, match="is a folder that is not an mltk index"):
         mindex.write_index_dir(model, data, tmp_path / "notes", workers=0)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 

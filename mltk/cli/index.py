@@ -1,6 +1,7 @@
 """``mltk index`` and ``mltk search``: a faiss index of a gallery, and its nearest images to query images."""
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,12 +25,13 @@ def index(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
 ) -> None:
     """Embed a gallery and write a self-contained index directory: index, paths, labels, the model."""
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mltk.cli import console, warn
     from mltk.data import describe_files, load_data
     from mltk.errors import UsageError
-    from mltk.index import write_index_dir
+    from mltk.index import check_request, write_index_dir
     from mltk.model import load
 
     options = {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "m": m, "ef_search": ef_search}
@@ -38,6 +40,7 @@ def index(
     if set(given) - allowed:
         wrong = ", ".join("--" + k.replace("_", "-") for k in sorted(set(given) - allowed))
         raise UsageError(f"{wrong}: not an option of --kind {kind.value} (ivf: --nlist, --nprobe; ivfpq: those and --pq-m; hnsw: --m, --ef-search)")
+    check_request(out, kind.value, batch_size, workers, **given)  # before the model loads: a bad --out costs nothing
     model = load(run, device)
     gallery = load_data(data)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -53,7 +56,7 @@ def index(
         warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")
     params = ", ".join(f"{k} {v}" for k, v in written.meta["params"].items())
     console.print(f"indexed {written.meta['count']} images ({written.meta['dim']} dimensions): {kind.value} index{f' ({params})' if params else ''}")
-    console.print(f"written to [bold]{out}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
+    console.print(f"written to [bold]{escape(_shown(str(out)))}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
 
 
 def search(
@@ -67,6 +70,7 @@ def search(
 ) -> None:
     """The gallery images nearest to each query image, with their cosine similarity."""
     from rich.table import Table
+    from rich.text import Text
 
     from mltk.cli import console
     from mltk.index import search_images
@@ -75,8 +79,22 @@ def search(
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    for result in results:
-        table = Table("rank", "score", "class", "path", title=result["query"], title_justify="left", header_style="bold")
+    for result in results:  # class names and paths come from the index's files: text, never markup
+        table = Table("rank", "score", "class", "path", title=Text(_shown(result["query"])), title_justify="left", header_style="bold")
         for n in result["neighbours"]:
-            table.add_row(str(n["rank"]), f"{n['score']:.4f}", n["class"], n["path"])
+            table.add_row(str(n["rank"]), f"{n['score']:.4f}", Text(_shown(n["class"])), Text(_shown(n["path"])))
         console.print(table)
+
+
+_UNSHOWN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")  # controls, bidi overrides, lone surrogates
+
+
+def _shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters (an ANSI escape, a carriage return) written as escapes."""
+    return _UNSHOWN.sub(lambda match: _escaped(ord(match[0])), text)
+
+
+def _escaped(code: int) -> str:
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8 (Python's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
