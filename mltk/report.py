@@ -1,7 +1,7 @@
 """Plots and the self-contained HTML report of ``mltk evaluate`` (images inlined as base64 PNGs).
 
 Class names, paths and every other string from a file are data, never markup: control characters
-are shown as escapes (``plain``), HTML is escaped, and matplotlib does not parse them as mathtext
+are shown as escapes (``mltk.display.shown``), HTML is escaped, and matplotlib does not parse them as mathtext
 (a class called ``$x$`` is drawn as the four characters it is, and ``$\\foo{$`` does not crash).
 """
 
@@ -12,10 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def plain(text) -> str:
-    """``text`` with control characters (a newline, NUL, an escape sequence) written as Python escapes."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+from mltk.display import shown
 
 
 def _figure():
@@ -88,7 +85,7 @@ def scatter_plot(points: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     cmap = plt.get_cmap("tab20" if len(classes) <= 20 else "hsv", len(classes))
     for i, c in enumerate(classes):
         mine = labels == c
-        ax.scatter(points[mine, 0], points[mine, 1], s=10, color=cmap(i), label=plain(class_names[c]) if c < len(class_names) else str(c))
+        ax.scatter(points[mine, 0], points[mine, 1], s=10, color=cmap(i), label=shown(class_names[c]) if c < len(class_names) else str(c))
     if len(classes) <= 20:
         legend = ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
         for text in legend.get_texts():  # class names are text, not mathtext
@@ -121,12 +118,12 @@ def retrieval_grid(queries: list, neighbours: list[list], correct: np.ndarray, o
 
 
 def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(plain(alt))}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    return f'<img alt="{html.escape(shown(alt))}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def html_report(title: str, metrics: dict[str, float], info: dict[str, str], figures: dict[str, bytes]) -> str:
     """One self-contained HTML page: the metrics table, facts about the evaluation, the figures."""
-    text = lambda value: html.escape(plain(value))  # noqa: E731
+    text = lambda value: html.escape(shown(value))  # noqa: E731
     rows = "".join(f"<tr><td>{text(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else f"<tr><td>{text(k)}</td><td>{text(v)}</td></tr>" for k, v in metrics.items())
     facts = "".join(f"<tr><td>{text(k)}</td><td>{text(v)}</td></tr>" for k, v in info.items())
     sections = "".join(f"<section><h2>{text(name)}</h2>{_img(png, name)}</section>" for name, png in figures.items())

@@ -5,7 +5,6 @@ that need them, so ``mltk --help`` starts fast.
 """
 
 import json
-import re
 import sys
 from enum import Enum
 from typing import Annotated
@@ -16,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from mltk.display import one_line, shown
 from mltk.errors import MltkError
 
 app = typer.Typer(
@@ -38,26 +38,14 @@ class Kind(str, Enum):
     datasets = "datasets"
 
 
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x1f\x7f-\x9f]")
-
-
-def plain(text: object) -> str:
-    """``text`` as one line of plain characters: ANSI sequences dropped, other control characters (newlines too) a space.
-
-    Names, paths, plugin errors and file contents are data: without this a file name could move the
-    cursor, recolour the terminal or break the one-line error.
-    """
-    return _CONTROL.sub(lambda m: "" if m.group().startswith("\x1b") else " ", str(text))
-
-
 def cell(text: object) -> Text:
     """A table cell that shows ``text`` as it is: a Text object is never read as rich markup."""
-    return Text(plain(text))
+    return Text(shown(text))
 
 
 def warn(message: str) -> None:
     """One ``warning:`` line on stderr (above a progress bar, if one is showing)."""
-    err.print(f"warning: {plain(message)}", soft_wrap=True, markup=False, highlight=False)
+    err.print(f"warning: {one_line(message)}", soft_wrap=True, markup=False, highlight=False)
 
 
 def warn_plugin_errors() -> None:
@@ -119,7 +107,7 @@ def plugins(
         summary = ", ".join(
             f"{len(v)} {k}" if len(v) > 6 else f"{k}: {' '.join(v)}" for k, v in row["registers"].items()
         )
-        status = Text(f"error: {plain(row['error'])}", style="red") if row["error"] else Text("ok", style="green")
+        status = Text(f"error: {one_line(row['error'])}", style="red") if row["error"] else Text("ok", style="green")
         table.add_row(cell(row["name"]), cell(row["version"]), cell(summary or "-"), status)
     console.print(table)
 
@@ -141,7 +129,7 @@ def render_summary(result) -> None:
     if result.best:
         table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
     console.print(table)
-    console.print(f"run directory: [bold]{escape(plain(result.run_dir))}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
+    console.print(f"run directory: [bold]{escape(one_line(result.run_dir))}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
 
 
 def plugin_label(plugin: str) -> str:
@@ -188,7 +176,7 @@ def _click_exceptions():
 
 def fail(message: object, code: int) -> None:
     """The one ``error:`` line and the exit code."""
-    print(f"error: {' '.join(plain(message).split())}", file=sys.stderr)
+    print(f"error: {' '.join(one_line(message).split())}", file=sys.stderr)
     sys.exit(code)
 
 

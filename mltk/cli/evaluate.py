@@ -25,7 +25,7 @@ def evaluate(
     pairs: Annotated[Optional[Path], typer.Option(help="Pair list: LFW pairs.txt or CSV path1,path2,same, resolved against --data.")] = None,
     query: Annotated[Optional[str], typer.Option(help="Query images (with --gallery).")] = None,
     gallery: Annotated[Optional[str], typer.Option(help="Gallery images (with --query).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN/eval, or eval-BACKBONE).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder: new, empty, or an earlier evaluation, which is replaced whole (default: RUN/eval, or eval-BACKBONE).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
     flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each embedding with the mirrored image's.")] = False,
     save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Write embeddings.npy, labels.npy, paths.txt. The embeddings stream to disk and the metrics read them from there: the way to evaluate a set larger than memory.")] = False,
@@ -48,6 +48,7 @@ def evaluate(
     from rich.text import Text
 
     from mltk.cli import console, warn
+    from mltk.display import shown
 
     if (run is None) == (backbone is None):
         raise UsageError("give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone")
@@ -114,7 +115,7 @@ def evaluate(
     if result.skipped:
         warn(f"{len(result.skipped)} unreadable images were left out: {describe_files(result.skipped)} (all in {out / 'skipped_images.txt'})")
     written = [name for name in ev.OUTPUTS if (out / name).is_file()]
-    console.print(Text.assemble("written to ", (str(out), "bold"), f": {', '.join(written)}"), soft_wrap=True)
+    console.print(Text.assemble("written to ", (shown(out), "bold"), f": {', '.join(written)}"), soft_wrap=True)
 
 
 def index_cost(values: dict) -> str:

@@ -1,7 +1,6 @@
 """``mltk index`` and ``mltk search``: a faiss index of a gallery, and its nearest images to query images."""
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +12,7 @@ from mltk.cli.evaluate import IndexKind
 def index(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file: the model that embeds the gallery.")],
     data: Annotated[str, typer.Option(help="Gallery images: a folder of <class>/<image>, a CSV (path,label) or a dataset name.")],
-    out: Annotated[Path, typer.Option(help="Index directory to write (an earlier index there is replaced).")],
+    out: Annotated[Path, typer.Option(help="Index directory to write: new, empty, or an earlier index holding nothing else, which is replaced.")],
     kind: Annotated[IndexKind, typer.Option(help="flat: exact; ivf, ivfpq (compressed: pq-m bytes a vector) or hnsw: approximate, for galleries in the millions.")] = IndexKind.flat,
     nlist: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: k-means cells (default about 4·sqrt(N)).")] = None,
     nprobe: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: cells a query visits (default nlist/8, at least 16).")] = None,
@@ -29,6 +28,7 @@ def index(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mltk.cli import console, warn
+    from mltk.display import shown
     from mltk.data import describe_files, load_data
     from mltk.errors import UsageError
     from mltk.index import check_request, write_index_dir
@@ -56,7 +56,7 @@ def index(
         warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")
     params = ", ".join(f"{k} {v}" for k, v in written.meta["params"].items())
     console.print(f"indexed {written.meta['count']} images ({written.meta['dim']} dimensions): {kind.value} index{f' ({params})' if params else ''}")
-    console.print(f"written to [bold]{escape(_shown(str(out)))}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
+    console.print(f"written to [bold]{escape(shown(out))}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
 
 
 def search(
@@ -70,9 +70,8 @@ def search(
 ) -> None:
     """The gallery images nearest to each query image, with their cosine similarity."""
     from rich.table import Table
-    from rich.text import Text
 
-    from mltk.cli import console
+    from mltk.cli import cell, console
     from mltk.index import search_images
 
     results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device)
@@ -80,21 +79,8 @@ def search(
         print(json.dumps(results, indent=2))
         return
     for result in results:  # class names and paths come from the index's files: text, never markup
-        table = Table("rank", "score", "class", "path", title=Text(_shown(result["query"])), title_justify="left", header_style="bold")
+        table = Table("rank", "score", "class", "path", title=cell(result["query"]), title_justify="left", header_style="bold")
         for n in result["neighbours"]:
-            table.add_row(str(n["rank"]), f"{n['score']:.4f}", Text(_shown(n["class"])), Text(_shown(n["path"])))
+            table.add_row(str(n["rank"]), f"{n['score']:.4f}", cell(n["class"]), cell(n["path"]))
         console.print(table)
 
-
-_UNSHOWN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")  # controls, bidi overrides, lone surrogates
-
-
-def _shown(text: str) -> str:
-    """``text`` safe for a terminal: control characters (an ANSI escape, a carriage return) written as escapes."""
-    return _UNSHOWN.sub(lambda match: _escaped(ord(match[0])), text)
-
-
-def _escaped(code: int) -> str:
-    if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8 (Python's surrogateescape)
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
