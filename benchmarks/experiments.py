@@ -78,7 +78,7 @@ def run_mltk(example: str, dataset: str, runs: Path) -> dict:
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(dataset_config(example, dataset)))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mltk", "run", "--config", str(config_file), "--out", str(run_dir)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "mltk", "run", "--config", str(config_file), "--out", str(run_dir), "--overwrite"], check=True, stdout=subprocess.DEVNULL)  # a rerun trains afresh
     seconds = time.perf_counter() - started
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     result = evaluate(mltk.load(run_dir / "last.pt", device="cpu"), data=test_images(dataset), metrics=METRICS)

@@ -59,7 +59,7 @@ def run_trial(name: str, runs: Path) -> dict:
 
     spec = DATASETS["omniglot"]
     started = time.perf_counter()
-    result = train(make_config(trial_config(TRIALS[name])), runs / name)
+    result = train(make_config(trial_config(TRIALS[name])), runs / name, overwrite=True)  # a rerun trains afresh
     seconds = time.perf_counter() - started
     test = select_classes(load_data(str(spec["root"])), spec["test"])
     v = evaluate(mltk.load(runs / name / "last.pt", device="cpu"), data=test, metrics=METRICS).values

@@ -263,6 +263,20 @@ def drop_unreadable(data: LabelledImages) -> tuple[LabelledImages, list[tuple[So
     return data.rows(sorted(set(range(len(data))) - set(bad))), skipped
 
 
+_LINE_BREAKS = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def write_skipped(path: Path, items: list[tuple[Source, str]], mode: str = "w") -> None:
+    """skipped_images.txt: one ``path<TAB>reason`` line per image left out, so the user can fix or remove them.
+
+    A tab or line break inside a file name is written as an escape (each line stays one image); other
+    bytes are written as the file system gave them (a name that is not UTF-8 too).
+    """
+    text = "".join(f"{str(source).translate(_LINE_BREAKS)}\t{str(reason).translate(_LINE_BREAKS)}\n" for source, reason in items)
+    with open(path, mode, encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text)
+
+
 def describe_files(items: list[tuple[Source, str]], limit: int = 3) -> str:
     """The first few ``(path, reason)`` pairs on one line, and how many more there are."""
     shown = ", ".join(f"{path} ({reason})" for path, reason in items[:limit])

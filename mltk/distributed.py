@@ -69,8 +69,13 @@ def start(world: World, device: torch.device) -> None:
         raise MltkError(f"cannot join the torch.distributed group ({backend}, rank {world.rank} of {world.size}): {first}") from None
 
 
-def stop() -> None:
+def stop(finished: bool = True) -> None:
+    """Leave the process group. A process that finished waits for the others first (a barrier): tearing its
+    connections down while a peer is still inside a collective can abort that peer. After an error nobody
+    waits, since the others may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -11,10 +11,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mltk.data import ImageDataset, LabelledImages, check_image, describe_files, drop_unreadable, load_data, select_classes, split_classes
+from mltk.data import ImageDataset, LabelledImages, check_image, describe_files, drop_unreadable, load_data, select_classes, split_classes, write_skipped
 from mltk.errors import MltkError, UsageError, is_out_of_memory, out_of_memory
 from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
-from mltk.outputs import check_dir, disk_error, stale_temporaries, temporary
+from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -277,7 +277,7 @@ def _writing(step: Callable[[], None], out: Path) -> None:
 
 def _swap_in(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = aside(out)
     if out.exists():
         os.replace(out, old)
     try:
@@ -310,7 +310,7 @@ def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: 
                 np.save(out / "labels.npy", result.labels)
             (out / "paths.txt").write_text("".join(source_name(s) + "\n" for s in result.sources), encoding="utf-8", errors="surrogateescape")
         if result.skipped:
-            (out / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in result.skipped), encoding="utf-8", errors="surrogateescape")
+            write_skipped(out / "skipped_images.txt", result.skipped)
 
     try:
         write()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import check_file, disk_error, temporary
+from mltk.outputs import aside, check_file, disk_error, stale_temporaries, temporary
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest absolute difference from PyTorch's embeddings that is accepted
@@ -69,6 +69,9 @@ def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
     check = torch.randn(3, *model.data_config["input_size"], generator=generator)  # another size: N must be free
     made = next((p for p in reversed(out.absolute().parents) if not p.exists()), None)  # the first folder this makes
     tmp, sidecar_tmp = temporary(out), temporary(sidecar)
+    for name in (out.name, sidecar.name):  # what an export killed here (kill -9) left: its processes are gone
+        for stale in stale_temporaries(out.parent, name):
+            stale.unlink(missing_ok=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # Export to a temporary file in the same folder, so a failure leaves nothing behind.
@@ -114,7 +117,7 @@ def commit(tmp: Path, out: Path, sidecar_tmp: Path, sidecar: Path) -> None:
     """Rename both temporaries into place, or neither: if the sidecar's rename fails, ``out`` is put back as it was."""
     backup = None
     if out.exists():  # a second name for the earlier file, to put back
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        backup = aside(out)
         try:
             os.link(out, backup)
         except OSError:  # a file system without hard links

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import check_dir, disk_error, stale_temporaries, temporary
+from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")
@@ -444,6 +444,7 @@ def write_index_dir(
 
     from mltk import __version__
     from mltk.config import to_dict
+    from mltk.data import write_skipped
     from mltk.evaluate import embed, readable
     from mltk.model import save_checkpoint
 
@@ -470,7 +471,7 @@ def write_index_dir(
         config = to_dict(model.config) if model.config is not None else None
         save_checkpoint({"config": config, "data_config": model.data_config, "classes": model.classes, "model": weights}, tmp / "model.pt")
         if skipped:
-            (tmp / "skipped_images.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8", errors="surrogateescape")
+            write_skipped(tmp / "skipped_images.txt", skipped)
         meta = {
             "format": FORMAT, "kind": kind, "metric": "inner_product", "dim": int(vectors.shape[1]), "count": len(paths),
             "params": settings(index), "run": str(run), "data": data.name, "mltk_version": __version__,
@@ -516,7 +517,7 @@ def _swap_in(tmp: Path, out: Path, given: str) -> None:
     ``out`` is checked again first: files put there while the index was built are not removed with it.
     """
     _check_replaceable(out, given)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = aside(out)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

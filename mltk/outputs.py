@@ -9,18 +9,25 @@ killed process left behind, so a later run can remove it.
 import errno
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from mltk.errors import MltkError
 
 
 def _blocker(path: Path) -> Path | None:
-    """The first existing ancestor of ``path`` that is not a folder (nothing can be made under it)."""
-    return next((p for p in reversed(path.absolute().parents) if p.exists() and not p.is_dir()), None)
+    """The first existing ancestor of ``path`` that is not a folder (nothing can be made under it), as the user named it."""
+    return next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
 
 
-def _writable_ancestor(path: Path) -> Path:
-    return next(p for p in [path, *path.absolute().parents] if p.exists())
+def _check_under(path: Path, what: str, folder: Path) -> None:
+    """``folder`` (``path`` or its parent) lets mltk make ``path``: no file in the way, the nearest existing folder writable."""
+    blocker = _blocker(path)
+    if blocker is not None:
+        raise MltkError(f"cannot write {what} {str(path)!r}: {str(blocker)!r} is a file, not a folder")
+    base = next(p for p in [folder, *folder.parents, Path.cwd()] if p.exists())
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise MltkError(f"cannot write {what} {str(path)!r}: {str(base)!r} is not writable")
 
 
 def check_dir(path: str | Path, what: str = "--out") -> Path:
@@ -28,27 +35,27 @@ def check_dir(path: str | Path, what: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MltkError(f"{what} {str(path)!r} is a file, not a folder; give a folder")
-    blocker = _blocker(path)
-    if blocker is not None:
-        raise MltkError(f"cannot write {what} {str(path)!r}: {str(blocker)!r} is a file, not a folder")
-    base = _writable_ancestor(path)
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise MltkError(f"cannot write {what} {str(path)!r}: {str(base)!r} is not writable")
+    _check_under(path, what, path)
     return path
 
 
 def check_file(path: str | Path, what: str = "--out") -> Path:
-    """``path`` can be a file mltk writes: not a folder, its folder exists or can be made; else one MltkError line."""
+    """``path`` can be a file mltk writes: not a folder, and its folder exists or can be made; else one MltkError line."""
     path = Path(path)
     if path.is_dir():
         raise MltkError(f"{what} {str(path)!r} is a folder; give a file name, e.g. {str(path / 'model.onnx')!r}")
-    check_dir(path.parent, what=f"the folder of {what}")
+    _check_under(path, what, path.parent)
     return path
 
 
 def temporary(path: Path) -> Path:
     """A hidden sibling of ``path`` for writing it in full before a rename: ``.NAME.tmp-PID``."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def aside(path: Path) -> Path:
+    """A hidden sibling of ``path`` where its earlier version waits while the new one is renamed in: ``.NAME.old-PID``."""
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
@@ -85,3 +92,12 @@ def disk_error(exc: OSError, writing: str, kept: str = "") -> MltkError:
     else:
         reason = exc.strerror or str(exc)
     return MltkError(f"{reason} writing {writing}{'; ' + kept if kept else ''}")
+
+
+@contextmanager
+def writing(name: str, kept: str):
+    """An OSError while writing ``name`` (a full disk) is one line that says what is still intact."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(exc, name, kept) from None

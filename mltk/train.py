@@ -1,9 +1,7 @@
 """The training loop, top to bottom: data, model, losses, optimiser, epochs, checkpoints."""
 
-import itertools
 import json
 import math
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -15,21 +13,16 @@ import torch
 from torch import nn
 
 from mltk import distributed, registry
-from mltk.config import RunConfig, make_config, parse_loss_spec, save_yaml, to_dict
+from mltk.config import RunConfig, parse_loss_spec, to_dict
 from mltk.distributed import World
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
-    load_data, make_transform, select_classes, split_classes,
+    load_data, make_transform, select_classes, split_classes, write_skipped,
 )
 from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, out_of_memory
 from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
-from mltk.outputs import check_dir, disk_error, stale_temporaries, temporary
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; a run directory is then not held
-    fcntl = None
-
+from mltk.outputs import writing
+from mltk.run_dir import RunDirectory, read_history, resumed_config, write_config, write_history
 
 class WeightedLosses(nn.Module):
     """A weighted sum of registered losses; each may own parameters (ArcFace W, centers, a classifier).
@@ -121,152 +114,6 @@ class RunResult:
     skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
 
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "skipped_images.txt")  # all mltk run writes
-NEEDS_LAST_PT = "--resume needs --out RUN_DIR of a run that has a last.pt"
-_HELD: set[int] = set()  # descriptors of the run directories this process holds
-
-
-def _release_in_child() -> None:
-    """A forked child (a DataLoader worker) lets go of its parent's folders: a kill -9 of the run frees them at once."""
-    for fd in _HELD:
-        os.close(fd)
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_release_in_child)
-
-
-class RunDirectory:
-    """The folder a run writes, which belongs to that run: checked before the data is read, made only once the
-    run is ready, and held by one process at a time (an exclusive flock on the folder itself: no lock file).
-
-    A folder that holds a run (any of RUN_FILES) is refused unless ``resume`` goes on with it or ``overwrite``
-    starts it over (removing RUN_FILES, nothing else). ``path=None``: a new folder runs/<time>, -2, -3 ... when
-    that is taken. ``main=False`` (torchrun's other ranks): nothing is checked, held or written.
-    """
-
-    def __init__(self, path: str | Path | None, resume: bool = False, overwrite: bool = False, main: bool = True):
-        self.fresh = path is None
-        self.path = Path("runs") / time.strftime("%Y%m%d-%H%M%S") if path is None else Path(path)
-        self.resume, self.overwrite, self.main = resume, overwrite, main
-        self.fd: int | None = None
-
-    def __enter__(self) -> "RunDirectory":
-        """Before the data is read: a folder that can be written, free, and holding a run only when told."""
-        if self.main:
-            check_dir(self.path)
-            if self.fresh and self.resume:
-                raise MltkError(NEEDS_LAST_PT)
-            if not self.fresh:  # (a new folder has nothing to check)
-                try:
-                    with self.checking():
-                        if self.path.is_dir():
-                            self.hold()
-                        self.check()
-                except BaseException:
-                    self.__exit__()  # a refused folder is not held: ``with`` calls __exit__ only after __enter__ returns
-                    raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            _HELD.discard(self.fd)
-            os.close(self.fd)
-            self.fd = None
-
-    def make(self) -> Path:
-        """Make (or claim) the folder, now that every part of the run is built: the run's first write."""
-        if self.main:
-            with self.checking():
-                if self.fresh:
-                    self.path = self.new_folder(self.path)
-                else:
-                    self.path.mkdir(parents=True, exist_ok=True)
-                self.hold()
-                self.check()  # again, under the lock: another run may have come and gone since the start
-                for name in RUN_FILES:  # a kill -9 left these half-written; a live process's are left alone
-                    for stale in stale_temporaries(self.path, name):
-                        if ".tmp-" in stale.name and not stale.is_dir():
-                            stale.unlink(missing_ok=True)
-                    if self.overwrite:
-                        (self.path / name).unlink(missing_ok=True)
-        return self.path
-
-    @staticmethod
-    def new_folder(base: Path) -> Path:
-        """``base``, or ``base-2``, ``base-3`` ...: the first that this process creates (atomic: two runs started in
-        the same second never share one)."""
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count(1):
-            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-
-    def hold(self) -> None:
-        """The folder's lock, taken without waiting: a second process on it stops here, having touched nothing."""
-        if self.fd is not None or fcntl is None:
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MltkError(
-                f"--out {str(self.path)!r} is in use by another mltk run (it holds the folder); "
-                f"wait for that run to end, or give another --out"
-            ) from None
-        self.fd = fd
-        _HELD.add(fd)
-
-    def check(self) -> None:
-        """A run to resume has a last.pt; any other run there is started over only when told (``overwrite``)."""
-        if self.resume:
-            if not (self.path / "last.pt").is_file():
-                raise MltkError(NEEDS_LAST_PT)
-            return
-        found = [name for name in RUN_FILES if os.path.lexists(self.path / name)]
-        if found and not self.overwrite:
-            raise MltkError(
-                f"--out {str(self.path)!r} already holds a run ({', '.join(found)}): "
-                f"add --resume to go on with it, --overwrite to start it over, or give another --out"
-            )
-
-    @contextmanager
-    def checking(self):
-        try:
-            yield
-        except OSError as exc:  # e.g. a folder that cannot be read or locked, a best.pt that is a folder
-            raise MltkError(f"cannot use --out {str(self.path)!r}: {exc.strerror or exc}") from None
-
-
-RESUMABLE = ("epochs", "workers", "device", "out")  # how a run proceeds, not what it learns: a resume may change these
-LEFT_OPEN = ("image_size", "m_per_class", "amp")  # None means not chosen: a resume takes the run's own
-
-
-def resumed_config(cfg: RunConfig, state: dict, path: Path) -> RunConfig:
-    """The settings a resumed run goes on with: the run's own (its last.pt's), but RESUMABLE ones from ``cfg``.
-
-    Any other setting given with another value is refused: the run would record one thing and do another.
-    """
-    run_cfg = make_config(state["config"], source=f"checkpoint {str(path)!r}")
-    own, given = to_dict(run_cfg), to_dict(cfg)
-    differ = [k for k in own if k not in RESUMABLE and given[k] != own[k] and not (k in LEFT_OPEN and given[k] is None)]
-    if differ:
-        shown = ", ".join(f"{k} {given[k]!r} (the run has {own[k]!r})" for k in differ)
-        raise UsageError(
-            f"cannot resume {str(path.parent)!r} with {shown}: a resumed run keeps its settings, only epochs, workers and "
-            f"device may change; leave the others out, or start a new run in another --out"
-        )
-    if cfg.epochs < state["epoch"]:
-        done = state["epoch"]
-        raise UsageError(f"--epochs {cfg.epochs} is fewer than the epochs {str(path)!r} holds ({done}); a resumed run goes on: give --epochs {done} or more")
-    return replace(run_cfg, **{k: given[k] for k in RESUMABLE})
-
-
 def load_splits(cfg: RunConfig) -> tuple[LabelledImages, LabelledImages | None]:
     data = load_data(cfg.data)
     if cfg.data_classes:
@@ -336,19 +183,13 @@ def scan(data: LabelledImages, warn: Callable[[str], None]) -> tuple[LabelledIma
     return kept, skipped
 
 
-def list_skipped(run_dir: Path, skipped: list[tuple[Source, str]], mode: str = "a") -> None:
-    """skipped_images.txt: one ``path<TAB>reason`` line per image left out, so the user can fix or remove them."""
-    with open(run_dir / "skipped_images.txt", mode) as f:
-        f.write("".join(f"{path}\t{reason}\n" for path, reason in skipped))
-
-
 def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Callable[[str], None]) -> None:
     """Images that passed the scan but failed to decode in this epoch (changed since?): warned about once, listed."""
     new = [path for path in dict.fromkeys(bad) if path not in {p for p, _ in result.skipped}]
     if new:
         failures = [(path, check_image(path) or "failed to decode") for path in new]
         result.skipped += failures
-        list_skipped(result.run_dir, failures)
+        write_skipped(result.run_dir / "skipped_images.txt", failures, "a")
         warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
 
 
@@ -374,15 +215,6 @@ def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
 
     result = evaluate_embeddings(embeddings.numpy(), labels.numpy(), metrics=["recall_at_k"], ks=(1,))
     return float(result.values["recall@1"])
-
-
-@contextmanager
-def writing(name: str, kept: str):
-    """An OSError while writing ``name`` (a full disk) is one line that says what is still intact."""
-    try:
-        yield
-    except OSError as exc:
-        raise disk_error(exc, name, kept) from None
 
 
 @contextmanager
@@ -427,10 +259,14 @@ def train(
         joined = world.distributed and not torch.distributed.is_initialized()
         distributed.start(world, device)
         try:
-            return _train(cfg, home, world, device, resume, on_step, on_epoch, on_warning)
-        finally:
+            result = _train(cfg, home, world, device, resume, on_step, on_epoch, on_warning)
+        except BaseException:
             if joined:
-                distributed.stop()
+                distributed.stop(finished=False)
+            raise
+        if joined:
+            distributed.stop()
+        return result
 
 
 def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning) -> RunResult:
@@ -510,7 +346,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
         with writing("skipped_images.txt", kept):
             if skipped:
-                list_skipped(run_dir, skipped, "w")
+                write_skipped(run_dir / "skipped_images.txt", skipped)
             else:  # a resumed run's old list: its images read now
                 (run_dir / "skipped_images.txt").unlink(missing_ok=True)
         with writing("metrics.jsonl", kept):
@@ -647,39 +483,3 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
         raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
     return result
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    """metrics.jsonl's records; a line cut short by a killed process is dropped (its epoch is redone)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):  # anything else is not a record of ours
-            records.append(record)
-    return records
-
-
-def write_history(run_dir: Path, records: list[dict]) -> None:
-    path = run_dir / "metrics.jsonl"
-    tmp = temporary(path)
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_config(cfg: RunConfig, path: Path) -> None:
-    """config.yaml, whole or not at all (a temporary renamed into place)."""
-    tmp = temporary(path)
-    try:
-        save_yaml(cfg, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

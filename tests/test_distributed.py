@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from conftest import make_image_folder
 from mltk.config import make_config
+from mltk.distributed import stop
 from mltk.train import build_losses, distribute
 
 LOSS = "0.5*center+arcface+ContrastiveLoss"  # parameters of its own (center, arcface) and a pair loss (contrastive)
@@ -51,7 +52,7 @@ def worker(rank: int, world: int, init: str, out: str, miner: bool) -> None:
     part = slice(rank * N // world, (rank + 1) * N // world)  # this process's half of the batch
     one_step(net, objective, mine, x[part], y[part])
     torch.save(gradients(model, losses), f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    stop()  # after a barrier, as mltk run leaves the group
 
 
 @pytest.mark.parametrize("miner", [False, True])
@@ -76,7 +77,7 @@ def embed_worker(rank: int, world: int, init: str, out: str, images: str) -> Non
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     embeddings, labels, failed = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0, world=World(rank, world))
     torch.save({"embeddings": embeddings, "labels": labels}, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    stop()  # after a barrier, as mltk run leaves the group
 
 
 def embedder_and_images(images: str):

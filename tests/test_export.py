@@ -102,7 +102,7 @@ def test_a_file_that_does_not_match_pytorch_is_not_kept(digits_run, tmp_path, mo
     [
         ("missing run", "error: checkpoint '{tmp}/nope' does not exist"),
         ("out is a folder", "error: --out '{tmp}' is a folder; give a file name, e.g. '{tmp}/model.onnx'"),
-        ("out under a file", "error: the folder of --out '{tmp}/notes.txt' is a file, not a folder; give a folder"),
+        ("out under a file", "error: cannot write --out '{tmp}/notes.txt/m.onnx': '{tmp}/notes.txt' is a file, not a folder"),
         ("onnx not installed", "error: ONNX export needs onnx: pip install 'mltk[export]'"),
     ],
 )
