@@ -290,8 +290,8 @@ def find_checkpoint(run: str | Path) -> Path:
 
 
 def inference_device(device: str | None) -> torch.device:
-    """``device`` (None: a GPU when there is one, else the CPU); one that torch does not know, or that is not here, is one line."""
-    if device is None:
+    """``device`` (None or ``auto``: a GPU when there is one, else the CPU); one that torch does not know, or that is not here, is one line."""
+    if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from mltk.errors import UsageError
 

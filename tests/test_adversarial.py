@@ -1434,6 +1434,44 @@ def test_evaluate_numbers_out_of_range_are_one_line_before_any_work(options, exp
 
 
 
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["evaluate", "index", "export"])
+def test_ctrl_c_says_what_became_of_the_output(command, trained_run, mltk_main, tmp_path, monkeypatch):
+    """Ctrl-C in evaluate, index or export: exit 130 and one line saying nothing was written (as mltk run says what it kept)."""
+    import mltk.evaluate
+    import mltk.export
+    import mltk.index
+
+    run, folder = trained_run
+    patched, args = {
+        "evaluate": ((mltk.evaluate, "evaluate"), ["evaluate", run, "--data", folder, "--workers", "0", "--out"]),
+        "index": ((mltk.index, "write_index_dir"), ["index", run, "--data", folder, "--workers", "0", "--out"]),
+        "export": ((mltk.export, "export"), ["export", run, "--format", "torchscript", "--out"]),
+    }[command]
+    monkeypatch.setattr(*patched, _interrupt)
+    before = snapshot(tmp_path)
+    code, out, err = mltk_main(*args, tmp_path / "out")
+    assert code == 130 and out.strip() == ""
+    earlier = {"evaluate": "evaluation", "index": "index", "export": "export"}[command]
+    assert err.splitlines() == [f"interrupted: nothing was written to {str(tmp_path / 'out')!r} (an earlier {earlier} there is as it was)"]
+    assert snapshot(tmp_path) == before
+
+
+def test_device_auto_works_for_evaluate_index_and_search_as_for_run(trained_run, mltk_main, tmp_path):
+    """``--device auto`` (mltk run's default) is the GPU when there is one, else the CPU, for every command."""
+    run, folder = trained_run
+    code, out, err = mltk_main("evaluate", run, "--data", folder, "--out", tmp_path / "eval", "--workers", "0", "--no-report", "--device", "auto")
+    assert code == 0 and (tmp_path / "eval" / "metrics.json").is_file(), err
+    code, out, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "index", "--workers", "0", "--device", "auto")
+    assert code == 0, err
+    query = sorted(folder.glob("class_00/*.png"))[0]
+    code, out, err = mltk_main("search", tmp_path / "index", query, "--k", "1", "--json", "--device", "auto")
+    assert code == 0 and json.loads(out)[0]["neighbours"][0]["path"] == str(query.resolve()), err
+
+
 # ====================================================================================================
 # Plugins, data readers and the command line
 # ====================================================================================================

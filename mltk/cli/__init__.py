@@ -6,6 +6,7 @@ that need them, so ``mltk --help`` starts fast.
 
 import json
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from typing import Annotated
 
@@ -46,6 +47,16 @@ def cell(text: object) -> Text:
 def warn(message: str) -> None:
     """One ``warning:`` line on stderr (above a progress bar, if one is showing)."""
     err.print(f"warning: {one_line(message)}", soft_wrap=True, markup=False, highlight=False)
+
+
+@contextmanager
+def interrupted_means(what: str):
+    """Ctrl-C inside: one line saying what became of the output, exit 130 (Typer alone exits 130 silently)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: {one_line(what)}", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 def warn_plugin_errors() -> None:

@@ -36,7 +36,7 @@ def evaluate(
     weights: Annotated[Optional[str], typer.Option(help="With --backbone: a local weights file.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="With --backbone: image side in pixels.")] = None,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html (plots take a while on big sets).")] = True,
     index: Annotated[Optional[IndexKind], typer.Option(help="Nearest neighbours from a faiss index: flat (exact), or ivf / ivfpq / hnsw (approximate, for millions of images; their recall against the exact search is measured on 1,000 queries). Default: mltk's exact blockwise pass.")] = None,
     nprobe: Annotated[Optional[int], typer.Option(help="With --index ivf or ivfpq: cells a query visits (more: slower, closer to exact).")] = None,
@@ -47,7 +47,7 @@ def evaluate(
     from rich.table import Table
     from rich.text import Text
 
-    from mltk.cli import console, warn
+    from mltk.cli import console, interrupted_means, warn
     from mltk.display import shown
 
     if (run is None) == (backbone is None):
@@ -86,7 +86,8 @@ def evaluate(
         inputs = {"data": load_data(data) if data else ev.held_out_data(model)}
 
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True)
-    with ev.output_folder(out) as folder, bar:  # written aside, swapped in whole at the end; removed if anything fails
+    kept = f"nothing was written to {str(out)!r} (an earlier evaluation there is as it was)"
+    with interrupted_means(kept), ev.output_folder(out) as folder, bar:  # written aside, swapped in whole at the end; removed if anything fails
         tasks: dict[str, int] = {}
 
         def progress(phase: str, done: int, total: int) -> None:

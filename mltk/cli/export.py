@@ -21,11 +21,12 @@ def export(
 
     The file is loaded back and checked against PyTorch's embeddings before it is kept.
     """
-    from mltk.cli import console
+    from mltk.cli import console, interrupted_means
     from mltk.export import TOLERANCE
     from mltk.export import export as export_run
 
-    result = export_run(run, out, fmt.value)
+    with interrupted_means(f"nothing was written to {str(out)!r} (an earlier export there is as it was)"):
+        result = export_run(run, out, fmt.value)
     info = result.info
     console.print(
         f"wrote {result.path} ({fmt.value}, {result.path.stat().st_size / 2**20:.1f} MiB): "

@@ -21,13 +21,13 @@ def index(
     ef_search: Annotated[Optional[int], typer.Option(help="With --kind hnsw: candidates a query keeps (default 128).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")] = None,
 ) -> None:
     """Embed a gallery and write a self-contained index directory: index, paths, labels, the model."""
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mltk.cli import console, warn
+    from mltk.cli import console, interrupted_means, warn
     from mltk.display import shown
     from mltk.data import describe_files, load_data
     from mltk.errors import UsageError
@@ -43,7 +43,9 @@ def index(
     check_request(out, kind.value, batch_size, workers, **given)  # before the model loads: a bad --out costs nothing
     model = load(run, device)
     gallery = load_data(data)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+    kept = f"nothing was written to {str(out)!r} (an earlier index there is as it was)"
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True)
+    with interrupted_means(kept), bar:
         tasks: dict[str, int] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -66,7 +68,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, neighbours: [{rank, path, label, class, score}]}].")] = False,
     nprobe: Annotated[Optional[int], typer.Option(help="ivf or ivfpq index: cells a query visits (default: the index's).")] = None,
     ef_search: Annotated[Optional[int], typer.Option(help="hnsw index: candidates a query keeps (default: the index's).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: a GPU when there is one).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")] = None,
 ) -> None:
     """The gallery images nearest to each query image, with their cosine similarity."""
     from rich.table import Table
