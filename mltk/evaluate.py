@@ -289,6 +289,14 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def json_value(value):
+    """A metric as JSON holds it: numpy numbers as Python's, and a value that is not a finite number (no threshold
+    is best: inf; nothing to average: nan) as null, since JSON has no Infinity or NaN and most readers refuse them."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return int(value) if isinstance(value, (int, np.integer)) else value
+
+
 def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: str | None = None) -> None:
     """metrics.json, report.html (the ``report`` given), and with ``save_embeddings`` embeddings.npy, labels.npy and
     paths.txt (one per row), and skipped_images.txt: into ``out``, the folder ``output_folder`` gives, which is
@@ -296,10 +304,10 @@ def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: 
 
     Embeddings already streamed to ``out/embeddings.npy`` (``evaluate(embeddings_file=...)``) stay as they are.
     """
-    clean = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v) for k, v in result.values.items()}
+    clean = {k: json_value(v) for k, v in result.values.items()}
 
     def write() -> None:
-        (out / "metrics.json").write_text(json.dumps(clean, indent=2))
+        (out / "metrics.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
         if report is not None:
             (out / "report.html").write_text(report, encoding="utf-8")
         if save_embeddings:

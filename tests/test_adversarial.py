@@ -1434,6 +1434,20 @@ def test_evaluate_numbers_out_of_range_are_one_line_before_any_work(options, exp
 
 
 
+def test_metrics_json_is_strict_json_with_null_for_values_that_are_not_finite(tmp_path):
+    """JSON has no Infinity or NaN (JSON.parse, jq and most readers refuse them): such a metric is written as null."""
+    from mltk.evaluate import EvalResult, write_outputs
+
+    values = {"accuracy_threshold": float("inf"), "eer_threshold": np.float32("nan"), "roc_auc": np.float64(0.75), "pairs": np.int64(6)}
+    write_outputs(EvalResult(values, None, np.zeros((0, 2), np.float32), None, [], []), tmp_path, save_embeddings=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert written == {"accuracy_threshold": None, "eer_threshold": None, "roc_auc": 0.75, "pairs": 6}
+
+
 def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
