@@ -1831,7 +1831,7 @@ def test_an_error_with_newlines_and_escapes_is_still_one_plain_line(mltk_main, m
 
 
 def test_a_run_directory_with_markup_is_printed_as_it_is(capsys):
-    from mltk.cli import render_summary
+    from mltk.cli.run import render_summary
 
     result = SimpleNamespace(train_images=4, train_classes=2, val_images=0, history=[], best=None, run_dir=Path("runs/[red]x[/red]\x1b[2J"))
     render_summary(result)

@@ -6,17 +6,15 @@ that need them, so ``mltk --help`` starts fast.
 
 import json
 import sys
-from contextlib import contextmanager
 from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from mltk.display import one_line, shown
+from mltk.cli.output import cell, console, warn
+from mltk.display import one_line
 from mltk.errors import MltkError
 
 app = typer.Typer(
@@ -27,8 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err = Console(stderr=True)
 
 
 class Kind(str, Enum):
@@ -37,26 +33,6 @@ class Kind(str, Enum):
     miners = "miners"
     metrics = "metrics"
     datasets = "datasets"
-
-
-def cell(text: object) -> Text:
-    """A table cell that shows ``text`` as it is: a Text object is never read as rich markup."""
-    return Text(shown(text))
-
-
-def warn(message: str) -> None:
-    """One ``warning:`` line on stderr (above a progress bar, if one is showing)."""
-    err.print(f"warning: {one_line(message)}", soft_wrap=True, markup=False, highlight=False)
-
-
-@contextmanager
-def interrupted_means(what: str):
-    """Ctrl-C inside: one line saying what became of the output, exit 130 (Typer alone exits 130 silently)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print(f"interrupted: {one_line(what)}", file=sys.stderr)
-        raise typer.Exit(130) from None
 
 
 def warn_plugin_errors() -> None:
@@ -121,26 +97,6 @@ def plugins(
         status = Text(f"error: {one_line(row['error'])}", style="red") if row["error"] else Text("ok", style="green")
         table.add_row(cell(row["name"]), cell(row["version"]), cell(summary or "-"), status)
     console.print(table)
-
-
-def render_summary(result) -> None:
-    """The end of a run: a table of the last epoch and where the run directory is."""
-    table = Table("", "", box=None, show_header=False)
-    table.add_row("train images / classes", f"{result.train_images} / {result.train_classes}")
-    if result.val_images:
-        table.add_row("validation images / classes", f"{result.val_images} / {result.val_classes}")
-    if result.history:
-        last = result.history[-1]
-        table.add_row("epochs", str(last["epoch"]))
-        for key in sorted(k for k in last if k.startswith("loss") and k != "loss_lr"):
-            table.add_row(key, f"{last[key]:.4f}")
-        table.add_row("images/s", f"{last['images_per_s']:.0f}")
-        if "val_recall@1" in last:
-            table.add_row("val recall@1", f"{last['val_recall@1']:.4f}")
-    if result.best:
-        table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
-    console.print(table)
-    console.print(f"run directory: [bold]{escape(one_line(result.run_dir))}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
 
 
 def plugin_label(plugin: str) -> str:

@@ -47,7 +47,7 @@ def evaluate(
     from rich.table import Table
     from rich.text import Text
 
-    from mltk.cli import console, interrupted_means, warn
+    from mltk.cli.output import console, interrupted_means, warn
     from mltk.display import shown
 
     if (run is None) == (backbone is None):

@@ -21,7 +21,7 @@ def export(
 
     The file is loaded back and checked against PyTorch's embeddings before it is kept.
     """
-    from mltk.cli import console, interrupted_means
+    from mltk.cli.output import console, interrupted_means
     from mltk.export import TOLERANCE
     from mltk.export import export as export_run
 

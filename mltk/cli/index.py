@@ -27,7 +27,7 @@ def index(
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mltk.cli import console, interrupted_means, warn
+    from mltk.cli.output import console, interrupted_means, warn
     from mltk.display import shown
     from mltk.data import describe_files, load_data
     from mltk.errors import UsageError
@@ -73,7 +73,7 @@ def search(
     """The gallery images nearest to each query image, with their cosine similarity."""
     from rich.table import Table
 
-    from mltk.cli import cell, console
+    from mltk.cli.output import cell, console
     from mltk.index import search_images
 
     results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device)

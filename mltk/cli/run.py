@@ -43,7 +43,7 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from mltk import config as config_mod
-    from mltk.cli import console, render_summary, warn
+    from mltk.cli.output import console, warn
 
     options = {k: v for k, v in locals().items() if k in config_mod.FIELDS and k != "out"}  # --out is set below
     if resume:
@@ -87,3 +87,29 @@ def run(
             print(exc, file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
     render_summary(result)
+
+
+def render_summary(result) -> None:
+    """The end of a run: a table of the last epoch and where the run directory is."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from mltk.cli.output import console
+    from mltk.display import one_line
+
+    table = Table("", "", box=None, show_header=False)
+    table.add_row("train images / classes", f"{result.train_images} / {result.train_classes}")
+    if result.val_images:
+        table.add_row("validation images / classes", f"{result.val_images} / {result.val_classes}")
+    if result.history:
+        last = result.history[-1]
+        table.add_row("epochs", str(last["epoch"]))
+        for key in sorted(k for k in last if k.startswith("loss") and k != "loss_lr"):
+            table.add_row(key, f"{last[key]:.4f}")
+        table.add_row("images/s", f"{last['images_per_s']:.0f}")
+        if "val_recall@1" in last:
+            table.add_row("val recall@1", f"{last['val_recall@1']:.4f}")
+    if result.best:
+        table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
+    console.print(table)
+    console.print(f"run directory: [bold]{escape(one_line(result.run_dir))}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
