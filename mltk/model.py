@@ -160,7 +160,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path: str | Path, run: bool = False) -> dict:
     """A checkpoint, read with ``weights_only=True`` and checked field by field (``check_checkpoint``).
 
-    ``run``: the run's training state (epoch, best, losses, optimizer, ...) must be there too, as resuming needs.
+    ``run``: everything resuming needs must be there too: the run's record (epoch, best, losses, ...) and the
+    optimiser's state, which only last.pt keeps (best.pt is for inference: under Adam about a third of last.pt's size).
     """
     path = Path(path)
     if not path.is_file():
@@ -174,7 +175,8 @@ def load_checkpoint(path: str | Path, run: bool = False) -> dict:
 # What a checkpoint holds. Every field is checked on load, since the file may come from anywhere:
 # a bad value is one line naming the checkpoint and the field, not a traceback deep in timm.
 MODEL_FIELDS = ("config", "data_config", "classes", "model")  # every checkpoint: what inference needs
-RUN_FIELDS = ("epoch", "best", "losses", "optimizer", "scheduler", "scaler", "sampler", "rng")  # a run's: what resuming needs
+RUN_FIELDS = ("epoch", "best", "losses", "sampler", "rng")  # a run's record: best.pt and last.pt
+RESUME_FIELDS = ("optimizer", "scheduler", "scaler")  # the optimiser's state: last.pt only, what resuming needs
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode names
 CROP_MODES = ("center", "squash", "border")  # timm's eval transform
 MAX_SIDE = 4096  # pixels; far above any backbone's input, below what would exhaust memory at once
@@ -185,8 +187,8 @@ def check_checkpoint(state: dict, source: str, run: bool = False) -> dict:
     from mltk.config import make_config, to_dict
     from mltk.errors import UsageError
 
-    run = run or any(key in state for key in RUN_FIELDS)  # all of them or none: a run checkpoint or a slim one
-    missing = [key for key in MODEL_FIELDS + (RUN_FIELDS if run else ()) if key not in state]
+    record = run or any(key in state for key in RUN_FIELDS)  # all of them or none: a run's checkpoint or a slim one
+    missing = [key for key in MODEL_FIELDS + (RUN_FIELDS if record else ()) + (RESUME_FIELDS if run else ()) if key not in state]
     if missing:
         raise MltkError(f"{source} lacks the field{'s' if len(missing) > 1 else ''} {', '.join(missing)}; it was not written by mltk, or is damaged")
     try:
@@ -200,11 +202,11 @@ def check_checkpoint(state: dict, source: str, run: bool = False) -> dict:
         "classes": _names(_check(state["classes"], source, "classes", "a list of class names or null", _is_names)),
         "model": _check(state["model"], source, "model", "a state dict (names to tensors)", _is_state_dict),
     }
-    if run:
+    if record:
         checked["epoch"] = _check(state["epoch"], source, "epoch", "a whole number >= 0", lambda v: _is_int(v) and v >= 0)
         checked["best"] = _check(state["best"], source, "best", "{} or {epoch, score, by}", _is_best)
-        for key in RUN_FIELDS[2:]:
-            checked[key] = _check(state[key], source, key, "a mapping", lambda v: isinstance(v, dict))
+    for key in (RUN_FIELDS[2:] if record else ()) + (RESUME_FIELDS if run else ()):
+        checked[key] = _check(state[key], source, key, "a mapping", lambda v: isinstance(v, dict))
     return checked
 
 

@@ -354,7 +354,10 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         with writing("config.yaml", kept):
             write_config(cfg, run_dir / "config.yaml")
 
-    def checkpoint(epoch: int) -> dict:
+    def checkpoint(epoch: int, resumable: bool = True) -> dict:
+        """What best.pt (``resumable=False``) and last.pt hold; the optimiser's state, which only resuming needs
+        and which is twice the model's size under Adam, goes to last.pt alone."""
+        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
         return {
             "config": to_dict(cfg),
             "classes": train_data.classes,
@@ -363,16 +366,14 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             "best": result.best,
             "model": model.state_dict(),
             "losses": losses.state_dict() if losses is not None else {},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
             "sampler": {"seed": sampler.seed, "epoch": epoch},
             "rng": {"seed": cfg.seed, "epoch": epoch},
+            **(training if resumable else {}),
         }
 
     if cfg.epochs == 0 and main:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
         with writing("best.pt", kept):
-            save_checkpoint(checkpoint(0), run_dir / "best.pt")
+            save_checkpoint(checkpoint(0, resumable=False), run_dir / "best.pt")
     if not resume and main:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
         with writing("last.pt", kept):
             save_checkpoint(checkpoint(0), run_dir / "last.pt")
@@ -465,7 +466,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     f.write(json.dumps(record) + "\n")
                 if improved:
                     with writing("best.pt", kept):
-                        save_checkpoint(checkpoint(epoch + 1), run_dir / "best.pt")
+                        save_checkpoint(checkpoint(epoch + 1, resumable=False), run_dir / "best.pt")
                 with writing("last.pt", kept):
                     save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
             done = epoch + 1

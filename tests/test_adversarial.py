@@ -1202,7 +1202,7 @@ CHECKPOINT_CASES = {
     "model not tensors": (_put("model", {"neck.0.weight": [1.0]}), r"model must be a state dict \(names to tensors\)"),
     "negative epoch": (_put("epoch", -1), r"epoch must be a whole number >= 0, got -1"),
     "best without a score": (_put("best", {"epoch": 1}), r"best must be \{\} or \{epoch, score, by\}, got \{'epoch': 1\}"),
-    "no optimizer": (_drop("optimizer"), r"lacks the field optimizer"),
+    "no losses": (_drop("losses"), r"lacks the field losses"),
     "config not a mapping": (_put("config", None), r"config must be a mapping"),
     "backbone_kwargs mltk sets": (_config(backbone_kwargs={"num_classes": 5}), r"backbone_kwargs\['num_classes'\].*mltk sets 'num_classes' itself"),
     "unknown backbone": (_config(backbone="no_such_net"), r"unknown backbone 'no_such_net'"),
@@ -1250,8 +1250,20 @@ def test_a_checkpoint_passes_on_only_the_fields_it_knows(evaluate_checkpoint, tm
     slim = {k: evaluate_checkpoint[k] for k in ("config", "data_config", "classes", "model")}  # what mltk index writes
     save_checkpoint(slim, tmp_path / "slim.pt")
     assert set(load_checkpoint(tmp_path / "slim.pt")) == {"format", *slim}
-    with pytest.raises(MltkError, match=r"slim.pt' lacks the fields epoch, best, losses, optimizer, scheduler, scaler, sampler, rng"):
+    with pytest.raises(MltkError, match=r"slim.pt' lacks the fields epoch, best, losses, sampler, rng, optimizer, scheduler, scaler"):
         load_checkpoint(tmp_path / "slim.pt", run=True)  # what resuming needs
+
+
+def test_best_pt_leaves_the_optimiser_state_to_last_pt(trained_run):
+    """Only resuming needs Adam's state (twice the model's size): best.pt is for inference, last.pt carries it."""
+    from mltk.model import load_checkpoint
+
+    best, last = trained_run[0] / "best.pt", trained_run[0] / "last.pt"
+    assert not {"optimizer", "scheduler", "scaler"} & set(torch.load(best, weights_only=True))
+    assert {"optimizer", "scheduler", "scaler"} <= set(load_checkpoint(last, run=True))
+    assert best.stat().st_size < last.stat().st_size
+    with pytest.raises(MltkError, match=r"best.pt' lacks the fields optimizer, scheduler, scaler"):
+        load_checkpoint(best, run=True)  # resuming reads last.pt
 
 
 # --- 3. mltk export: both files or neither; no folder left behind -------------------------------------------------
