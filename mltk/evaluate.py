@@ -259,6 +259,7 @@ def output_folder(out: Path):
     try:
         _writing(lambda: tmp.mkdir(parents=True), out)
         yield tmp
+        check_out(out)  # again: files put into ``out`` while the evaluation ran are the user's, not to be replaced
         _writing(lambda: _swap_in(tmp, out), out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

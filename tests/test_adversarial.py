@@ -1446,6 +1446,20 @@ def test_evaluate_numbers_out_of_range_are_one_line_before_any_work(options, exp
 
 
 
+def test_evaluate_keeps_files_put_into_out_while_it_runs(tmp_path):
+    """--out is checked again just before the swap: what the user put there meanwhile is theirs, not replaced."""
+    from mltk.evaluate import check_out, output_folder
+
+    out = check_out(tmp_path / "eval")
+    with pytest.raises(MltkError, match=r"is not empty and not an earlier evaluation \('notes.txt'\)"):
+        with output_folder(out) as folder:
+            (folder / "metrics.json").write_text("{}")
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_metrics_json_is_strict_json_with_null_for_values_that_are_not_finite(tmp_path):
     """JSON has no Infinity or NaN (JSON.parse, jq and most readers refuse them): such a metric is written as null."""
     from mltk.evaluate import EvalResult, write_outputs
