@@ -61,6 +61,25 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.fixture
+def plugin():
+    """``plugin(obj, name)`` registers a plugin object for one test; afterwards it is unregistered and its errors forgotten."""
+    from mltk.plugins import errors, pm
+
+    added = []
+
+    def add(obj, name):
+        pm.register(obj, name=name)
+        added.append(name)
+        return obj
+
+    yield add
+    for name in added:
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+        errors.pop(name, None)
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
 

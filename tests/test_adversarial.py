@@ -30,7 +30,7 @@ from mltk import registry
 from mltk.config import RunConfig, load_yaml, make_config, validate
 from mltk.errors import MltkError, UsageError
 from mltk.model import load_checkpoint
-from mltk.plugins import errors, pm
+from mltk.plugins import errors
 from mltk.run_dir import RunDirectory
 from mltk.train import train
 
@@ -1526,23 +1526,6 @@ def test_device_auto_works_for_evaluate_index_and_search_as_for_run(trained_run,
 # helpers (prefixed plugins_data_ so that a merged test file has no clashes)
 
 
-@pytest.fixture
-def plugins_data_plugin():
-    """Register plugin objects for one test; unregister them and forget their errors afterwards."""
-    added = []
-
-    def add(obj, name):
-        pm.register(obj, name=name)
-        added.append(name)
-        return obj
-
-    yield add
-    for name in added:
-        if pm.has_plugin(name):
-            pm.unregister(name=name)
-        errors.pop(name, None)
-
-
 def plugins_data_losses(*entries):
     """A plugin object whose register_losses registers each ``(name, factory, description)`` in turn."""
 
@@ -1568,8 +1551,8 @@ def plugins_data_builder(num_classes=1, embedding_size=1, **kwargs):
     [42, None, "", "two words", "0.5*ce", "a+b", "[red]x[/red]", "x\x1b[2J", "tab\tname", "9lives", "x" * 101],
     ids=["int", "None", "empty", "space", "star", "plus", "markup", "ansi", "tab", "digit-first", "too-long"],
 )
-def test_a_bad_plugin_name_is_refused_alone_and_mltk_plugins_still_works(plugins_data_plugin, mltk_main, bad):
-    plugins_data_plugin(plugins_data_losses((bad, plugins_data_builder, ""), ("pd_good.loss-1", plugins_data_builder, "")), "pd_names")
+def test_a_bad_plugin_name_is_refused_alone_and_mltk_plugins_still_works(plugin, mltk_main, bad):
+    plugin(plugins_data_losses((bad, plugins_data_builder, ""), ("pd_good.loss-1", plugins_data_builder, "")), "pd_names")
     assert "pd_good.loss-1" in registry.list_losses()  # the entry after the bad one is kept
     assert registry.create_loss("pd_good.loss-1", num_classes=2, embedding_size=2) == "built"
     assert "refused" in errors["pd_names"] and errors["pd_names"].startswith("register_losses: loss name ")
@@ -1584,24 +1567,24 @@ def test_a_bad_plugin_name_is_refused_alone_and_mltk_plugins_still_works(plugins
     assert "warning: plugin 'pd_names' failed: register_losses: loss name " in err and "\x1b" not in err
 
 
-def test_every_name_the_registry_takes_can_be_written_in_a_loss_spec(plugins_data_plugin):
+def test_every_name_the_registry_takes_can_be_written_in_a_loss_spec(plugin):
     from mltk.config import parse_loss_spec
 
     names = ["pd_a", "_pd", "pd.b-2", "pd_" + "x" * 90, "pdé"]
-    plugins_data_plugin(plugins_data_losses(*[(n, plugins_data_builder, "") for n in names]), "pd_spec")
+    plugin(plugins_data_losses(*[(n, plugins_data_builder, "") for n in names]), "pd_spec")
     assert set(names) <= set(registry.list_losses()) and "pd_spec" not in errors
     assert [n for _, n in parse_loss_spec("+".join(f"0.5*{n}" for n in names))] == names
 
 
-def test_a_builder_that_is_not_callable_or_a_description_that_is_not_text_is_refused(plugins_data_plugin, mltk_main):
-    plugins_data_plugin(plugins_data_losses(("pd_five", 5, ""), ("pd_desc", plugins_data_builder, ["a", "list"]), ("pd_fine", plugins_data_builder, "ok")), "pd_kinds")
+def test_a_builder_that_is_not_callable_or_a_description_that_is_not_text_is_refused(plugin, mltk_main):
+    plugin(plugins_data_losses(("pd_five", 5, ""), ("pd_desc", plugins_data_builder, ["a", "list"]), ("pd_fine", plugins_data_builder, "ok")), "pd_kinds")
     assert {"pd_five", "pd_desc"}.isdisjoint(registry.list_losses()) and "pd_fine" in registry.list_losses()
     assert "'pd_five' refused: its builder is a int" in errors["pd_kinds"] and "'pd_desc' refused: its description is a list" in errors["pd_kinds"]
     code, out, err = mltk_main("list", "losses", "pd_*")
     assert code == 0 and "pd_fine" in out, err
 
 
-def test_plugin_text_is_shown_as_text_not_markup_or_escapes(plugins_data_plugin, mltk_main):
+def test_plugin_text_is_shown_as_text_not_markup_or_escapes(plugin, mltk_main):
     class Loud:
         @mltk.hookimpl
         def register_datasets(self, register):
@@ -1611,7 +1594,7 @@ def test_plugin_text_is_shown_as_text_not_markup_or_escapes(plugins_data_plugin,
         def register_miners(self, register):
             raise RuntimeError("[b]boom[/b]\x1b[31m[/nope]")
 
-    plugins_data_plugin(Loud(), "[i]pd_loud[/i]")
+    plugin(Loud(), "[i]pd_loud[/i]")
     code, out, err = mltk_main("list", "datasets", "pd_*")
     assert code == 0, err
     assert "[red]x[/red]" in out and "[/bold]" in out and "[i]pd_loud[/i]" in out  # printed as written
@@ -1866,8 +1849,8 @@ def test_a_run_directory_with_markup_is_printed_as_it_is(capsys):
 
 
 @pytest.mark.parametrize("pattern", ["[red]*", "[/red]", "*[/]*", "arc\x1b[2J*"])
-def test_list_with_a_markup_pattern(mltk_main, plugins_data_plugin, pattern):
-    plugins_data_plugin(plugins_data_losses(("pd_plain", plugins_data_builder, "[red]x[/red]")), "pd_pattern")
+def test_list_with_a_markup_pattern(mltk_main, plugin, pattern):
+    plugin(plugins_data_losses(("pd_plain", plugins_data_builder, "[red]x[/red]")), "pd_pattern")
     code, out, err = mltk_main("list", "losses", pattern)
     assert code == 0 and err == "" and "\x1b" not in out
     code, out, err = mltk_main("list", "losses", "pd_plain")

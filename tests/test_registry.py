@@ -111,21 +111,6 @@ class _Raises:
         raise RuntimeError("boom")
 
 
-@pytest.fixture
-def plugin():
-    registered = []
-
-    def add(obj, name):
-        pm.register(obj, name=name)
-        registered.append(obj)
-
-    yield add
-    for obj in registered:
-        if pm.is_registered(obj):
-            pm.unregister(obj)
-    errors.clear()
-
-
 def test_registering_and_unregistering_a_plugin_is_seen(plugin):
     plugin(_Extra(), "extra")
     assert registry.create_loss("triplet_preset", num_classes=1, embedding_size=1) == "made"
