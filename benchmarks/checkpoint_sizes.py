@@ -40,7 +40,7 @@ def saved_bytes(state: dict) -> int:
 def measure(name: str, classes: int) -> tuple[int, int]:
     from mltk.config import load_yaml, make_config
     from mltk.model import build_embedder
-    from mltk.train import build_losses
+    from mltk.losses import build_losses
 
     cfg = replace(make_config(load_yaml(EXAMPLES / f"{name}.yaml")), pretrained=False)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltk import index as mindex
+from mltk import knn as mindex
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

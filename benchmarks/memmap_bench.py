@@ -4,7 +4,7 @@
     python benchmarks/memmap_bench.py --n 4000000 --dim 512    # 8 GiB on disk
 
 What ``mltk evaluate --save-embeddings --index ivfpq`` does after embedding: the embeddings are a
-read-only memory map (``mltk.evaluate.embed(..., out=FILE)`` writes them batch by batch), the
+read-only memory map (``mltk.embedding.embed(..., out=FILE)`` writes them batch by batch), the
 index is built from chunks of it and keeps pq_m bytes per vector, and queries are searched in
 blocks. The memory the process itself allocates (RssAnon, sampled every 20 ms from
 /proc/self/status) is printed beside the size of the file: pages of the file the kernel has read

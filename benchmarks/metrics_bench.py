@@ -9,7 +9,7 @@ peak memory is the subprocess's maximum resident set as the kernel reports it (o
 and data included. The "data only" row is that floor: the same imports and data, no metrics.
 
 - mltk: recall@1/2/4/8, precision@1/2/4/8, MAP@R, and ROC-AUC, TAR@FAR, EER and 10-fold accuracy
-  over all N(N-1)/2 pairs, with its default engine ("blocks") and with engine="faiss".
+  over all N(N-1)/2 pairs, with its default engine ("blocks") and with engine="flat".
 - PML: AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
   k="max_bin_count"), its default faiss kNN.
 - sklearn: roc_auc_score over the explicit list of all pairs (scored block by block), skipped when
@@ -54,7 +54,7 @@ def run_contender(name: str, x: np.ndarray, labels: np.ndarray) -> dict[str, flo
     if name.startswith("mltk"):
         from mltk.metrics import evaluate_embeddings
 
-        engine = "faiss" if "faiss" in name else "blocks"
+        engine = "flat" if "faiss" in name else "blocks"
         return evaluate_embeddings(x, labels, engine=engine).values
     if name.startswith("PML"):
         import torch

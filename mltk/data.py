@@ -277,6 +277,13 @@ def write_skipped(path: Path, items: list[tuple[Source, str]], mode: str = "w") 
         f.write(text)
 
 
+def readable(data: LabelledImages, skipped: list) -> LabelledImages:
+    """``data`` without its unreadable files, which are added to ``skipped``."""
+    data, bad = drop_unreadable(data)
+    skipped += bad
+    return data
+
+
 def describe_files(items: list[tuple[Source, str]], limit: int = 3) -> str:
     """The first few ``(path, reason)`` pairs on one line, and how many more there are."""
     shown = ", ".join(f"{path} ({reason})" for path, reason in items[:limit])

@@ -9,15 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from mltk.data import ImageDataset, LabelledImages, check_image, describe_files, drop_unreadable, load_data, select_classes, split_classes, write_skipped
-from mltk.errors import MltkError, UsageError, is_out_of_memory, out_of_memory
+from mltk.data import LabelledImages, drop_unreadable, load_data, readable, select_classes, split_classes, write_skipped
+from mltk.embedding import Progress, embed
+from mltk.errors import MltkError, UsageError
 from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
 from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
 
 def untrained_model(backbone: str, pretrained: bool = False, weights: str | None = None, image_size: int | None = None, device: str | None = None) -> EmbeddingModel:
     """A backbone's own pooled features, no training (experiment config 0)."""
@@ -56,63 +53,6 @@ def held_out_data(model: EmbeddingModel) -> LabelledImages:
     return split_classes(data, cfg.val_classes, cfg.seed)[1]
 
 
-def embed(
-    model: EmbeddingModel, data: LabelledImages, batch_size: int = 128, workers: int = 2, flip_tta: bool = False,
-    progress: Progress | None = None, out: str | Path | None = None,
-) -> np.ndarray:
-    """L2-normalised float32 embeddings of every image, in order; ``flip_tta`` averages with the mirrored image.
-
-    With ``out`` (an .npy file) each batch is written to disk as it comes, and the file comes back
-    as a read-only memory map: a set larger than memory can be embedded and evaluated. The file is
-    written under a temporary name and renamed at the end, so a failed run leaves no partial file
-    under ``out``.
-    """
-    if out is None:
-        vectors = np.zeros((len(data), model.embedder.dim), np.float32)
-        _embed_into(vectors, model, data, batch_size, workers, flip_tta, progress)
-        return vectors
-    out = Path(out)
-    tmp = temporary(out)
-    try:
-        if len(data):
-            vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(data), model.embedder.dim))
-            _embed_into(vectors, model, data, batch_size, workers, flip_tta, progress)
-            vectors.flush()
-            del vectors  # unmapped before the rename
-        else:  # numpy cannot map an empty array
-            with open(tmp, "wb") as f:
-                np.save(f, np.zeros((0, model.embedder.dim), np.float32))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return np.load(out, mmap_mode="r") if len(data) else np.load(out)
-
-
-@torch.no_grad()
-def _embed_into(target: np.ndarray, model: EmbeddingModel, data: LabelledImages, batch_size: int, workers: int, flip_tta: bool, progress: Progress | None) -> None:
-    dataset = ImageDataset(data, model.transform, model.mode)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    done, failed = 0, []
-    try:
-        for images, _, bad in loader:
-            images = images.to(model.device)
-            vectors = model.embedder.embed(images)
-            if flip_tta:
-                vectors = torch.nn.functional.normalize(vectors + model.embedder.embed(images.flip(-1)), dim=1)
-            target[done : done + len(images)] = vectors.cpu().numpy()
-            failed += bad[bad >= 0].tolist()
-            done += len(images)
-            if progress:
-                progress("embedding", done, len(dataset))
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise out_of_memory(exc, f"lower --batch-size (now {batch_size})") from None
-    if failed:  # passed the scan, fails now (changed since?): metrics on stand-in images would be wrong
-        files = [(data.sources[i], check_image(data.sources[i]) or "failed to decode") for i in failed]
-        raise MltkError(f"{len(files)} images could not be read while embedding: {describe_files(files)}")
-
-
 def align_classes(query: LabelledImages, gallery: LabelledImages) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labels of both sets over the union of their class names."""
     names = sorted(set(query.classes) | set(gallery.classes))
@@ -129,18 +69,12 @@ class EvalResult:
     labels: np.ndarray | None
     sources: list
     classes: list[str]
-    neighbours: object = None  # mltk.metrics.Neighbours: rows follow ``query_index``
-    query_index: np.ndarray | None = None
+    query_index: np.ndarray | None = None  # rows of ``embeddings`` that were queries, and gallery items (the report's examples)
+    gallery_index: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # (path, reason) of unreadable images left out
     embeddings_file: Path | None = None  # where ``embeddings`` were streamed to (a memory map of it)
-
-
-def readable(data: LabelledImages, skipped: list) -> LabelledImages:
-    """``data`` without its unreadable files, which are added to ``skipped``."""
-    data, bad = drop_unreadable(data)
-    skipped += bad
-    return data
+    left_out: dict = field(default_factory=dict)  # metric name -> why it does not apply to this set (all metrics asked for)
 
 
 def evaluate(
@@ -193,7 +127,7 @@ def evaluate(
         same = [s for _, _, s in pair_list.pairs]
         pairs = metrics_mod.Pairs.from_indices(embeddings, first, second, same, folds)
         result = metrics_mod.evaluate_embeddings(embeddings, None, pairs=pairs, **options)
-        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped, embeddings_file=embeddings_file)
+        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped, embeddings_file=embeddings_file, left_out=result.left_out)
     skipped = []
     if query is not None and gallery is not None:
         query, gallery = readable(query, skipped), readable(gallery, skipped)
@@ -210,8 +144,8 @@ def evaluate(
         labels, classes, sources = np.asarray(data.labels), list(data.classes), list(data.sources)
         result = metrics_mod.evaluate_embeddings(embeddings, labels, **options)
         info = {"images": len(data), "classes": len(classes), "protocol": "leave-one-out retrieval, all pairs for verification"}
-    ev = result.evaluation
-    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.neighbours(), ev.query, info, skipped, embeddings_file)
+    ev = result.evaluation  # only what the metrics asked for was computed: the report searches its few examples itself
+    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.query, ev.gallery, info, skipped, embeddings_file, result.left_out)
 
 
 def source_name(source) -> str:
@@ -348,15 +282,16 @@ def build_report(result: EvalResult, title: str, max_classes: int = 20, max_poin
             figures[f"{name} ({shown})"] = report.scatter_plot(points, result.labels[keep], result.classes, f"{name} of the embeddings, coloured by class")
             if progress:
                 progress(name, 1, 1)
-    nb = result.neighbours
-    if nb is not None and len(nb.indices):
-        rows = np.flatnonzero(nb.included)
-        rows = np.random.default_rng(seed).choice(rows, min(grid_queries, len(rows)), replace=False) if len(rows) else rows
+    if result.labels is not None and result.query_index is not None:
+        from mltk.metrics import Evaluation
+
+        # A few queries, searched alone: no pass over every query, and k clipped to what a set this size allows.
+        ev = Evaluation(result.embeddings, result.labels, query=result.query_index, gallery=result.gallery_index)
+        rows, nb = ev.examples(grid_queries, grid_k, seed)
         if len(rows):
             queries = [result.sources[result.query_index[r]] for r in rows]
-            k = min(grid_k, nb.indices.shape[1])
-            neighbours = [[result.sources[i] for i in nb.indices[r, :k]] for r in rows]
-            figures["Retrieval examples"] = report.retrieval_grid(queries, neighbours, nb.match[rows, :k], open_image)
+            neighbours = [[result.sources[i] for i in found] for found in nb.indices]
+            figures["Retrieval examples"] = report.retrieval_grid(queries, neighbours, nb.match, open_image)
     metrics = {k: v for k, v in result.values.items() if isinstance(v, float)}
     info = {**result.info, **{k: v for k, v in result.values.items() if not isinstance(v, float)}}
     return report.html_report(title, metrics, info, figures)

@@ -1,9 +1,14 @@
-"""Losses pytorch-metric-learning does not have, written as PML loss functions."""
+"""Losses pytorch-metric-learning does not have, written as PML loss functions, and the weighted sum
+a ``--loss`` spec ("0.01*center+ce+arcface") names, as PML's MultipleLosses sits beside its losses."""
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
+from torch import nn
+
+from mltk import registry
+from mltk.config import RunConfig, parse_loss_spec
 
 
 class CenterLoss(BaseMetricLossFunction):
@@ -50,3 +55,54 @@ class CrossEntropyLoss(BaseMetricLossFunction):
         logits = self.classifier(embeddings.to(self.classifier.weight.dtype))
         losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none", label_smoothing=self.label_smoothing)
         return {"loss": {"losses": losses, "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}}
+
+
+class WeightedLosses(nn.Module):
+    """A weighted sum of registered losses; each may own parameters (ArcFace W, centers, a classifier).
+
+    Across processes (``distribute``) every loss sees the embeddings of all processes, through
+    pytorch-metric-learning's DistributedLossWrapper (the miner's indices cover them too), so the
+    gradients equal those of one process on the whole batch.
+    """
+
+    def __init__(self, terms: list[tuple[float, str, nn.Module]]):
+        super().__init__()
+        self.weights = {name: weight for weight, name, _ in terms}
+        self.losses = nn.ModuleDict({name: loss for _, name, loss in terms})
+        self.gathered: dict[str, nn.Module] = {}  # a plain dict: the state dict keeps its keys
+        self.scale = 1
+
+    def distribute(self) -> None:
+        """Gather the embeddings of every process into each loss (after torch.distributed is started)."""
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+        self.scale = torch.distributed.get_world_size()
+        self.gathered = {name: DistributedLossWrapper(loss) for name, loss in self.losses.items()}
+        # The wrapper scales its loss by the number of processes, so that DDP's mean of the model's gradients
+        # (each process's embeddings' share) is the whole batch's gradient. The losses' own parameters get
+        # that whole gradient in every process: unscale it, and DDP's mean leaves it as it is.
+        for parameter in self.losses.parameters():
+            parameter.register_hook(lambda grad: grad / self.scale)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None):
+        parts = {name: self.gathered.get(name, loss)(embeddings, labels, indices_tuple) for name, loss in self.losses.items()}
+        total = self.weighted(parts)
+        return total, {name: value.detach() / self.scale for name, value in parts.items()}
+
+    def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[name] * value for name, value in parts.items())
+
+
+def check_loss_names(spec: str) -> None:
+    """Every loss the spec names is registered (an unknown one: a UsageError naming close matches)."""
+    for _, name in parse_loss_spec(spec):
+        registry.get("losses", name)
+
+
+def build_losses(cfg: RunConfig, num_classes: int, dim: int) -> WeightedLosses:
+    """The losses of ``cfg.loss`` with their ``cfg.loss_options``, for ``num_classes`` classes and ``dim``-wide embeddings."""
+    terms = []
+    for weight, name in parse_loss_spec(cfg.loss):
+        options = dict(cfg.loss_options.get(name, {}))
+        terms.append((weight, name, registry.create_loss(name, num_classes=num_classes, embedding_size=dim, **options)))
+    return WeightedLosses(terms)

@@ -8,21 +8,25 @@ score bin), each computed once, on first use.
 Embeddings are float32 and L2-normalised; scores are cosine similarities. The rules:
 
 - Neighbours are ranked by similarity; a tie is broken by the lower gallery index, as a stable sort
-  of ``-similarity`` does. The exact engines ("blocks", "faiss") give exactly that order for the
+  of ``-similarity`` does. The exact engines ("blocks", "flat") give exactly that order for the
   similarities they compute (their float rounding may differ from numpy's in the last bit).
-- The approximate engines ("ivf", "ivfpq", "hnsw": a faiss index, ``mltk.index``) may miss some of the true
+- The approximate engines ("ivf", "ivfpq", "hnsw": a faiss index, ``mltk.knn``) may miss some of the true
   nearest neighbours. Their cost is measured: on a seeded sample of up to ``check_queries``
   queries the exact search runs too, and ``index_recall@k`` (the share of the exact k nearest the
   index found) and recall@1 of both on that sample are reported.
-- Embeddings may be a float32 ``np.memmap`` (``mltk.evaluate.embed(..., out=FILE)``): it is read
+- Embeddings may be a float32 ``np.memmap`` (``mltk.embedding.embed(..., out=FILE)``): it is read
   block by block and never copied whole (a query or gallery that is not a contiguous range of rows
   is gathered, a copy of those rows).
 - A query whose class has no other item in the gallery is left out of recall@k, precision@k and
   MAP@R (as pytorch-metric-learning does); ``queries_excluded`` counts them.
 - Without an explicit pair list, the pairs are every pair of the evaluated set (i < j; with a
   query/gallery split, every query-gallery pair), counted in a histogram of ``BINS`` bins over
-  [-1, 1]; two scores in one bin count as a tie (half, in ROC-AUC). Past ``max_pairs`` pairs,
-  ``sample_pairs`` pairs drawn uniformly at random (seeded) are scored exactly instead.
+  [-1, 1], never listed. A bin that holds more than ``MERGED`` of the positive or of the negative
+  pairs and more than one distinct score is counted again, in a pass of its own, split over its
+  float32 values, and so on until no bin is: scores that share a bin move no rate (TPR, FPR, and
+  so ROC-AUC, TAR@FAR, EER, accuracy) by more than ``MERGED``, however concentrated they are, and
+  equal float32 scores are ties, as in scikit-learn. Past ``max_pairs`` pairs, ``sample_pairs``
+  pairs drawn uniformly at random (seeded) are scored exactly instead.
 - Accuracy is 10-fold cross-validated: the threshold that maximises accuracy on nine folds (the
   highest one among equals) is applied to the tenth. Explicit pairs keep their folds (LFW's
   pairs.txt has ten) or are dealt into folds at random; for all pairs, the folds are ten
@@ -38,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mltk import knn
 from mltk.errors import UsageError
 
 KS = (1, 2, 4, 8)
@@ -46,10 +51,12 @@ FOLDS = 10
 MAX_PAIRS = 10**10
 SAMPLE_PAIRS = 10**7
 BINS = 1 << 20
+MERGED = 1e-4  # the most of the positive or of the negative pairs one bin of distinct scores may hold
+SPLIT = BINS // 4  # bins a pass that splits heavy bins may use, over all of them
 BLOCK = 4096
-EXACT_ENGINES = ("blocks", "faiss")
-APPROXIMATE_ENGINES = ("ivf", "ivfpq", "hnsw")  # faiss's IVF, IVF-PQ and HNSW indexes
-ENGINES = EXACT_ENGINES + APPROXIMATE_ENGINES
+EXACT_ENGINES = ("blocks", "flat")  # mltk's own blockwise pass; faiss's exact index
+APPROXIMATE_ENGINES = knn.APPROXIMATE  # faiss's IVF, IVF-PQ and HNSW indexes
+ENGINES = ("blocks",) + knn.KINDS  # "blocks", then the index kinds of mltk.knn, by the same names
 CHECK_QUERIES = 1000  # queries on which an approximate engine is checked against the exact search
 _WORST = -3.0  # below any cosine similarity: an empty heap slot
 
@@ -110,6 +117,7 @@ class Results:
     values: dict[str, float]
     roc: Roc | None
     evaluation: Evaluation
+    left_out: dict[str, str] = field(default_factory=dict)  # metric name -> why it does not apply (metrics=None only)
 
 
 @dataclass
@@ -119,9 +127,12 @@ class Evaluation:
     ``query``/``gallery`` (indices or boolean masks into ``embeddings``) split the items; without
     them every item is a query against all the others (leave-one-out). ``pairs`` replaces the
     all-pairs verification with an explicit pair list. ``engine`` picks the kNN pass: "blocks"
-    (torch matmul in blocks, one pass that also fills the pair histogram), "faiss" (exact), or an
+    (torch matmul in blocks, one pass that also fills the pair histogram), "flat" (faiss, exact), or an
     approximate faiss index, "ivf", "ivfpq" or "hnsw", built with ``index_options`` (``mltk.index.build``:
     nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries.
+    ``retrieval`` and ``verification`` say what the metrics will ask for: the blocks pass fills
+    the kNN heaps and the all-pairs histogram together (one pass for both) only when both are
+    wanted; one asked for anyway is computed then, in a pass of its own.
     """
 
     embeddings: np.ndarray | None
@@ -139,6 +150,8 @@ class Evaluation:
     block: int = BLOCK
     index_options: dict = field(default_factory=dict)
     check_queries: int = CHECK_QUERIES
+    retrieval: bool = True
+    verification: bool = True
     info: dict[str, float] = field(default_factory=dict)
     loo: bool = field(default=True, init=False)
     _neighbours: Neighbours | None = field(default=None, init=False, repr=False)
@@ -170,9 +183,9 @@ class Evaluation:
         if self._neighbours is None:
             if self.labels is None or self.embeddings is None:
                 raise NotApplicable("retrieval metrics need embeddings and labels")
-            self._pass_k()  # a k beyond the gallery fails here, before any work
+            self._pass_k()  # a gallery with nothing to retrieve fails here, before any work
             if self.engine == "blocks":
-                self._block_pass()
+                self._block_pass(knn=True, hist=self.verification and self._all_pairs_pending())
             else:
                 self._set_neighbours(*self._index_neighbours())
         return self._neighbours
@@ -187,7 +200,8 @@ class Evaluation:
             elif self.total_pairs > self.max_pairs:
                 self._set_counts(_sample_pairs(self), sampled=True)
             else:
-                self._block_pass()
+                knn = self.retrieval and self._neighbours is None and self.engine == "blocks" and self._available() > 0
+                self._block_pass(knn=knn, hist=True)
         return self._counts
 
     def roc(self) -> Roc:
@@ -196,10 +210,29 @@ class Evaluation:
             self._roc = roc_curve(self.pair_counts())
         return self._roc
 
-    def _block_pass(self) -> None:
-        """One pass for whatever is missing: kNN (blocks engine) and the all-pairs histogram."""
-        knn = self._neighbours is None and self.engine == "blocks" and max(self.ks) <= len(self.gallery) - self.loo
-        hist = self._counts is None and self.pairs is None and self.total_pairs <= self.max_pairs
+    def examples(self, count: int, k: int, seed: int = 0) -> tuple[np.ndarray, Neighbours]:
+        """A seeded sample of up to ``count`` queries that have another item of their class in the gallery (their
+        positions in ``query``) and their k nearest, k clipped to what a query can retrieve: a report's retrieval
+        examples. Only these queries are searched (exactly), not every query as ``neighbours()`` does."""
+        if self.labels is None or self.embeddings is None:
+            raise NotApplicable("retrieval examples need embeddings and labels")
+        relevant = self._relevant()
+        rows = np.flatnonzero(relevant > 0)
+        rows = np.random.default_rng(seed).choice(rows, min(count, len(rows)), replace=False) if len(rows) else rows
+        k = min(k, self._available())
+        if len(rows) == 0:
+            return rows, Neighbours(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros((0, k), bool), relevant[:0])
+        queries = self.embeddings[self.query[rows]]
+        similarities, positions = knn.exact_neighbours(queries, _rows(self.embeddings, self.gallery), k, own=rows if self.loo else None)
+        indices = self.gallery[positions]
+        match = self.labels[indices] == self.labels[self.query[rows]][:, None]
+        return rows, Neighbours(indices, similarities, match, relevant[rows])
+
+    def _all_pairs_pending(self) -> bool:
+        return self._counts is None and self.pairs is None and self.labels is not None and self.total_pairs <= self.max_pairs
+
+    def _block_pass(self, knn: bool, hist: bool) -> None:
+        """One pass for what is asked: kNN (blocks engine) and the all-pairs histogram."""
         k = self._pass_k() if knn else 1
         heaps, counts = _block_pass(self, k, knn, hist)
         if knn:
@@ -210,25 +243,21 @@ class Evaluation:
 
     def _index_neighbours(self) -> tuple[np.ndarray, np.ndarray]:
         """kNN from a faiss index over the gallery; an approximate one is checked against the exact search."""
-        from mltk import index as faiss_index
-
         k = self._pass_k()
         q, g = _rows(self.embeddings, self.query), _rows(self.embeddings, self.gallery)
         own = np.arange(len(q)) if self.loo else None
-        if self.engine == "faiss":
-            return faiss_index.neighbours(faiss_index.build(g), q, k, own=own, gallery=g, block=self.block)
-        index = faiss_index.build(g, self.engine, seed=self.seed, **self.index_options)
-        sims, positions = faiss_index.neighbours(index, q, k, own=own, block=self.block)
-        self.info.update({"index": self.engine, **{f"index_{key}": v for key, v in faiss_index.settings(index).items()}})
+        if self.engine == "flat":
+            return knn.neighbours(knn.build(g), q, k, own=own, gallery=g, block=self.block)
+        index = knn.build(g, self.engine, seed=self.seed, **self.index_options)
+        sims, positions = knn.neighbours(index, q, k, own=own, block=self.block)
+        self.info.update({"index": self.engine, **{f"index_{key}": v for key, v in knn.settings(index).items()}})
         if self.check_queries > 0:
             self._check_index(q, g, own, positions)
         return sims, positions
 
     def _check_index(self, q: np.ndarray, g: np.ndarray, own: np.ndarray | None, positions: np.ndarray) -> None:
         """index_recall@k, and recall@1 of the index and of the exact search, on a seeded sample of queries."""
-        from mltk.index import check
-
-        sample, exact, recalls = check(positions, q, g, self.ks, own, self.check_queries, self.seed)
+        sample, exact, recalls = knn.check(positions, q, g, self.ks, own, self.check_queries, self.seed)
         self.info.update(index_check_queries=len(sample), **recalls)
         query_labels, gallery_labels = self.labels[self.query][sample], self.labels[self.gallery]
         scored = self._relevant()[sample] > 0
@@ -236,11 +265,23 @@ class Evaluation:
             hit = lambda found: float((gallery_labels[found[scored, 0]] == query_labels[scored]).mean())  # noqa: E731
             self.info.update({"index_check_recall@1_exact": hit(exact), "index_check_recall@1_index": hit(positions[sample])})
 
+    def _available(self) -> int:
+        """Gallery items a query can retrieve (itself left out)."""
+        return len(self.gallery) - self.loo
+
     def _pass_k(self) -> int:
-        available = len(self.gallery) - self.loo
-        if max(self.ks) > available:
-            raise UsageError(f"k={max(self.ks)} is more than the {available} gallery items a query can retrieve")
-        return max(max(self.ks), int(self._relevant().max(initial=0)))
+        """Neighbours per query: the largest k of ``ks`` the gallery allows, or R (MAP@R) where larger."""
+        available = self._available()
+        if available < 1:
+            raise NotApplicable("the gallery holds nothing a query can retrieve")
+        return max(max((k for k in self.ks if k <= available), default=1), int(self._relevant().max(initial=0)))
+
+    def check_ks(self) -> None:
+        """recall@k and precision@k need every k of ``ks`` within the gallery: one line when one is not."""
+        if self.labels is None or self.embeddings is None:
+            raise NotApplicable("retrieval metrics need embeddings and labels")
+        if max(self.ks) > self._available():
+            raise NotApplicable(f"k={max(self.ks)} is more than the {self._available()} gallery items a query can retrieve")
 
     def _relevant(self) -> np.ndarray:
         counts = np.bincount(self.labels[self.gallery], minlength=self.labels.max() + 1)
@@ -414,7 +455,35 @@ def _kernels():
                 hv[q, end], hi[q, end] = hv[q, 0], hi[q, 0]
                 sift_down(hv[q], hi[q], end, v, g)
 
-    return rows, cols, sort_heaps
+    @jit
+    def recount(S, K, lo, hi_, r0, c0, diagonal, qlab, glab, first, cell_lo, cell_hi, pieces, offset, fine, low, high):
+        # rows lo..hi_: a pair whose key K falls in a range [cell_lo, cell_hi) of its first-pass bin
+        # (those of bin b: first[b] to first[b + 1]) is counted in fine[same?, p], p = offset + its
+        # piece, and its key kept in low[p] if lower, high[p] if higher
+        nbins = first.shape[0] - 1
+        half = nbins / 2
+        for r in range(lo, hi_):
+            label = qlab[r0 + r]
+            for c in range(r + 1 if diagonal else 0, S.shape[1]):
+                b = min(max(int((S[r, c] + 1.0) * half), 0), nbins - 1)  # as count bins it
+                a, z = first[b], first[b + 1]
+                if a == z:
+                    continue
+                bits = K[r, c]
+                key = bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+                while z - a > 1:  # the last range of the bin that starts at or below key
+                    m = (a + z) // 2
+                    if cell_lo[m] <= key:
+                        a = m
+                    else:
+                        z = m
+                if cell_lo[a] <= key < cell_hi[a]:
+                    p = offset[a] + (key - cell_lo[a]) * pieces[a] // (cell_hi[a] - cell_lo[a])
+                    fine[1 if glab[c0 + c] == label else 0, p] += 1
+                    low[p] = min(low[p], key)
+                    high[p] = max(high[p], key)
+
+    return rows, cols, sort_heaps, recount
 
 
 def _fold_blocks(n: int, loo: bool, folds: int, block: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -432,50 +501,80 @@ def _fold_blocks(n: int, loo: bool, folds: int, block: int) -> tuple[list[tuple[
 
 
 def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
-    """Similarities block by block; each block feeds the kNN heaps and the per-fold histograms.
+    """Similarities block by block (``_sweep``); each block feeds the kNN heaps and the per-fold histograms.
 
-    Leave-one-out computes only the blocks on and above the diagonal (the matrix is symmetric):
-    a block's rows feed their queries' heaps and the histogram, its columns their queries' heaps.
-    The gallery is offered to each query in index order, so a tie never displaces an earlier item.
+    A leave-one-out block's rows feed their queries' heaps and the histogram, its columns their
+    queries' heaps. The gallery is offered to each query in index order, so a tie never displaces
+    an earlier item. Bins too heavy to merge are counted again after (``_resolve``).
+    """
+    rows_kernel, cols_kernel, sort_heaps, _ = _kernels()
+    threads = _threads()
+    qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
+    hv = np.full((len(ev.query), k if knn else 1), _WORST, np.float32)
+    hi = np.full(hv.shape, np.iinfo(np.int64).max, np.int64)
+    fine = np.zeros((threads, 2, BINS if hist else 1), np.int64)
+    by_fold = np.zeros((ev.folds, 2, BINS if hist else 1), np.int64)
+
+    def consume(S, r0, c0, diagonal, split):
+        split(len(S), lambda lo, hi_, t: rows_kernel(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine[t]))
+        if knn and ev.loo and not diagonal:
+            thr = hv[c0 : c0 + S.shape[1], 0].copy()
+            split(S.shape[1], lambda lo, hi_, t: cols_kernel(S, lo, hi_, r0, c0, hv, hi, thr))
+
+    _sweep(ev, threads, consume, _flush(fine, by_fold) if hist else None)
+    if knn:
+        sort_heaps(hv, hi)
+    used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
+    counts = by_fold[:, :, used]
+    fine = by_fold = None  # the full-size histograms: freed before any pass that splits heavy bins
+    return (hv, hi), (_resolve(ev, used, counts) if hist else None)
+
+
+def _sweep(ev: Evaluation, threads: int, consume, fold_done=None) -> None:
+    """Every block of similarities, ``consume(S, r0, c0, diagonal, split)``, the row blocks in fold order.
+
+    ``split(n, work)`` runs ``work(lo, hi, thread)`` over ``threads`` slices of range(n) at once;
+    ``fold_done(f)`` is called once the rows of fold f are all consumed. Leave-one-out computes
+    only the blocks on and above the diagonal (the matrix is symmetric).
     """
     import torch
 
-    rows_kernel, cols_kernel, sort_heaps = _kernels()
-    threads = max(1, torch.get_num_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tq = _tensor(_rows(ev.embeddings, ev.query), device)
     tg = tq if ev.loo else _tensor(_rows(ev.embeddings, ev.gallery), device)
-    nq, ng = len(ev.query), len(ev.gallery)
-    qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
-    hv = np.full((nq, k if knn else 1), _WORST, np.float32)
-    hi = np.full(hv.shape, np.iinfo(np.int64).max, np.int64)
-    row_blocks, fold_of = _fold_blocks(nq, ev.loo, ev.folds, ev.block)
+    ng = len(ev.gallery)
+    row_blocks, fold_of = _fold_blocks(len(ev.query), ev.loo, ev.folds, ev.block)
     col_blocks = row_blocks if ev.loo else [(c, min(c + ev.block, ng)) for c in range(0, ng, ev.block)]
-    fine = np.zeros((threads, 2, BINS if hist else 1), np.int64)
-    by_fold = np.zeros((ev.folds, 2, BINS if hist else 1), np.int64)
     buffer = torch.empty(ev.block * ev.block, device=device)  # reused: fresh pages cost page faults
 
     with ThreadPoolExecutor(threads) as pool:
 
-        def split(n, work):  # run work(lo, hi, thread) over ``threads`` slices of range(n)
+        def split(n, work):
             edges = np.linspace(0, n, threads + 1).astype(int)
             list(pool.map(lambda t: work(edges[t], edges[t + 1], t), range(threads)))
 
         for b, (r0, r1) in enumerate(row_blocks):
             for c0, c1 in col_blocks[b:] if ev.loo else col_blocks:
                 S = torch.mm(tq(r0, r1), tg(c0, c1).T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-                S = S.cpu().numpy()
-                diagonal = ev.loo and r0 == c0
-                split(r1 - r0, lambda lo, hi_, t: rows_kernel(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine[t]))
-                if knn and ev.loo and not diagonal:
-                    thr = hv[c0:c1, 0].copy()
-                    split(c1 - c0, lambda lo, hi_, t: cols_kernel(S, lo, hi_, r0, c0, hv, hi, thr))
-            if hist and (b + 1 == len(row_blocks) or fold_of[b + 1] != fold_of[b]):
-                by_fold[fold_of[b]] += fine.sum(0)
-                fine[:] = 0
-    if knn:
-        sort_heaps(hv, hi)
-    return (hv, hi), (_binned_histogram(by_fold) if hist else None)
+                consume(S.cpu().numpy(), r0, c0, ev.loo and r0 == c0, split)
+            if fold_done and (b + 1 == len(row_blocks) or fold_of[b + 1] != fold_of[b]):
+                fold_done(fold_of[b])
+
+
+def _threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def _flush(fine: np.ndarray, by_fold: np.ndarray):
+    """A ``fold_done`` for ``_sweep``: the threads' counts (threads, same?, bin), added to the finished fold's."""
+
+    def done(f: int) -> None:
+        by_fold[f] += fine.sum(0)
+        fine[:] = 0
+
+    return done
 
 
 def _tensor(x: np.ndarray, device: str):
@@ -498,12 +597,79 @@ def _tensor(x: np.ndarray, device: str):
     return lambda a, b: t[a:b]
 
 
-def _binned_histogram(by_fold: np.ndarray) -> Binned:
-    """Per-fold histograms (folds, same?, bin) as Binned, empty bins dropped."""
-    edges = -1 + 2 * np.arange(BINS) / BINS
+# ---- bins too heavy to merge: counted again, split over their float32 values ----------------------
+#
+# A float32 score's key is an integer that orders scores as their values do (-0.0 and 0.0 share
+# key 0), so a range of keys is a range of scores, and a range of one key is a single score.
+
+
+def _resolve(ev: Evaluation, bins: np.ndarray, counts: np.ndarray) -> Binned:
+    """The pass's histogram (its used ``bins``, ``counts`` (folds, same?, bin)) as Binned, every bin that holds two or
+    more pairs, more than ``MERGED`` of the positive or of the negative pairs and more than one float32 value
+    counted again, split into ranges of keys, pass after pass until no bin does (each pass splits ranges at
+    least in two, so at most 32 passes; one or two when the scores are concentrated in a few bins)."""
+    totals = counts.sum(axis=(0, 2))  # negative, positive
+    thresholds = -1 + 2 * bins / BINS
+    lo = hi = None
+    kept = []  # (pass bin, first key, threshold, counts) of the bins left as they are, pass by pass
+    while True:
+        heavy = (counts.sum(0) > MERGED * totals[:, None]).any(0) & (counts.sum(axis=(0, 1)) > 1)
+        if lo is None:  # the first pass's bins: the keys of their scores, for the heavy ones only
+            lo, hi = np.zeros(len(bins), np.int64), np.zeros(len(bins), np.int64)
+            lo[heavy], hi[heavy] = _first_key(bins[heavy]), _first_key(bins[heavy] + 1)
+        heavy &= hi - lo > 1
+        kept.append((bins[~heavy], lo[~heavy], thresholds[~heavy], counts[:, :, ~heavy]))
+        if not heavy.any():
+            break
+        bins, lo, hi, counts = _recount(ev, bins[heavy], lo[heavy], hi[heavy])
+        thresholds = _key_value(lo).astype(np.float64)
+    bins, lo, thresholds, counts = (np.concatenate(part, axis=-1) for part in zip(*kept))
+    order = np.lexsort((lo, bins))[::-1]  # descending scores
+    return Binned(thresholds[order], counts[:, 1, order], counts[:, 0, order])
+
+
+def _recount(ev: Evaluation, bins: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """One more pass over all pairs: the ranges of keys [lo, hi) (within the first pass's ``bins``, sorted by bin then
+    key) each split into at most ``SPLIT // len(lo)`` equal ranges. Returns those that hold pairs as (bins, lo, hi,
+    counts (folds, same?, range)), each narrowed to the keys it holds: [its least, its greatest + 1)."""
+    *_, recount_kernel = _kernels()
+    threads = _threads()
+    pieces = np.minimum(hi - lo, max(2, SPLIT // len(lo)))
+    offset = np.concatenate([[0], np.cumsum(pieces)])
+    first = np.searchsorted(bins, np.arange(BINS + 1))  # the ranges in bin b: first[b] to first[b + 1]
+    qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
+    fine = np.zeros((threads, 2, offset[-1]), np.int64)
+    by_fold = np.zeros((ev.folds, 2, offset[-1]), np.int64)
+    low, high = np.full((threads, offset[-1]), np.iinfo(np.int64).max), np.full((threads, offset[-1]), np.iinfo(np.int64).min)
+
+    def consume(S, r0, c0, diagonal, split):
+        K = S.view(np.int32)
+        split(len(S), lambda a, z, t: recount_kernel(S, K, a, z, r0, c0, diagonal, qlab, glab, first, lo, hi, pieces, offset, fine[t], low[t], high[t]))
+
+    _sweep(ev, threads, consume, _flush(fine, by_fold))
     used = by_fold.sum(axis=(0, 1)) > 0
-    flip = slice(None, None, -1)
-    return Binned(edges[used][flip], by_fold[:, 1, used][:, flip], by_fold[:, 0, used][:, flip])
+    cell = np.repeat(np.arange(len(lo)), pieces)[used]
+    return bins[cell], low.min(0)[used], high.max(0)[used] + 1, by_fold[:, :, used]
+
+
+def _key_value(key: np.ndarray) -> np.ndarray:
+    """The float32 score of each key."""
+    return np.where(key >= 0, key, 0x80000000 - key).astype(np.uint32).view(np.float32)
+
+
+def _bin_of(scores: np.ndarray) -> np.ndarray:
+    """The first pass's bin of each score, computed as its kernel does (in float64)."""
+    return np.clip(np.floor((scores.astype(np.float64) + 1.0) * (BINS / 2)), 0, BINS - 1).astype(np.int64)
+
+
+def _first_key(bins: np.ndarray) -> np.ndarray:
+    """The least key whose score the first pass counts in bin ``bins`` or above (bisection over the finite floats)."""
+    below, above = np.full(len(bins), -0x7F800000, np.int64), np.full(len(bins), 0x7F800000, np.int64)  # -inf, inf: never tried
+    while (open_ := above - below > 1).any():
+        middle = (below + above) // 2
+        up = open_ & (_bin_of(_key_value(middle)) >= bins)
+        above, below = np.where(up, middle, above), np.where(open_ & ~up, middle, below)
+    return above
 
 
 # ---- pair scores → counts, sampled pairs ---------------------------------------------------------
@@ -617,6 +783,7 @@ def _scored(ev: Evaluation) -> Neighbours:
 
 def recall_at_k(ev: Evaluation) -> dict[str, float]:
     """recall@k (hit@k): the share of queries with an item of their class among their k nearest."""
+    ev.check_ks()
     nb = _scored(ev)
     match = nb.match[nb.included]
     return {f"recall@{k}": float(match[:, :k].any(1).mean()) for k in ev.ks}
@@ -624,6 +791,7 @@ def recall_at_k(ev: Evaluation) -> dict[str, float]:
 
 def precision_at_k(ev: Evaluation) -> dict[str, float]:
     """precision@k: the mean share of items of the query's class among its k nearest."""
+    ev.check_ks()
     nb = _scored(ev)
     match = nb.match[nb.included]
     return {f"precision@{k}": float(match[:, :k].mean()) for k in ev.ks}
@@ -666,6 +834,10 @@ def accuracy_10fold(ev: Evaluation) -> dict[str, float]:
     return {"accuracy": mean, "accuracy_std": std, "accuracy_threshold": threshold}
 
 
+_VERIFICATION = (roc_auc, tar_at_far, eer, accuracy_10fold)  # these read only pair_counts()
+_RETRIEVAL = (recall_at_k, precision_at_k, map_at_r)  # these only neighbours()
+
+
 def evaluate_embeddings(
     embeddings,
     labels=None,
@@ -692,7 +864,8 @@ def evaluate_embeddings(
     ``index``, its settings (``index_nlist``, ``index_nprobe`` / ``index_m``, ``index_ef_search``) and
     its check against the exact search (``index_check_queries``, ``index_recall@k``,
     ``index_check_recall@1_exact`` and ``_index``). With ``metrics=None`` a metric that does not
-    apply (no labels, say) is left out; a named one raises instead.
+    apply (no labels, a set too small for k, say) is left out; a named one raises instead, its name first.
+    Only the work the chosen metrics need is done (a plugin's metric may need either kind).
     """
     from mltk import registry
 
@@ -702,13 +875,16 @@ def evaluate_embeddings(
         embeddings, labels, query=query, gallery=gallery, pairs=pairs, ks=tuple(ks), fars=tuple(fars), folds=folds,
         max_pairs=max_pairs, sample_pairs=sample_pairs, seed=seed, engine=engine, block=block,
         index_options=dict(index_options or {}), check_queries=check_queries,
+        retrieval=any(f not in _VERIFICATION for f in functions.values()), verification=any(f not in _RETRIEVAL for f in functions.values()),
     )
     values: dict[str, float] = {}
-    for function in functions.values():
+    left_out: dict[str, str] = {}
+    for name, function in functions.items():
         try:
             values.update(function(ev))
-        except NotApplicable:
+        except NotApplicable as exc:
             if metrics is not None:
-                raise
+                raise NotApplicable(f"{name}: {exc}") from None
+            left_out[name] = str(exc)
     roc = thin(ev.roc()) if ev._counts is not None and ev._counts.positive.sum() and ev._counts.negative.sum() else None
-    return Results({**values, **ev.info}, roc, ev)
+    return Results({**values, **ev.info}, roc, ev, left_out)

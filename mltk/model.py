@@ -1,4 +1,5 @@
-"""Model pieces: the hybrid backbone and loading weights from local files."""
+"""Models: the Embedder (backbone + neck), the hybrid backbone, weights and checkpoints from local
+files, and EmbeddingModel for inference."""
 
 import warnings
 from pathlib import Path
@@ -321,18 +322,14 @@ class EmbeddingModel:
         self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
         self.config, self.classes = config, classes
 
-    @torch.no_grad()
     def embed(self, images, batch_size: int = 64) -> torch.Tensor:
         """``images``: paths or PIL images (one or a list); returns an (N, dim) float32 CPU tensor."""
-        from mltk.data import open_image
+        from mltk.data import LabelledImages
+        from mltk.embedding import embed
 
         if not isinstance(images, (list, tuple)):
             images = [images]
-        out = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([self.transform(open_image(im, self.mode)) for im in images[start : start + batch_size]])
-            out.append(self.embedder.embed(batch.to(self.device)).cpu())
-        return torch.cat(out) if out else torch.empty(0, self.embedder.dim)
+        return torch.from_numpy(embed(self, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers=0))
 
 
 def load(run: str | Path, device: str | None = None) -> EmbeddingModel:

@@ -9,72 +9,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from mltk import distributed, registry
-from mltk.config import RunConfig, parse_loss_spec, to_dict
-from mltk.distributed import World
+from mltk.config import RunConfig, to_dict
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
     load_data, make_transform, select_classes, split_classes, write_skipped,
 )
+from mltk.embedding import embed_dataset
 from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, out_of_memory
+from mltk.losses import WeightedLosses, build_losses, check_loss_names
 from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
 from mltk.outputs import writing
 from mltk.run_dir import RunDirectory, read_history, resumed_config, write_config, write_history
 
-class WeightedLosses(nn.Module):
-    """A weighted sum of registered losses; each may own parameters (ArcFace W, centers, a classifier).
-
-    Across processes (``distribute``) every loss sees the embeddings of all processes, through
-    pytorch-metric-learning's DistributedLossWrapper (the miner's indices cover them too), so the
-    gradients equal those of one process on the whole batch.
-    """
-
-    def __init__(self, terms: list[tuple[float, str, nn.Module]]):
-        super().__init__()
-        self.weights = {name: weight for weight, name, _ in terms}
-        self.losses = nn.ModuleDict({name: loss for _, name, loss in terms})
-        self.gathered: dict[str, nn.Module] = {}  # a plain dict: the state dict keeps its keys
-        self.scale = 1
-
-    def distribute(self) -> None:
-        """Gather the embeddings of every process into each loss (after torch.distributed is started)."""
-        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
-
-        self.scale = torch.distributed.get_world_size()
-        self.gathered = {name: DistributedLossWrapper(loss) for name, loss in self.losses.items()}
-        # The wrapper scales its loss by the number of processes, so that DDP's mean of the model's gradients
-        # (each process's embeddings' share) is the whole batch's gradient. The losses' own parameters get
-        # that whole gradient in every process: unscale it, and DDP's mean leaves it as it is.
-        for parameter in self.losses.parameters():
-            parameter.register_hook(lambda grad: grad / self.scale)
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None):
-        parts = {name: self.gathered.get(name, loss)(embeddings, labels, indices_tuple) for name, loss in self.losses.items()}
-        total = self.weighted(parts)
-        return total, {name: value.detach() / self.scale for name, value in parts.items()}
-
-    def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.weights[name] * value for name, value in parts.items())
-
-
 def check_names(cfg: RunConfig) -> None:
     registry.get("backbones", cfg.backbone)
     if cfg.epochs:
-        for _, name in parse_loss_spec(cfg.loss):
-            registry.get("losses", name)
+        check_loss_names(cfg.loss)
     if cfg.miner:
         registry.get("miners", cfg.miner)
-
-
-def build_losses(cfg: RunConfig, num_classes: int, dim: int) -> WeightedLosses:
-    terms = []
-    for weight, name in parse_loss_spec(cfg.loss):
-        options = dict(cfg.loss_options.get(name, {}))
-        terms.append((weight, name, registry.create_loss(name, num_classes=num_classes, embedding_size=dim, **options)))
-    return WeightedLosses(terms)
 
 
 def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.device):
@@ -89,16 +46,10 @@ def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.dev
     return net, objective, DistributedMinerWrapper(miner) if miner is not None else None
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to ``floor`` times the base learning rate."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # some pytorch-metric-learning miners draw from numpy
+    torch.manual_seed(seed)
 
 
 @dataclass
@@ -112,121 +63,6 @@ class RunResult:
     val_classes: int = 0
     warnings: list[str] = field(default_factory=list)  # what on_warning was told
     skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
-
-
-def load_splits(cfg: RunConfig) -> tuple[LabelledImages, LabelledImages | None]:
-    data = load_data(cfg.data)
-    if cfg.data_classes:
-        data = select_classes(data, cfg.data_classes)
-    if cfg.val_data:
-        val = load_data(cfg.val_data)
-        return data, select_classes(val, cfg.val_data_classes) if cfg.val_data_classes else val
-    if cfg.val_classes:
-        return split_classes(data, cfg.val_classes, cfg.seed)
-    return data, None
-
-
-def resolve_hints(cfg: RunConfig, data: LabelledImages) -> RunConfig:
-    """Settings left open (None) take the dataset's suggestion, then mltk's default."""
-    return replace(
-        cfg,
-        image_size=cfg.image_size or data.hints.get("image_size"),
-        m_per_class=cfg.m_per_class or data.hints.get("m_per_class", 4),
-    )
-
-
-def default_amp(device: torch.device) -> bool:
-    """Mixed precision where it pays: on a GPU, and on CPUs with AMX tiles (bf16 matmuls ~1.3x faster)."""
-    if device.type == "cuda":
-        return True
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return device.type == "cpu" and is_amx()
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # some pytorch-metric-learning miners draw from numpy
-    torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def embed_dataset(model: Embedder, dataset: ImageDataset, device: torch.device, batch_size: int, workers: int, amp_dtype=None, world: World = World()):
-    """L2-normalised embeddings and labels of a whole dataset, in order, without images that failed to decode (returned).
-
-    Across processes each embeds every world.size-th image and all get the whole set back.
-    """
-    model.eval()
-    mine = torch.arange(world.rank, len(dataset), world.size)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine.tolist()), batch_size=batch_size, num_workers=workers, shuffle=False)
-    out, labels, failed = [], [], []
-    for images, y, bad in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out.append(model.embed(images.to(device, non_blocking=True)).float())
-        labels.append(y.to(device))
-        failed.append(bad.to(device))
-    empty = lambda *shape, dtype=torch.long: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731  (a rank with no images)
-    parts = [torch.cat(out) if out else empty(0, model.dim, dtype=torch.float32), torch.cat(labels) if labels else empty(0), torch.cat(failed) if failed else empty(0)]
-    embeddings, labels, failed, order = (distributed.gather_rows(t, world).cpu() for t in (*parts, mine.to(device)))
-    order = torch.argsort(order)  # back to the dataset's order
-    embeddings, labels, failed = embeddings[order], labels[order], failed[order]
-    keep = failed < 0
-    return embeddings[keep], labels[keep], [dataset.data.sources[i] for i in failed[~keep].tolist()]
-
-
-def scan(data: LabelledImages, warn: Callable[[str], None]) -> tuple[LabelledImages, list[tuple[Source, str]]]:
-    """``data`` without the files that do not decode (a fast scan before training), warned about by name."""
-    kept, skipped = drop_unreadable(data)
-    if skipped:
-        warn(f"{len(skipped)} of {len(data)} images of {data.name!r} cannot be read and are left out: {describe_files(skipped)}")
-    return kept, skipped
-
-
-def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Callable[[str], None]) -> None:
-    """Images that passed the scan but failed to decode in this epoch (changed since?): warned about once, listed."""
-    new = [path for path in dict.fromkeys(bad) if path not in {p for p, _ in result.skipped}]
-    if new:
-        failures = [(path, check_image(path) or "failed to decode") for path in new]
-        result.skipped += failures
-        write_skipped(result.run_dir / "skipped_images.txt", failures, "a")
-        warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
-
-
-def restore(state: dict, path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler) -> None:
-    """Load last.pt's ``state`` into the run's objects (a mismatch names what differs)."""
-    hint = "; resume with the options the run started with (its config.yaml)"
-    load_state(model, state["model"], f"{str(path)!r} (model)", hint)
-    if losses is not None:
-        load_state(losses, state["losses"], f"{str(path)!r} (losses)", hint)
-    for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        try:
-            part.load_state_dict(state[name])
-        except (ValueError, KeyError, TypeError) as exc:  # e.g. --freeze-backbone changed: other parameter groups
-            raise MltkError(f"{str(path)!r} ({name}) does not fit this run: {exc}{hint}") from None
-    # The next step's learning rate follows this run's schedule (stretched when --epochs grew), not the saved value.
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(scheduler.last_epoch)
-
-
-def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
-    """Leave-one-out recall@1 over queries whose class has another image."""
-    from mltk.metrics import evaluate_embeddings
-
-    result = evaluate_embeddings(embeddings.numpy(), labels.numpy(), metrics=["recall_at_k"], ks=(1,))
-    return float(result.values["recall@1"])
-
-
-@contextmanager
-def building(cfg: RunConfig):
-    """A lack of memory while the model, losses and optimiser are allocated: one line naming what to lower."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        advice = f"lower --dim (now {cfg.dim}) or take a smaller --backbone (now {cfg.backbone!r}); nothing was written"
-        raise out_of_memory(exc, advice) from None
 
 
 def train(
@@ -269,6 +105,199 @@ def train(
         return result
 
 
+# -- The phases of a run, in the order _train (below) goes through them.
+
+
+def load_splits(cfg: RunConfig) -> tuple[LabelledImages, LabelledImages | None]:
+    data = load_data(cfg.data)
+    if cfg.data_classes:
+        data = select_classes(data, cfg.data_classes)
+    if cfg.val_data:
+        val = load_data(cfg.val_data)
+        return data, select_classes(val, cfg.val_data_classes) if cfg.val_data_classes else val
+    if cfg.val_classes:
+        return split_classes(data, cfg.val_classes, cfg.seed)
+    return data, None
+
+
+def scan(data: LabelledImages, warn: Callable[[str], None]) -> tuple[LabelledImages, list[tuple[Source, str]]]:
+    """``data`` without the files that do not decode (a fast scan before training), warned about by name."""
+    kept, skipped = drop_unreadable(data)
+    if skipped:
+        warn(f"{len(skipped)} of {len(data)} images of {data.name!r} cannot be read and are left out: {describe_files(skipped)}")
+    return kept, skipped
+
+
+def read_data(cfg: RunConfig, warn: Callable[[str], None]) -> tuple[LabelledImages, LabelledImages | None, list[tuple[Source, str]]]:
+    """The train and validation (None: none) images, each scanned; and the files left out, and why."""
+    train_data, val_data = load_splits(cfg)
+    train_data, skipped = scan(train_data, warn)
+    if val_data:
+        val_data, val_skipped = scan(val_data, warn)
+        skipped += val_skipped
+    return train_data, val_data, skipped
+
+
+def resolve_hints(cfg: RunConfig, data: LabelledImages) -> RunConfig:
+    """Settings left open (None) take the dataset's suggestion, then mltk's default."""
+    return replace(
+        cfg,
+        image_size=cfg.image_size or data.hints.get("image_size"),
+        m_per_class=cfg.m_per_class or data.hints.get("m_per_class", 4),
+    )
+
+
+def make_sampler(data: LabelledImages, cfg: RunConfig, world, warn: Callable[[str], None]) -> MPerClassSampler:
+    """Batches of ``cfg.m_per_class`` images per class, this process's share of them; classes it cannot use are warned about."""
+    sampler = MPerClassSampler(data.labels, cfg.m_per_class, cfg.batch_size, seed=cfg.seed, num_replicas=world.size, rank=world.rank)
+    if sampler.left_out:
+        names = [data.classes[y] for y in sampler.left_out]
+        warn(
+            f"classes with a single image have no positive pair and are left out of the batches: "
+            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)} of {len(data.classes)})"
+        )
+    return sampler
+
+
+@contextmanager
+def building(cfg: RunConfig):
+    """A lack of memory while the model, losses and optimiser are allocated: one line naming what to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        advice = f"lower --dim (now {cfg.dim}) or take a smaller --backbone (now {cfg.backbone!r}); nothing was written"
+        raise out_of_memory(exc, advice) from None
+
+
+def make_datasets(model: Embedder, cfg: RunConfig, train_data: LabelledImages, val_data: LabelledImages | None):
+    """The backbone's preprocessing (``data_config``) and the train (augmented; a bad image's classmate stands in)
+    and validation datasets that apply it."""
+    pre = data_config(model.backbone, cfg.image_size)
+    mode = "L" if pre["input_size"][0] == 1 else "RGB"
+    train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode, stand_in=True)
+    val_set = ImageDataset(val_data, make_transform(pre, False), mode) if val_data else None
+    return pre, train_set, val_set
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``floor`` times the base learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module, losses: nn.Module | None, steps_per_epoch: int):
+    """AdamW with one group for the model's trainable parameters and one (no weight decay) for those the
+    losses own, and its per-step schedule: linear warm-up, then cosine decay."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if losses is not None and any(True for _ in losses.parameters()):
+        groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def default_amp(device: torch.device) -> bool:
+    """Mixed precision where it pays: on a GPU, and on CPUs with AMX tiles (bf16 matmuls ~1.3x faster)."""
+    if device.type == "cuda":
+        return True
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return device.type == "cpu" and is_amx()
+
+
+def mixed_precision(cfg: RunConfig, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
+    """Whether autocast is on, its dtype (bfloat16 where the device has it), and the scaler float16 needs."""
+    amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return amp, amp_dtype, torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+
+
+def restore(state: dict, path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler) -> None:
+    """Load last.pt's ``state`` into the run's objects (a mismatch names what differs)."""
+    hint = "; resume with the options the run started with (its config.yaml)"
+    load_state(model, state["model"], f"{str(path)!r} (model)", hint)
+    if losses is not None:
+        load_state(losses, state["losses"], f"{str(path)!r} (losses)", hint)
+    for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        try:
+            part.load_state_dict(state[name])
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. --freeze-backbone changed: other parameter groups
+            raise MltkError(f"{str(path)!r} ({name}) does not fit this run: {exc}{hint}") from None
+    # The next step's learning rate follows this run's schedule (stretched when --epochs grew), not the saved value.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, history: list[dict], skipped: list[tuple[Source, str]], kept: str) -> None:
+    """skipped_images.txt, metrics.jsonl (a resumed run's lines up to its checkpoint) and config.yaml;
+    a disk that fills says what ``kept``."""
+    with writing("skipped_images.txt", kept):
+        if skipped:
+            write_skipped(run_dir / "skipped_images.txt", skipped)
+        else:  # a resumed run's old list: its images read now
+            (run_dir / "skipped_images.txt").unlink(missing_ok=True)
+    with writing("metrics.jsonl", kept):
+        write_history(run_dir, history)
+    with writing("config.yaml", kept):
+        write_config(cfg, run_dir / "config.yaml")
+
+
+def epoch_loader(train_set: ImageDataset, sampler: MPerClassSampler, cfg: RunConfig, epoch: int, device: torch.device, world):
+    """The epoch's batches, as ``sampler`` draws them; the workers' augmentation seeded by (seed, epoch, rank)."""
+    return torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * world.rank),  # each process its own augmentation
+    )
+
+
+def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, seen: int, elapsed: float, world) -> dict:
+    """An epoch's metrics.jsonl line: each loss term averaged over the steps, learning rates, throughput, seconds."""
+    record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+    record["lr"] = optimizer.param_groups[0]["lr"]
+    if len(optimizer.param_groups) > 1:
+        record["loss_lr"] = optimizer.param_groups[1]["lr"]
+    record["images_per_s"] = seen / elapsed
+    if world.distributed:
+        record["processes"] = world.size
+    record["seconds"] = elapsed
+    return record
+
+
+def recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out recall@1 over queries whose class has another image."""
+    from mltk.metrics import evaluate_embeddings
+
+    result = evaluate_embeddings(embeddings, labels, metrics=["recall_at_k"], ks=(1,))
+    return float(result.values["recall@1"])
+
+
+def validate(model: Embedder, val_set: ImageDataset, cfg: RunConfig, device: torch.device, world) -> tuple[float, np.ndarray]:
+    """Recall@1 on the validation images, and the positions of those that failed to decode (left out of it)."""
+    emb, failed = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, world=world)
+    keep = np.setdiff1d(np.arange(len(emb)), failed)
+    return recall_at_1(emb[keep], np.asarray(val_set.data.labels)[keep]), failed
+
+
+def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Callable[[str], None]) -> None:
+    """Images that passed the scan but failed to decode in this epoch (changed since?): warned about once, listed."""
+    new = [path for path in dict.fromkeys(bad) if path not in {p for p, _ in result.skipped}]
+    if new:
+        failures = [(path, check_image(path) or "failed to decode") for path in new]
+        result.skipped += failures
+        write_skipped(result.run_dir / "skipped_images.txt", failures, "a")
+        warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
+
+
 def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning) -> RunResult:
     main = world.is_main  # the process that writes the run directory and reports
     on_step, on_epoch, on_warning = (f if main else None for f in (on_step, on_epoch, on_warning))
@@ -286,48 +315,30 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         cfg = resumed_config(cfg, state, home.path / "last.pt")
 
     # Data: train (and validation) images, unreadable files left out; settings left open take the dataset's hints.
-    train_data, val_data = load_splits(cfg)
-    train_data, skipped = scan(train_data, warn)
-    if val_data:
-        val_data, val_skipped = scan(val_data, warn)
-        skipped += val_skipped
+    train_data, val_data, skipped = read_data(cfg, warn)
     cfg = resolve_hints(cfg, train_data)
-    sampler = MPerClassSampler(train_data.labels, cfg.m_per_class, cfg.batch_size, seed=cfg.seed, num_replicas=world.size, rank=world.rank)
-    if sampler.left_out:
-        names = [train_data.classes[y] for y in sampler.left_out]
-        warn(
-            f"classes with a single image have no positive pair and are left out of the batches: "
-            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)} of {len(train_data.classes)})"
-        )
+    sampler = make_sampler(train_data, cfg, world, warn)
+    steps_per_epoch = len(sampler)
 
     # Model, losses and optimiser: allocated here, so a lack of memory is one line naming what to lower.
     with building(cfg):
         # Model: backbone + neck, seeded so the same seed gives the same initial weights (a resume loads its own).
         seed_everything(cfg.seed)
         model = build_embedder(cfg, from_checkpoint=resume).to(device)
-        pre = data_config(model.backbone, cfg.image_size)
-        mode = "L" if pre["input_size"][0] == 1 else "RGB"
-        train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode, stand_in=True)
-        val_set = ImageDataset(val_data, make_transform(pre, False), mode) if val_data else None
+        pre, train_set, val_set = make_datasets(model, cfg, train_data, val_data)  # images as the backbone takes them
         if cfg.freeze_backbone:
             model.backbone.requires_grad_(False)
 
-        # Losses and optimiser: one group for the model, one for the parameters the losses own.
+        # Losses (and miner): what the steps call is DDP-wrapped across processes.
         losses = build_losses(cfg, len(train_data.classes), model.dim).to(device) if cfg.epochs else None
         miner = registry.create_miner(cfg.miner, **cfg.miner_options) if cfg.miner else None
-        net, objective = model, losses  # what the steps call: DDP-wrapped across processes
+        net, objective = model, losses
         if world.distributed and cfg.epochs:
             net, objective, miner = distribute(model, losses, miner, device)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-        if losses is not None and any(True for _ in losses.parameters()):
-            groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups)
-    steps_per_epoch = len(sampler)
-    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp = cfg.amp if cfg.amp is not None else default_amp(device)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+
+        # Optimiser: AdamW over the model and the parameters the losses own, warm-up then cosine, mixed precision.
+        optimizer, scheduler = build_optimizer(cfg, model, losses, steps_per_epoch)
+    amp, amp_dtype, scaler = mixed_precision(cfg, device)
 
     # Run directory: made (or claimed, with --overwrite cleared) only now that every part is built, so a bad
     # option leaves nothing behind; then the checkpoint is loaded before anything in it is written.
@@ -342,17 +353,9 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         start_epoch, result.best = state["epoch"], state["best"]
         result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
         del state  # its tensors: memory the run needs
+    kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
     if main:
-        kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
-        with writing("skipped_images.txt", kept):
-            if skipped:
-                write_skipped(run_dir / "skipped_images.txt", skipped)
-            else:  # a resumed run's old list: its images read now
-                (run_dir / "skipped_images.txt").unlink(missing_ok=True)
-        with writing("metrics.jsonl", kept):
-            write_history(run_dir, result.history)
-        with writing("config.yaml", kept):
-            write_config(cfg, run_dir / "config.yaml")
+        write_run_files(run_dir, cfg, result.history, skipped, kept)
 
     def checkpoint(epoch: int, resumable: bool = True) -> dict:
         """What best.pt (``resumable=False``) and last.pt hold; the optimiser's state, which only resuming needs
@@ -378,19 +381,14 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         with writing("last.pt", kept):
             save_checkpoint(checkpoint(0), run_dir / "last.pt")
 
+    # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
     done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
             seed_everything(cfg.seed * 1000 + epoch)
             sampler.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                train_set,
-                batch_sampler=sampler,
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * world.rank),  # each process its own augmentation
-            )
+            loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
             model.train()
             if cfg.freeze_backbone:
                 model.backbone.eval()  # frozen means frozen BatchNorm statistics too
@@ -424,7 +422,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                 scaler.scale(total).backward()
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -436,20 +434,12 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     on_step(epoch, step + 1, steps_per_epoch, {"loss": shown["loss"], "images_per_s": seen / (time.perf_counter() - started)})
             elapsed = time.perf_counter() - started
 
-            # Epoch record: each loss term, learning rates, throughput, validation recall@1.
-            record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            if len(optimizer.param_groups) > 1:
-                record["loss_lr"] = optimizer.param_groups[1]["lr"]
-            record["images_per_s"] = seen / elapsed
-            if world.distributed:
-                record["processes"] = world.size
-            record["seconds"] = elapsed
+            # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
+            record = epoch_record(epoch, sums, steps_per_epoch, optimizer, seen, elapsed, world)
             bad = [train_data.sources[i] for i in sorted(unreadable)]
             if val_set is not None:
-                emb, y, val_bad = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, amp_dtype if amp else None, world)
-                record["val_recall@1"] = recall_at_1(emb, y)
-                bad += val_bad
+                record["val_recall@1"], failed = validate(model, val_set, cfg, device, world)
+                bad += [val_data.sources[i] for i in failed]
             if main:
                 with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
                     report_failures(bad, epoch, result, warn)
@@ -458,8 +448,8 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             if improved:
                 result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
 
-            # Commit: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt is
-            # replaced redoes this epoch.
+            # Checkpoint: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt
+            # is replaced redoes this epoch.
             if main:
                 kept = f"last.pt keeps epoch {done}"
                 with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from conftest import make_image_folder
 from mltk.config import make_config
 from mltk.distributed import stop
-from mltk.train import build_losses, distribute
+from mltk.losses import build_losses
+from mltk.train import distribute
 
 LOSS = "0.5*center+arcface+ContrastiveLoss"  # parameters of its own (center, arcface) and a pair loss (contrastive)
 N, WIDTH, DIM, CLASSES = 16, 12, 8, 4
@@ -72,11 +73,11 @@ def test_two_processes_give_the_gradients_of_one_process_on_the_whole_batch(tmp_
 
 def embed_worker(rank: int, world: int, init: str, out: str, images: str) -> None:
     from mltk.distributed import World
-    from mltk.train import embed_dataset
+    from mltk.embedding import embed_dataset
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    embeddings, labels, failed = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0, world=World(rank, world))
-    torch.save({"embeddings": embeddings, "labels": labels}, f"{out}.{rank}")
+    embeddings, failed = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0, world=World(rank, world))
+    torch.save({"embeddings": torch.from_numpy(embeddings), "failed": torch.from_numpy(failed)}, f"{out}.{rank}")
     stop()  # after a barrier, as mltk run leaves the group
 
 
@@ -91,16 +92,18 @@ def embedder_and_images(images: str):
 
 def test_validation_embeddings_of_every_process_are_gathered_in_order(tmp_path):
     images = str(make_image_folder(tmp_path / "images", classes=3, per_class=3))  # 9 images: 5 on rank 0, 4 on rank 1
+    for name in ("0.png", "1.png"):  # positions 3 and 4: one on each rank fails to decode, both are reported
+        (tmp_path / "images" / "class_01" / name).write_bytes(b"\x89PNG truncated")
     out = str(tmp_path / "embedded")
     mp.spawn(embed_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out, images), nprocs=2, join=True)
-    from mltk.train import embed_dataset
+    from mltk.embedding import embed_dataset
 
-    expected, labels, _ = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0)
-    assert expected.shape == (9, 8)
+    expected, failed = embed_dataset(*embedder_and_images(images), torch.device("cpu"), 4, 0)
+    assert expected.shape == (9, 8) and failed.tolist() == [3, 4]  # the two files truncated below: rank 1's and rank 0's
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}", weights_only=True)
-        torch.testing.assert_close(got["embeddings"], expected, atol=1e-5, rtol=1e-4)
-        assert got["labels"].tolist() == labels.tolist()
+        torch.testing.assert_close(got["embeddings"], torch.from_numpy(expected), atol=1e-5, rtol=1e-4)
+        assert got["failed"].tolist() == [3, 4]
 
 
 def test_torchrun_trains_with_two_processes_and_the_checkpoint_loads_in_one(tmp_path):

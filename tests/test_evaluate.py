@@ -78,3 +78,43 @@ def test_pair_list_with_a_missing_image_is_one_error_line(trained_run, mltk_cli,
 def test_evaluate_needs_a_run_or_a_backbone(mltk_cli):
     result = mltk_cli("evaluate")
     assert result.returncode == 2 and "give a RUN directory or checkpoint, or --backbone NAME" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """Six images of two classes: a query can retrieve 5 others, fewer than recall@8 needs."""
+    from conftest import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("tiny") / "images", classes=2, per_class=3)
+
+
+def test_a_tiny_set_gets_the_verification_metrics_asked_for(tiny_set):
+    from mltk.errors import UsageError
+    from mltk.evaluate import build_report
+
+    model = untrained_model("test_resnet", image_size=32, device="cpu")
+    result = evaluate(model, data=load_data(str(tiny_set)), metrics=["roc_auc"], workers=0)
+    assert set(result.values) >= {"roc_auc", "pairs"} and "recall@1" not in result.values
+    assert result.values["pairs"] == 15 and result.values["pairs_positive"] == 6
+    html = build_report(result, "tiny")  # its retrieval examples: each query's 5 others, all a query can retrieve
+    assert "Retrieval examples" in html
+    with pytest.raises(UsageError) as refused:
+        evaluate(model, data=load_data(str(tiny_set)), metrics=["roc_auc", "recall_at_k"], workers=0)
+    message = str(refused.value)
+    assert "\n" not in message and "recall_at_k" in message and "k=8" in message and "5 gallery items" in message
+
+
+def test_a_tiny_set_from_the_command_line(tiny_set, mltk_main, tmp_path):
+    from conftest import one_line_error
+
+    common = ("evaluate", "--backbone", "test_resnet", "--image-size", "32", "--data", tiny_set, "--workers", "0")
+    code, _, err = mltk_main(*common, "--metrics", "roc_auc", "--no-report", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "a" / "metrics.json").read_text())) >= {"roc_auc", "pairs"}
+    line = one_line_error(mltk_main(*common, "--metrics", "recall_at_k", "--out", tmp_path / "b"))
+    assert "recall_at_k" in line and "5 gallery items" in line and not (tmp_path / "b").exists()
+    code, out, err = mltk_main(*common, "--no-report", "--out", tmp_path / "c")  # every metric: what the set allows, and a line on the rest
+    assert code == 0, err
+    values = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert 0 < values["map@r"] <= 1 and "roc_auc" in values and "recall@1" not in values
+    assert "not computed: precision_at_k, recall_at_k (k=8 is more than the 5 gallery items a query can retrieve)" in out

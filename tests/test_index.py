@@ -1,4 +1,4 @@
-"""Faiss indexes (mltk.index), approximate evaluation engines, memory-mapped embeddings, `mltk index` and `mltk search`."""
+"""Faiss indexes (mltk.knn) and index directories (mltk.index), approximate evaluation engines, memory-mapped embeddings, `mltk index` and `mltk search`."""
 
 import json
 import tracemalloc
@@ -9,6 +9,7 @@ import pytest
 from test_metrics import RETRIEVAL, clustered, reference_retrieval, tied
 
 from mltk import index as mindex
+from mltk import knn
 from mltk import metrics
 from mltk.errors import MltkError, UsageError
 from mltk.metrics import evaluate_embeddings
@@ -34,9 +35,9 @@ def neighbour_recall(found, exact):
 @pytest.mark.parametrize("kind, options", [("flat", {}), ("ivf", {"nprobe": 8}), ("hnsw", {"ef_search": 64})])
 def test_index_kinds_find_the_nearest_neighbours(kind, options):
     x, _ = clustered(n=3000, dim=32, classes=60, spread=1.0)
-    index = mindex.build(x, kind, **options)
-    assert mindex.kind_of(index) == kind and index.ntotal == len(x)
-    sims, found = mindex.search(index, x[:500], 10, block=128)
+    index = knn.build(x, kind, **options)
+    assert knn.kind_of(index) == kind and index.ntotal == len(x)
+    sims, found = knn.search(index, x[:500], 10, block=128)
     exact = brute_force(x[:500], x, 10)
     recall = neighbour_recall(found, exact)
     assert recall == 1.0 if kind == "flat" else recall >= 0.9
@@ -46,37 +47,37 @@ def test_index_kinds_find_the_nearest_neighbours(kind, options):
 
 def test_ivf_cells_follow_the_gallery_size_and_searches_are_never_short():
     x, _ = clustered(n=4000, dim=16, classes=80, spread=1.0)
-    index = mindex.build(x, "ivf")
-    assert mindex.settings(index) == {"nlist": 102, "nprobe": 16}  # 4000 // 39 cells, capped; nlist / 8, at least 16
-    mindex.configure(index, nprobe=1)  # one cell of about 40 vectors: fewer than k
-    sims, found = mindex.search(index, x[:200], 300)
+    index = knn.build(x, "ivf")
+    assert knn.settings(index) == {"nlist": 102, "nprobe": 16}  # 4000 // 39 cells, capped; nlist / 8, at least 16
+    knn.configure(index, nprobe=1)  # one cell of about 40 vectors: fewer than k
+    sims, found = knn.search(index, x[:200], 300)
     assert (found >= 0).all() and all(len(set(row)) == 300 for row in found)
     np.testing.assert_allclose(sims, np.einsum("ij,ikj->ik", x[:200], x[found]), atol=1e-5)
     with pytest.raises(UsageError, match="k=4001 is more than the 4000 vectors"):
-        mindex.search(index, x[:2], 4001)
+        knn.search(index, x[:2], 4001)
     with pytest.raises(UsageError, match="nprobe applies to an ivf or ivfpq index"):
-        mindex.configure(mindex.build(x[:100], "flat"), nprobe=4)
+        knn.configure(knn.build(x[:100], "flat"), nprobe=4)
 
 
 def test_an_ivfpq_index_keeps_pq_m_bytes_a_vector_and_finds_most_neighbours():
     x, _ = clustered(n=3000, dim=32, classes=60, spread=1.0)
-    index = mindex.build(x, "ivfpq", nlist=16, nprobe=16, pq_m=8)
-    assert mindex.kind_of(index) == "ivfpq" and index.code_size == 8  # 8 bytes instead of 32 float32s (128 bytes)
-    assert mindex.settings(index) == {"nlist": 16, "nprobe": 16, "pq_m": 8}
-    sims, found = mindex.search(index, x[:500], 10)
+    index = knn.build(x, "ivfpq", nlist=16, nprobe=16, pq_m=8)
+    assert knn.kind_of(index) == "ivfpq" and index.code_size == 8  # 8 bytes instead of 32 float32s (128 bytes)
+    assert knn.settings(index) == {"nlist": 16, "nprobe": 16, "pq_m": 8}
+    sims, found = knn.search(index, x[:500], 10)
     assert neighbour_recall(found, brute_force(x[:500], x, 10)) >= 0.6  # compressed: some neighbours are lost
     exact = np.einsum("ij,ikj->ik", x[:500], x[found])
     assert np.abs(sims - exact).mean() < 0.05  # its scores approximate the cosines
     with pytest.raises(UsageError, match="pq_m=5: it must divide the 32 dimensions"):
-        mindex.build(x, "ivfpq", pq_m=5)
+        knn.build(x, "ivfpq", pq_m=5)
     with pytest.raises(UsageError, match="needs at least 256 vectors; 100 given"):
-        mindex.build(x[:100], "ivfpq")
+        knn.build(x[:100], "ivfpq")
 
 
 def test_exact_neighbours_break_ties_by_the_lower_position_across_chunks():
     x, _ = tied()  # similarities are multiples of 1/4: ties everywhere
     sample = np.arange(0, len(x), 7)
-    sims, found = mindex.exact_neighbours(x[sample], x, 12, own=sample, chunk=37)
+    sims, found = knn.exact_neighbours(x[sample], x, 12, own=sample, chunk=37)
     np.testing.assert_array_equal(found, brute_force(x[sample], x, 12, own=sample))
     np.testing.assert_array_equal(sims, np.take_along_axis(x[sample] @ x.T, found, 1))
 
@@ -85,10 +86,10 @@ def test_an_index_reads_a_memmap_in_chunks(tmp_path, monkeypatch):
     x, _ = clustered(n=1000, dim=16)
     np.save(tmp_path / "e.npy", x)
     mm = np.load(tmp_path / "e.npy", mmap_mode="r")
-    monkeypatch.setattr(mindex, "CHUNK", 300)
-    index = mindex.build(mm, "hnsw")
+    monkeypatch.setattr(knn, "CHUNK", 300)
+    index = knn.build(mm, "hnsw")
     assert index.ntotal == 1000
-    _, found = mindex.search(index, mm[:100], 5)
+    _, found = knn.search(index, mm[:100], 5)
     np.testing.assert_array_equal(found[:, 0], np.arange(100))  # each vector finds itself first
 
 
@@ -141,7 +142,7 @@ def test_an_exhaustive_ivf_search_on_a_query_gallery_split_gives_the_exact_metri
 
 def test_an_unknown_engine_names_the_choices():
     x, labels = clustered(n=50)
-    with pytest.raises(UsageError, match="unknown engine 'annoy'; choose one of blocks, faiss, ivf, ivfpq, hnsw"):
+    with pytest.raises(UsageError, match="unknown engine 'annoy'; choose one of blocks, flat, ivf, ivfpq, hnsw"):
         evaluate_embeddings(x, labels, engine="annoy")
 
 

@@ -1,10 +1,12 @@
-"""CenterLoss and the cross-entropy loss against values computed by hand."""
+"""CenterLoss, the cross-entropy loss and the weighted sum a loss spec names, against values computed by hand."""
 
 import pytest
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
-from mltk.losses import CenterLoss, CrossEntropyLoss
+from mltk.config import make_config
+from mltk.errors import UsageError
+from mltk.losses import CenterLoss, CrossEntropyLoss, build_losses, check_loss_names
 
 
 def test_center_loss_raw_features_equals_hand_computation():
@@ -51,3 +53,20 @@ def test_cross_entropy_matches_torch():
     x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])
     expected = torch.nn.functional.cross_entropy(loss_fn.classifier(x), y)
     assert loss_fn(x, y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_loss_spec_builds_its_weighted_sum_with_each_loss_options():
+    cfg = make_config({"loss": "0.25*center+ce", "loss_options": {"ce": {"label_smoothing": 0.1}}})
+    losses = build_losses(cfg, num_classes=3, dim=2)
+    assert losses.weights == {"center": 0.25, "ce": 1.0} and losses.losses["ce"].label_smoothing == 0.1
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 2), torch.tensor([0, 0, 1, 1, 2, 2])
+    total, parts = losses(x, y)
+    assert parts["center"].item() == pytest.approx(losses.losses["center"](x, y).item())
+    assert total.item() == pytest.approx(0.25 * parts["center"].item() + parts["ce"].item())
+
+
+def test_a_misspelt_loss_name_is_one_usage_error_naming_the_close_match():
+    check_loss_names("0.01*center+ce+arcface")
+    with pytest.raises(UsageError, match="unknown loss 'arcfase'; did you mean 'arcface'"):
+        check_loss_names("ce+arcfase")

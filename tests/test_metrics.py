@@ -310,3 +310,131 @@ def test_a_small_set_gets_verification_without_retrieval_ks():
     assert values["pairs"] == 15 and values["pairs_positive"] == 3
     with pytest.raises(UsageError, match="k=8 is more than the 5 gallery items"):
         evaluate_embeddings(x, labels, metrics=["roc_auc", "recall_at_k"])
+
+
+# ---- all-pairs verification on concentrated scores: exact agreement with scikit-learn ----------------
+
+
+def dyadic(x, step=2**-12):
+    """``x`` scaled to norms just under 1, its entries rounded to multiples of ``step``: with step 2**-12 every
+    product is a multiple of 2**-24 and every partial sum of a dot product is at most 1, so numpy, torch and
+    scikit-learn see the same float32 scores, whatever order they add in."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) * (1 - 5e-4)
+    return (np.round(x / step) * step).astype(np.float32)
+
+
+def near_one(n=300, dim=32, classes=6, shift=2e-4, noise=5e-4, seed=0):
+    """A nearly collapsed embedding: one common vector plus a small class shift and noise; scores within 1e-5 of 0.999."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    common = np.eye(dim)[0]
+    return dyadic(common + shift * rng.standard_normal((classes, dim))[labels] + noise * rng.standard_normal((n, dim))), labels
+
+
+def near_zero(n=300, dim=24, classes=6, shift=2e-4, noise=5e-4, seed=0):
+    """Nearly orthogonal items (each on an axis of its own, plus a small class shift and noise in shared columns):
+    every score within 1e-5 of 0, where float32 tells apart far finer differences than near 1. Exact, as ``dyadic``."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    u = shift * rng.standard_normal((classes, dim))[labels] + noise * rng.standard_normal((n, dim))
+    x = np.zeros((n, n + dim), np.float32)
+    x[np.arange(n), np.arange(n)] = 4094 / 4096
+    x[:, n:] = np.round(u * 2**16) / 2**16
+    return x, labels
+
+
+def spread_out():
+    x, labels = clustered(n=300, classes=12, spread=1.0)
+    return dyadic(x), labels
+
+
+CONCENTRATED = {
+    "near one": near_one,
+    "near zero": near_zero,
+    "identical": lambda: (np.full((300, 4), 0.5, np.float32), np.random.default_rng(0).integers(0, 6, 300)),
+    "normal": spread_out,
+}
+
+
+def contiguous_folds(pairs_per_row, row_of_pair, folds=10):
+    """The fold of each pair when the rows are cut into ``folds`` contiguous ranges of about equal pairs (mltk's all-pairs folds)."""
+    before = np.concatenate([[0], np.cumsum(pairs_per_row)])
+    edges = np.searchsorted(before, before[-1] * np.arange(folds + 1) / folds)
+    return np.searchsorted(edges[1:], row_of_pair, side="right")
+
+
+def sklearn_cv_accuracy(scores, same, folds):
+    """10-fold accuracy from scikit-learn's ROC of the training folds: the threshold with the most right (the highest
+    among equals), applied to the held-out fold."""
+    accuracies = []
+    for f in np.unique(folds):
+        train, test = folds != f, folds == f
+        fpr, tpr, thresholds = roc_curve(same[train], scores[train], drop_intermediate=False)
+        right = tpr * same[train].sum() + (1 - fpr) * (~same[train]).sum()
+        best = thresholds[np.flatnonzero(right >= right.max() - 0.5)[0]]
+        accuracies.append(((scores[test] >= best) == same[test]).mean())
+    return np.mean(accuracies), np.std(accuracies)
+
+
+@pytest.mark.parametrize("path", ["all pairs", "query/gallery", "pair list"])
+@pytest.mark.parametrize("case", sorted(CONCENTRATED))
+def test_verification_matches_sklearn_however_concentrated_the_scores(case, path):
+    x, labels = CONCENTRATED[case]()
+    n, fars = len(x), (0.1, 0.01, 0.001)
+    if path == "query/gallery":
+        query = np.flatnonzero(np.random.default_rng(1).random(n) < 0.3)
+        gallery = np.setdiff1d(np.arange(n), query)
+        first, second = np.repeat(query, len(gallery)), np.tile(gallery, len(query))
+        folds = contiguous_folds(np.full(len(query), len(gallery)), np.repeat(np.arange(len(query)), len(gallery)))
+        values = evaluate_embeddings(x, labels, query=query, gallery=gallery, metrics=VERIFICATION, fars=fars, block=64).values
+    else:
+        first, second = np.triu_indices(n, 1)
+        folds = contiguous_folds(np.arange(n - 1, -1, -1), first)
+        if path == "pair list":
+            pairs = Pairs.from_indices(x, first, second, labels[first] == labels[second], folds)
+            values = evaluate_embeddings(None, pairs=pairs, metrics=VERIFICATION, fars=fars).values
+        else:
+            values = evaluate_embeddings(x, labels, metrics=VERIFICATION, fars=fars, block=64).values
+    scores, same = np.einsum("ij,ij->i", x[first], x[second]), labels[first] == labels[second]
+    if case in ("near one", "near zero"):  # the defect's shape: almost every pair within 1e-5 of the others
+        assert np.mean(np.abs(scores - np.median(scores)) < 5e-6) > 0.98 and 0.6 < roc_auc_score(same, scores) < 0.75
+    fpr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
+    assert values["roc_auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-4)
+    for far in fars:
+        assert values[f"tar@far={far:g}"] == pytest.approx(tpr[fpr <= far].max(), abs=1e-4), far
+    assert values["eer"] == pytest.approx(sklearn_eer(fpr, tpr), abs=1e-4)
+    crossing = int(np.argmax(fpr + tpr >= 1))  # the first ROC point past the EER: accepting at mltk's threshold gives it
+    at = values["eer_threshold"]
+    assert ((scores[~same] >= at).mean(), (scores[same] >= at).mean()) == pytest.approx((fpr[crossing], tpr[crossing]), abs=1e-4)
+    assert (values["accuracy"], values["accuracy_std"]) == pytest.approx(sklearn_cv_accuracy(scores, same, folds), abs=1e-4)
+
+
+def test_the_block_pass_computes_only_what_the_metrics_ask_for(monkeypatch):
+    x, labels = clustered(n=300)
+    passes = []
+    block_pass = metrics._block_pass
+    monkeypatch.setattr(metrics, "_block_pass", lambda ev, k, knn, hist: passes.append((knn, hist)) or block_pass(ev, k, knn, hist))
+    result = evaluate_embeddings(x, labels, metrics=VERIFICATION)  # no kNN heaps
+    assert passes == [(False, True)] and result.evaluation._neighbours is None
+    passes.clear()
+    result = evaluate_embeddings(x, labels, metrics=RETRIEVAL)  # no pair histogram
+    assert passes == [(True, False)] and result.evaluation._counts is None and "pairs" not in result.values
+    passes.clear()
+    result = evaluate_embeddings(x, labels, metrics=VERIFICATION + RETRIEVAL)  # both: still one pass
+    assert passes == [(True, True)] and result.values["recall@1"] > 0
+
+
+def test_concentrated_scores_take_no_more_memory_than_spread_ones():
+    import tracemalloc
+
+    def peak(x, labels):
+        tracemalloc.start()
+        try:
+            evaluate_embeddings(x, labels, metrics=VERIFICATION)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    evaluate_embeddings(*near_one(n=50), metrics=VERIFICATION)  # numba compiles its kernels outside the measurement
+    spread = peak(*clustered(n=600, classes=60))
+    assert peak(*near_one(n=600)) <= 1.05 * spread and peak(*near_zero(n=600)) <= 1.05 * spread  # the bins split are counted in a smaller histogram

@@ -137,7 +137,7 @@ def test_pairs_naming_an_unreadable_image_are_left_out(tmp_path):
 
 
 def test_an_image_that_fails_while_embedding_is_an_error_not_a_stand_in(image_folder, monkeypatch):
-    monkeypatch.setattr("mltk.evaluate.drop_unreadable", lambda data: (data, []))
+    monkeypatch.setattr("mltk.evaluate.readable", lambda data, skipped: data)  # passes the scan, fails when embedded
     bad = not_an_image(image_folder / "class_01" / "2.png")
     model = untrained_model("test_resnet", image_size=32, device="cpu")
     with pytest.raises(MltkError, match=f"1 images could not be read while embedding: {bad}"):

@@ -12,7 +12,8 @@ import mltk
 from mltk.config import RunConfig, make_config, parse_loss_spec
 from mltk.errors import UsageError
 from mltk.model import build_embedder, load_checkpoint
-from mltk.train import build_losses, train
+from mltk.losses import build_losses
+from mltk.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="test_resnet", image_size=32, dim=16, batch_size=8, m_per_class=2, workers=0, epochs=2, seed=3)
