@@ -1,4 +1,8 @@
-"""The plugin manager: built-in plugins, then the ``mltk`` entry-point group, loaded once."""
+"""The plugin manager: built-in plugins, then the ``mltk`` entry-point group, registered by ``load_plugins()``.
+
+Importing this module registers nothing; whatever reads the catalogue (mltk.registry, ``mltk list``,
+``mltk plugins``, the plugins' commands) calls ``load_plugins()`` first, and only the first call loads.
+"""
 
 import importlib
 import os
@@ -23,6 +27,18 @@ pm.add_hookspecs(hookspecs)
 errors: dict[str, str] = {}
 #: plugin name -> (distribution name, version) for plugins that came from an entry point
 distributions: dict[str, tuple[str, str]] = {}
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Register the built-in plugins, then the installed ones ``MLTK_LOAD_PLUGINS`` allows; once per process."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True  # set first: a plugin that looks something up while it loads must not load everything again
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    _load_entry_points()
 
 
 def _allowed() -> set[str] | None:
@@ -58,7 +74,3 @@ def _load_entry_points() -> None:
             errors[pm.get_name(exc.plugin)] = f"PluginValidationError: {exc}"
             pm.unregister(exc.plugin)
 
-
-for _name in DEFAULT_PLUGINS:
-    pm.register(importlib.import_module(_name), name=_name)
-_load_entry_points()

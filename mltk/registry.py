@@ -1,7 +1,7 @@
 """Lookups over what the plugins register: ``list_*`` with fnmatch patterns, ``create_*`` by name.
 
-Catalogues are rebuilt from the hooks on every call, so registering or unregistering a plugin
-is seen at once. A duplicate name or a hook that raises is recorded in ``mltk.plugins.errors``
+Catalogues are rebuilt from the hooks on every call (after ``load_plugins()``, which loads the
+plugins the first time), so registering or unregistering a plugin is seen at once. A duplicate name or a hook that raises is recorded in ``mltk.plugins.errors``
 under the plugin's name; the other plugins' entries stay available. A name that could not be
 written in a ``--loss`` spec (or a table) is refused on its own: the plugin's other entries stay.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mltk.errors import UsageError
-from mltk.plugins import errors, pm
+from mltk.plugins import errors, load_plugins, pm
 
 KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics": "metric", "datasets": "dataset"}
 #: what a name may be: a term of a loss spec (mltk.config's _TERM), so no spaces, '*', '+', markup or control characters
@@ -34,6 +34,7 @@ def catalogue(kind: str) -> dict[str, Entry]:
     """Every entry of one kind, by name, built-ins first."""
     if kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    load_plugins()
     entries: dict[str, Entry] = {}
     hook = getattr(pm.hook, f"register_{kind}")
     # get_hookimpls() lists plugins in registration order: built-ins, then entry points.

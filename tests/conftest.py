@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ["MLTK_LOAD_PLUGINS"] = ""  # before mltk.plugins is first imported
+os.environ["MLTK_LOAD_PLUGINS"] = ""  # read by mltk.plugins.load_plugins(), which runs at the first lookup
 
 import pytest  # noqa: E402
 
@@ -62,9 +62,13 @@ def trained_run(tmp_path_factory):
 
 @pytest.fixture
 def plugin():
-    """``plugin(obj, name)`` registers a plugin object for one test; afterwards it is unregistered and its errors forgotten."""
-    from mltk.plugins import errors, pm
+    """``plugin(obj, name)`` registers a plugin object for one test; afterwards it is unregistered and its errors forgotten.
 
+    The built-ins are loaded first, so they come first, as they do for an installed plugin.
+    """
+    from mltk.plugins import errors, load_plugins, pm
+
+    load_plugins()
     added = []
 
     def add(obj, name):

@@ -37,6 +37,30 @@ def test_gem_plugin_is_found_through_its_entry_point(gem_site, mltk_cli):
     assert rows["gem"]["error"] is None
 
 
+def test_importing_registers_nothing_and_load_plugins_registers_each_plugin_once(gem_site):
+    code = (
+        "import json, mltk.cli, mltk.registry\n"
+        "from mltk.plugins import errors, load_plugins, pm\n"
+        "names = lambda: sorted(pm.get_name(p) for p in pm.get_plugins())\n"
+        "before = names()\n"
+        "load_plugins()\n"
+        "first = names()\n"
+        "load_plugins()\n"
+        "order = [impl.plugin_name for impl in pm.hook.register_backbones.get_hookimpls()]\n"
+        "print(json.dumps({'before': before, 'first': first, 'second': names(), 'order': order, 'errors': errors}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **plugin_env(gem_site, "gem")})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["before"] == []  # imports alone (mltk.plugins, mltk.registry, mltk.cli) load no plugin
+    assert result["first"] == result["second"] == sorted([
+        "gem", "mltk.default_plugins.backbones", "mltk.default_plugins.datasets", "mltk.default_plugins.losses",
+        "mltk.default_plugins.metrics", "mltk.default_plugins.miners",
+    ])
+    assert result["order"] == ["mltk.default_plugins.backbones", "gem"]  # built-ins first: a duplicate name is the plugin's
+    assert result["errors"] == {}
+
+
 def test_gem_backbone_builds_and_pools(gem_site):
     code = (
         "import torch; from mltk.registry import create_backbone, get;"

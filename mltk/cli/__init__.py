@@ -49,7 +49,9 @@ def list_(
 ) -> None:
     """List what can be composed: backbones, losses, miners, metrics or datasets."""
     from mltk import registry
+    from mltk.plugins import load_plugins
 
+    load_plugins()
     entries = registry.catalogue(kind.value)
     names = registry.names(kind.value, pattern)
     if not names and not any(c in pattern for c in "*?["):
@@ -68,8 +70,9 @@ def plugins(
 ) -> None:
     """Show each plugin: its version, what it registers, and why it failed to load."""
     from mltk import registry
-    from mltk.plugins import distributions, errors, pm
+    from mltk.plugins import distributions, errors, load_plugins, pm
 
+    load_plugins()
     catalogues = {kind: registry.catalogue(kind) for kind in registry.KINDS}
     rows = []
     for name in sorted({pm.get_name(p) for p in pm.get_plugins()} | set(errors)):
@@ -123,8 +126,9 @@ app.command()(export)
 
 
 def _add_plugin_commands() -> None:
-    from mltk.plugins import errors, pm
+    from mltk.plugins import errors, load_plugins, pm
 
+    load_plugins()
     for impl in pm.hook.register_commands.get_hookimpls():
         try:
             impl.function(cli=app)

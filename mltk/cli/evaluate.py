@@ -1,46 +1,36 @@
 """``mltk evaluate``: verification and retrieval metrics, and a report people read."""
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from mltk.cli.options import BatchSize, Device, IndexKind, Pretrained, Run, Workers, data_option, ef_search_option, nprobe_option, out_option
 from mltk.errors import UsageError
 
 
-class IndexKind(str, Enum):
-    flat = "flat"
-    ivf = "ivf"
-    ivfpq = "ivfpq"
-    hnsw = "hnsw"
-
-
-ENGINE = {"flat": "faiss", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}  # --index → mltk.metrics engine
-
-
 def evaluate(
-    run: Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint file.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Images to evaluate (folder, CSV or dataset name); the root of --pairs. Default: the run's held-out classes.")] = None,
+    run: Run = None,
+    data: Annotated[Optional[str], data_option("Images to evaluate, and the root of --pairs", "the run's held-out classes")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="Pair list: LFW pairs.txt or CSV path1,path2,same, resolved against --data.")] = None,
     query: Annotated[Optional[str], typer.Option(help="Query images (with --gallery).")] = None,
     gallery: Annotated[Optional[str], typer.Option(help="Gallery images (with --query).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder: new, empty, or an earlier evaluation, which is replaced whole (default: RUN/eval, or eval-BACKBONE).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
+    out: Annotated[Optional[Path], out_option("Output folder: new, empty, or an earlier evaluation, which is replaced whole", "RUN/eval, or eval-BACKBONE")] = None,
+    batch_size: BatchSize = 128,
     flip_tta: Annotated[bool, typer.Option("--flip-tta", help="Average each embedding with the mirrored image's.")] = False,
     save_embeddings: Annotated[bool, typer.Option("--save-embeddings", help="Write embeddings.npy, labels.npy, paths.txt. The embeddings stream to disk and the metrics read them from there: the way to evaluate a set larger than memory.")] = False,
     metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metric names (default: all; `mltk list metrics`).")] = None,
     max_pairs: Annotated[Optional[int], typer.Option(help="Above this many pairs, score a uniform sample instead of all.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Evaluate an untrained backbone (no RUN): its pooled features.")] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="With --backbone: pretrained weights (downloads them).")] = False,
+    pretrained: Pretrained = False,
     weights: Annotated[Optional[str], typer.Option(help="With --backbone: a local weights file.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="With --backbone: image side in pixels.")] = None,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")] = None,
+    workers: Workers = 2,
+    device: Device = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html (plots take a while on big sets).")] = True,
     index: Annotated[Optional[IndexKind], typer.Option(help="Nearest neighbours from a faiss index: flat (exact), or ivf / ivfpq / hnsw (approximate, for millions of images; their recall against the exact search is measured on 1,000 queries). Default: mltk's exact blockwise pass.")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="With --index ivf or ivfpq: cells a query visits (more: slower, closer to exact).")] = None,
-    ef_search: Annotated[Optional[int], typer.Option(help="With --index hnsw: candidates a query keeps (more: slower, closer to exact).")] = None,
+    nprobe: Annotated[Optional[int], nprobe_option("nlist/8, at least 16")] = None,
+    ef_search: Annotated[Optional[int], ef_search_option("128")] = None,
 ) -> None:
     """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, and report.html."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -100,7 +90,7 @@ def evaluate(
             inputs["embeddings_file"] = folder / "embeddings.npy"
         result = ev.evaluate(
             model, metrics=names, batch_size=batch_size, workers=workers, flip_tta=flip_tta, max_pairs=max_pairs, progress=progress,
-            engine=ENGINE[kind] if kind else "blocks", index_options=options, **inputs,
+            engine=kind or "blocks", index_options=options, **inputs,
         )
         html = ev.build_report(result, f"mltk evaluate — {run if run is not None else backbone}", progress=progress) if report else None
         ev.write_outputs(result, folder, save_embeddings, html)
@@ -113,6 +103,11 @@ def evaluate(
     console.print(table)
     if "index_check_queries" in result.values:
         console.print(index_cost(result.values), markup=False, highlight=False)
+    reasons: dict[str, list[str]] = {}  # metrics this set cannot give (all were asked for), grouped by why
+    for name, why in result.left_out.items():
+        reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        console.print(Text(f"not computed: {', '.join(names)} ({why})", style="dim"), soft_wrap=True)
     if result.skipped:
         warn(f"{len(result.skipped)} unreadable images were left out: {describe_files(result.skipped)} (all in {out / 'skipped_images.txt'})")
     written = [name for name in ev.OUTPUTS if (out / name).is_file()]

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from mltk.cli.options import Run, out_option
+
 
 class Format(str, Enum):
     onnx = "onnx"
@@ -13,9 +15,9 @@ class Format(str, Enum):
 
 
 def export(
-    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file.")],
+    run: Run,
     fmt: Annotated[Format, typer.Option("--format", help="onnx (needs pip install 'mltk\\[export]') or torchscript.")],
-    out: Annotated[Path, typer.Option(help="File to write; its preprocessing goes to FILE.json beside it.")],
+    out: Annotated[Path, out_option("File to write; its preprocessing goes to FILE.json beside it")],
 ) -> None:
     """Export a run's embedder: preprocessed images (N, C, H, W) in, L2-normalised embeddings out.
 

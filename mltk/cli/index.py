@@ -6,22 +6,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.evaluate import IndexKind
+from mltk.cli.options import BatchSize, Device, IndexKind, Run, Workers, data_option, ef_search_option, nprobe_option, out_option
 
 
 def index(
-    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file: the model that embeds the gallery.")],
-    data: Annotated[str, typer.Option(help="Gallery images: a folder of <class>/<image>, a CSV (path,label) or a dataset name.")],
-    out: Annotated[Path, typer.Option(help="Index directory to write: new, empty, or an earlier index holding nothing else, which is replaced.")],
+    run: Run,
+    data: Annotated[str, data_option("Gallery images")],
+    out: Annotated[Path, out_option("Index directory to write: new, empty, or an earlier index holding nothing else, which is replaced")],
     kind: Annotated[IndexKind, typer.Option(help="flat: exact; ivf, ivfpq (compressed: pq-m bytes a vector) or hnsw: approximate, for galleries in the millions.")] = IndexKind.flat,
     nlist: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: k-means cells (default about 4·sqrt(N)).")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: cells a query visits (default nlist/8, at least 16).")] = None,
+    nprobe: Annotated[Optional[int], nprobe_option("nlist/8, at least 16")] = None,
     pq_m: Annotated[Optional[int], typer.Option(help="With --kind ivfpq: bytes per vector; divides the dimension (default 64 where it does).")] = None,
     m: Annotated[Optional[int], typer.Option("--m", help="With --kind hnsw: graph links per vector (default 32).")] = None,
-    ef_search: Annotated[Optional[int], typer.Option(help="With --kind hnsw: candidates a query keeps (default 128).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch while embedding.")] = 128,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")] = None,
+    ef_search: Annotated[Optional[int], ef_search_option("128")] = None,
+    batch_size: BatchSize = 128,
+    workers: Workers = 2,
+    device: Device = None,
 ) -> None:
     """Embed a gallery and write a self-contained index directory: index, paths, labels, the model."""
     from rich.markup import escape
@@ -66,9 +66,9 @@ def search(
     images: Annotated[list[Path], typer.Argument(help="Query image files.")],
     k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, neighbours: [{rank, path, label, class, score}]}].")] = False,
-    nprobe: Annotated[Optional[int], typer.Option(help="ivf or ivfpq index: cells a query visits (default: the index's).")] = None,
-    ef_search: Annotated[Optional[int], typer.Option(help="hnsw index: candidates a query keeps (default: the index's).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")] = None,
+    nprobe: Annotated[Optional[int], nprobe_option("the index's")] = None,
+    ef_search: Annotated[Optional[int], ef_search_option("the index's")] = None,
+    device: Device = None,
 ) -> None:
     """The gallery images nearest to each query image, with their cosine similarity."""
     from rich.table import Table

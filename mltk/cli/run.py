@@ -6,11 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from mltk.cli.options import BatchSize, Device, Pretrained, Workers, data_option, out_option
 from mltk.errors import Interrupted, MltkError
 
 
 def run(
-    data: Annotated[Optional[str], typer.Option(help="Folder of <class>/<image>, a CSV (path,label) or a dataset name. Default: digits.")] = None,
+    data: Annotated[Optional[str], data_option("Training images", "digits")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Validation images (same forms as --data).")] = None,
     val_classes: Annotated[Optional[float], typer.Option(help="Hold out this fraction of the classes for validation.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone name: `mltk list backbones`.")] = None,
@@ -19,19 +20,19 @@ def run(
     miner: Annotated[Optional[str], typer.Option(help="Miner name: `mltk list miners`.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random resized crops, flips, colour jitter.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train (0: save the untrained model).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
+    batch_size: BatchSize = None,
     m_per_class: Annotated[Optional[int], typer.Option(help="Images per class in a batch.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the model.")] = None,
     loss_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the losses' own parameters.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the backbone's).")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from pretrained weights (downloads them).")] = None,
+    pretrained: Pretrained = None,
     weights: Annotated[Optional[str], typer.Option(help="Local backbone weights file (.pt/.pth/.safetensors).")] = None,
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--train-backbone", help="Train only the neck and the losses.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on the CPU, fp16/bf16 on a GPU (default: on with a GPU or an AMX CPU).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory; one that already holds a run needs --resume or --overwrite (default: a new runs/<time>).")] = None,
+    workers: Workers = None,
+    device: Device = None,
+    out: Annotated[Optional[Path], out_option("Run directory; one that already holds a run needs --resume or --overwrite", "a new runs/<time>")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --device may change).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out over: deletes its config.yaml, metrics.jsonl, last.pt, best.pt and skipped_images.txt, nothing else.")] = False,
@@ -45,7 +46,12 @@ def run(
     from mltk import config as config_mod
     from mltk.cli.output import console, warn
 
-    options = {k: v for k, v in locals().items() if k in config_mod.FIELDS and k != "out"}  # --out is set below
+    # The config's fields, by name (None: not given); --out is left out: it picks the run directory below.
+    options = dict(
+        data=data, val_data=val_data, val_classes=val_classes, backbone=backbone, loss=loss, dim=dim, miner=miner, augment=augment,
+        epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, lr=lr, loss_lr=loss_lr, image_size=image_size,
+        pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, amp=amp, seed=seed, workers=workers, device=device,
+    )
     if resume:
         if out is None or not (out / "last.pt").is_file():
             raise MltkError("--resume needs --out RUN_DIR of a run that has a last.pt")

@@ -1,0 +1,58 @@
+"""Options several commands share, declared once (the way huggingface_hub's ``cli/_cli_utils.py`` does).
+
+Options that mean the same everywhere are ``Annotated`` aliases (``device: Device = None``); each
+command gives its own default, since Typer copies an alias's option for every parameter. Options
+whose meaning depends on the command (what ``--data`` holds, what ``--out`` writes, what
+``--nprobe`` defaults to) are small factories taking the phrase that varies.
+
+``mltk --help`` imports this module: typer and the standard library only, no numpy, torch or faiss.
+"""
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+
+class IndexKind(str, Enum):
+    """``mltk.knn.KINDS``, written out: importing mltk.knn would import numpy (a test checks they agree)."""
+
+    flat = "flat"
+    ivf = "ivf"
+    ivfpq = "ivfpq"
+    hnsw = "hnsw"
+
+
+Run = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint file.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")]
+Workers = Annotated[Optional[int], typer.Option(help="Data-loading processes.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
+# A pair, not a flag: a config file may turn it on, and the command line must be able to turn it off.
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="The backbone's pretrained weights (downloads them).")]
+
+IMAGES = "a folder of <class>/<image>, a CSV (path,label) or a dataset name"
+
+
+def _default(default: str) -> str:
+    return f" (default: {default})" if default else ""
+
+
+def data_option(what: str, default: str = "") -> Any:
+    """``--data``: ``what`` the images are for, in the forms ``mltk.data.load_data`` reads."""
+    return typer.Option(help=f"{what}: {IMAGES}{_default(default)}.")
+
+
+def out_option(what: str, default: str = "") -> Any:
+    """``--out``: ``what`` the command writes there, and what it does to what is there already."""
+    return typer.Option(help=f"{what}{_default(default)}.")
+
+
+def nprobe_option(default: str) -> Any:
+    """``--nprobe`` of an ivf or ivfpq index."""
+    return typer.Option(help=f"ivf or ivfpq index: cells a query visits (more: slower, closer to exact; default: {default}).")
+
+
+def ef_search_option(default: str) -> Any:
+    """``--ef-search`` of an hnsw index."""
+    return typer.Option(help=f"hnsw index: candidates a query keeps (more: slower, closer to exact; default: {default}).")
