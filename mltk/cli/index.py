@@ -25,9 +25,8 @@ def index(
 ) -> None:
     """Embed a gallery and write a self-contained index directory: index, paths, labels, the model."""
     from rich.markup import escape
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mltk.cli.output import console, interrupted_means, warn
+    from mltk.cli.output import console, interrupted_means, phases, warn
     from mltk.display import shown
     from mltk.data import describe_files, load_data
     from mltk.errors import UsageError
@@ -44,15 +43,7 @@ def index(
     model = load(run, device)
     gallery = load_data(data)
     kept = f"nothing was written to {str(out)!r} (an earlier index there is as it was)"
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True)
-    with interrupted_means(kept), bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
+    with interrupted_means(kept), phases() as progress:
         written, skipped = write_index_dir(model, gallery, out, kind.value, run=str(run.resolve()), batch_size=batch_size, workers=workers, progress=progress, **given)
     if skipped:
         warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")

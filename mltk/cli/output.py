@@ -34,3 +34,24 @@ def interrupted_means(what: str):
     except KeyboardInterrupt:
         print(f"interrupted: {one_line(what)}", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+@contextmanager
+def phases():
+    """A transient progress bar, a line per phase, and the callback the library reports to: ``progress(phase, done, total)``.
+
+    It is redrawn on each report, never by a thread of its own: Ctrl-C can land while rich holds its
+    lock, and a refresh thread waiting for that lock would hang the exit (rich joins it on the way out).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True, auto_refresh=False)
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done, total=total, refresh=True)
+
+    with bar:
+        yield progress

@@ -77,11 +77,12 @@ def run(
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        auto_refresh=False,  # redrawn at each step, never by a thread: see mltk.cli.output.phases
     ) as progress:
         task = progress.add_task("train", total=None, epoch="-", loss=float("nan"), ips=0.0)
 
         def on_step(epoch: int, step: int, steps: int, logs: dict) -> None:
-            progress.update(task, completed=step, total=steps, epoch=f"{epoch + 1}/{cfg.epochs}", loss=logs["loss"], ips=logs["images_per_s"])
+            progress.update(task, completed=step, total=steps, epoch=f"{epoch + 1}/{cfg.epochs}", loss=logs["loss"], ips=logs["images_per_s"], refresh=True)
 
         def on_epoch(record: dict) -> None:
             val = f"  val recall@1 {record['val_recall@1']:.4f}" if "val_recall@1" in record else ""
