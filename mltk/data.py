@@ -13,9 +13,31 @@ from typing import Iterator, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from mltk.errors import MltkError
+from mltk.errors import MltkError, UsageError
 
-Source = Union[str, Path, Image.Image]
+
+class CroppedImage(str):
+    """An image file read cut to ``box`` (left, top, right, bottom pixels; PIL's crop box): a path everywhere else.
+
+    A ``str`` so that paths.txt, skipped_images.txt, an index and the file checks see the file; pickled
+    with its box, for DataLoader workers.
+    """
+
+    box: tuple[int, int, int, int]
+
+    def __new__(cls, path: str | Path, box: tuple[int, int, int, int]) -> "CroppedImage":
+        self = super().__new__(cls, os.fspath(path))
+        self.box = tuple(int(v) for v in box)
+        return self
+
+    def __reduce__(self):
+        return CroppedImage, (str(self), self.box)
+
+    def __repr__(self) -> str:
+        return f"CroppedImage({str(self)!r}, box={self.box})"
+
+
+Source = Union[str, Path, CroppedImage, Image.Image]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 MAX_CSV_LINE = 65536  # bytes: a path and a label fit many times over; a file of one endless line does not fill memory
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -126,15 +148,21 @@ def csv_image(path: Path, line: int, rel: str) -> Path:
     where = f"{str(path)!r} line {line}"
     if _CONTROL.search(rel):
         raise MltkError(f"{where}: the path {_short(rel)} holds control characters")
+    return image_inside(path.parent, rel, where, "the CSV's folder", name_folder=False).resolve()
+
+
+def image_inside(base: Path, rel: str, where: str, folder: str, name_folder: bool = True) -> Path:
+    """The image file ``rel`` names in a listing (``where``: its file and line): a relative path that stays inside
+    ``base`` (``folder``: how messages name it, also when the file is missing with ``name_folder``); links inside it are followed."""
     if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir:
-        raise MltkError(f"{where}: the path {_short(rel)} leaves the CSV's folder; paths are relative to it, inside it")
-    full = (path.parent / rel).resolve()
+        raise MltkError(f"{where}: the path {_short(rel)} leaves {folder}; paths are relative to it, inside it")
+    full = base / rel
     try:
         found = full.is_file()
     except OSError as exc:  # a name too long for the file system, a loop of links
         raise MltkError(f"{where}: image {_short(rel)} cannot be opened ({exc.strerror or exc})") from None
     if not found:
-        raise MltkError(f"{where}: image {_short(rel)} does not exist")
+        raise MltkError(f"{where}: image {_short(rel)} does not exist" + (f" in {folder}" if name_folder else ""))
     return full
 
 
@@ -163,20 +191,97 @@ def csv_list(path: Path) -> LabelledImages:
     return LabelledImages(sources, [class_id[label] for _, _, label in rows], classes, path.stem)
 
 
-def load_data(spec: str) -> LabelledImages:
-    """DATA as the CLI takes it: a folder, a CSV file, or a registered dataset name."""
+SPLITS = ("train", "test", "query", "gallery")  # what a dataset spec may name after its root
+FLAGS = ("crop",)  # options a dataset spec may turn on, each passed to the dataset as name=True
+
+
+def load_data(spec: str, split: str = "train") -> LabelledImages:
+    """DATA as the CLI takes it: a folder, a CSV file, a dataset name, or NAME:ROOT[:SPLIT][:crop] (docs/benchmarks.md).
+
+    ``split`` is the one a dataset gets when the spec names none: train for ``mltk run``, test for
+    ``mltk evaluate``. A test split of query and gallery images (In-Shop) comes back as one set.
+    """
+    sets = load_sets(spec, split)
+    return sets["data"] if "data" in sets else merge(sets["query"], sets["gallery"])
+
+
+def load_test_data(spec: str) -> dict[str, LabelledImages]:
+    """``mltk evaluate --data``: ``{"data": images}`` of the test split, or ``{"query": ..., "gallery": ...}``
+    for a dataset whose test protocol is queries against a gallery (In-Shop)."""
+    return load_sets(spec, "test")
+
+
+def load_sets(spec: str, split: str) -> dict[str, LabelledImages]:
+    """``{"data": images}`` of a folder, a CSV or a dataset; a dataset may give ``{"query": ..., "gallery": ...}``."""
     path = Path(spec)
     if path.is_dir():
-        return image_folder(path)
+        return {"data": image_folder(path)}
     if path.suffix.lower() == ".csv" and path.is_file():
-        return csv_list(path)
+        return {"data": csv_list(path)}
     if path.exists():
         raise MltkError(f"data {spec!r} is neither a folder of <class>/<image> nor a .csv file")
-    if "/" in spec or path.suffix:
-        raise MltkError(f"data {spec!r} does not exist; give a folder of <class>/<image>, a .csv file or a dataset name")
     from mltk import registry
 
-    return registry.create_dataset(spec)
+    name, root, options = dataset_spec(spec)
+    if not registry.NAME.fullmatch(name) or root is None and ("/" in spec or path.suffix):
+        raise MltkError(f"data {spec!r} does not exist; give a folder of <class>/<image>, a .csv file or a dataset name")
+    found = registry.create_dataset(name, **dataset_options(name, root, options, split))
+    if isinstance(found, LabelledImages):
+        return {"data": found}
+    if isinstance(found, dict) and set(found) == {"query", "gallery"}:
+        return found
+    raise MltkError(f"dataset {name!r} gave a {type(found).__name__}, not images (LabelledImages, or a query and a gallery)")
+
+
+def dataset_spec(spec: str) -> tuple[str, str | None, list[str]]:
+    """``NAME:ROOT[:SPLIT][:crop]`` as (name, root or None, options): only a known split or flag at the end is an
+    option, so a root holding a colon stays whole."""
+    name, colon, rest = spec.partition(":")
+    if not colon:
+        return spec, None, []
+    parts, options = rest.split(":"), []
+    while len(parts) > 1 and parts[-1] in SPLITS + FLAGS:
+        options.insert(0, parts.pop())
+    return name, ":".join(parts), options
+
+
+def dataset_options(name: str, root: str | None, options: list[str], split: str) -> dict:
+    """The keyword arguments of dataset ``name``'s builder: its ``root``, ``split`` and flags, each checked against
+    the parameters the builder declares, so a spec it cannot take is one line, not a TypeError."""
+    import inspect
+
+    from mltk import registry
+
+    params = inspect.signature(registry.get("datasets", name).factory).parameters
+    kwargs: dict = {}
+    if root is not None:
+        if "root" not in params:
+            raise UsageError(f"dataset {name!r} takes no folder; give just {name!r}")
+        if not root:
+            raise UsageError(f"dataset {name!r}: give its folder after the colon, {name}:ROOT")
+        kwargs["root"] = root
+    elif "root" in params and params["root"].default is inspect.Parameter.empty:
+        raise UsageError(f"dataset {name!r} is read from its own folder: give {name}:ROOT (see docs/benchmarks.md)")
+    splits = [o for o in options if o in SPLITS]
+    if len(splits) > 1:
+        raise UsageError(f"dataset {name!r}: name one split, not {' and '.join(splits)}")
+    if "split" in params:
+        kwargs["split"] = splits[0] if splits else split
+    elif splits:
+        raise UsageError(f"dataset {name!r} has no splits; drop ':{splits[0]}'")
+    for flag in (o for o in options if o in FLAGS):
+        if flag not in params:
+            raise UsageError(f"dataset {name!r} has no ':{flag}' option")
+        kwargs[flag] = True
+    return kwargs
+
+
+def merge(query: LabelledImages, gallery: LabelledImages) -> LabelledImages:
+    """A query and a gallery set as one, classes matched by name."""
+    classes = list(dict.fromkeys(query.classes + gallery.classes))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[query.classes[y]] for y in query.labels] + [index[gallery.classes[y]] for y in gallery.labels]
+    return LabelledImages(list(query.sources) + list(gallery.sources), labels, classes, f"{query.name}+{gallery.name}", query.hints)
 
 
 def select_classes(data: LabelledImages, patterns: list[str]) -> LabelledImages:
@@ -210,7 +315,18 @@ def open_image(source: Source, mode: str) -> Image.Image:
         reason = too_large(image)
         if reason:
             raise Image.DecompressionBombError(reason)
+        if isinstance(source, CroppedImage):
+            return crop(image, source.box).convert(mode)
         return image.convert(mode)
+
+
+def crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``image`` cut to ``box``, clipped to the image (annotated boxes may pass its edge by a pixel or two)."""
+    width, height = image.size
+    left, top, right, bottom = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+    if right <= left or bottom <= top:
+        raise ValueError(f"box {box} lies outside the {width} x {height} image")
+    return image.crop((left, top, right, bottom))
 
 
 def too_large(image: Image.Image) -> str | None:

@@ -45,7 +45,7 @@ def held_out_data(model: EmbeddingModel) -> LabelledImages:
     if cfg is None or not (cfg.val_data or cfg.val_classes):
         raise UsageError("this model has no held-out classes to evaluate on; give --data DATA")
     if cfg.val_data:
-        data = load_data(cfg.val_data)
+        data = load_data(cfg.val_data, split="test")  # a benchmark dataset named without a split: its test classes
         return select_classes(data, cfg.val_data_classes) if cfg.val_data_classes else data
     data = load_data(cfg.data)
     if cfg.data_classes:

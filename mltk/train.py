@@ -113,7 +113,7 @@ def load_splits(cfg: RunConfig) -> tuple[LabelledImages, LabelledImages | None]:
     if cfg.data_classes:
         data = select_classes(data, cfg.data_classes)
     if cfg.val_data:
-        val = load_data(cfg.val_data)
+        val = load_data(cfg.val_data, split="test")  # a benchmark dataset named without a split: its test classes
         return data, select_classes(val, cfg.val_data_classes) if cfg.val_data_classes else val
     if cfg.val_classes:
         return split_classes(data, cfg.val_classes, cfg.seed)

@@ -38,7 +38,7 @@ def test_plugins_json_lists_builtins_and_what_they_register(mltk_cli):
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["mltk.default_plugins.losses"]["registers"]["losses"][:3] == ["AngularLoss", "ArcFaceLoss", "CircleLoss"]
-    assert rows["mltk.default_plugins.datasets"]["registers"] == {"datasets": ["digits"]}
+    assert rows["mltk.default_plugins.datasets"]["registers"] == {"datasets": ["cars196", "cub200", "digits", "inshop", "sop"]}
     assert all(row["error"] is None for row in rows.values())
 
 

@@ -33,11 +33,10 @@ def evaluate(
     ef_search: Annotated[Optional[int], ef_search_option("128")] = None,
 ) -> None:
     """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, and report.html."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
     from rich.text import Text
 
-    from mltk.cli.output import console, interrupted_means, warn
+    from mltk.cli.output import console, interrupted_means, phases, warn
     from mltk.display import shown
 
     if (run is None) == (backbone is None):
@@ -58,7 +57,7 @@ def evaluate(
             raise UsageError(f"{option} must be a positive number, got {value}")
 
     from mltk import evaluate as ev
-    from mltk.data import describe_files, load_data
+    from mltk.data import describe_files, load_data, load_test_data
     from mltk.model import inference_device, load
 
     # Options and the output folder are checked before any work: a mistake costs no embedding.
@@ -71,20 +70,12 @@ def evaluate(
     if pairs is not None:
         inputs = {"pairs_file": pairs, "pairs_root": data}
     elif query is not None:
-        inputs = {"query": load_data(query), "gallery": load_data(gallery)}
+        inputs = {"query": load_data(query, "test"), "gallery": load_data(gallery, "test")}  # a dataset: its test split unless named
     else:
-        inputs = {"data": load_data(data) if data else ev.held_out_data(model)}
+        inputs = load_test_data(data) if data else {"data": ev.held_out_data(model)}  # a dataset: its test split (In-Shop: query vs gallery)
 
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True)
     kept = f"nothing was written to {str(out)!r} (an earlier evaluation there is as it was)"
-    with interrupted_means(kept), ev.output_folder(out) as folder, bar:  # written aside, swapped in whole at the end; removed if anything fails
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
+    with interrupted_means(kept), ev.output_folder(out) as folder, phases() as progress:  # written aside, swapped in whole at the end; removed if anything fails
         options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
         if save_embeddings:  # streamed there while embedding; the metrics read it as a memory map
             inputs["embeddings_file"] = folder / "embeddings.npy"
