@@ -7,7 +7,8 @@ def timm_backbone(model_name: str, pretrained: bool = False, weights: str | None
     """A timm model without its classifier (pooled features, ``num_features`` wide).
 
     ``weights`` is a local file (state dict or safetensors) loaded the way timm loads pretrained
-    weights: classifier keys dropped, channels adapted, ``weights_only=True``. ``img_size`` is
+    weights: converted by timm's filter for the architecture (an original Swin checkpoint, say),
+    classifier keys dropped, channels adapted, ``weights_only=True``. ``img_size`` is
     passed on to models built for a fixed input size (ViT, Swin); CNNs take any size.
     A file of another architecture is an error naming the keys, not a silently random model.
     """
@@ -38,18 +39,23 @@ def timm_backbone(model_name: str, pretrained: bool = False, weights: str | None
 
 
 def check_keys(model_name: str, state: dict, weights: str, kwargs: dict) -> None:
-    """The file's keys must be the model's: timm loads non-strictly, so a gap would silently stay random.
+    """The file's keys, once timm's own conversion for the architecture has run, must be the model's.
 
-    Classifier weights and non-persistent buffers (Swin's relative_position_index) may be in the file too.
+    timm loads non-strictly, so a gap would silently stay random. Before comparing, the checkpoint goes
+    through the filter timm runs on pretrained weights of this architecture (``timm_filter``): an original
+    Swin checkpoint or another layout timm converts fits as it would from the hub. Classifier weights and
+    non-persistent buffers (Swin's relative_position_index) may be in the file too.
     """
-    import timm
-    import torch
-
     from mltk.errors import MltkError
     from mltk.model import state_mismatch
 
-    with torch.device("meta"):  # the model's keys without allocating it (milliseconds)
-        skeleton = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    skeleton, convert = timm_filter(model_name, state, kwargs)
+    if convert is not None:
+        try:  # a copy: filters may edit the dict in place, and timm runs the filter again on ``state`` as it loads
+            state = apply_filter(convert, dict(state), skeleton)
+        except Exception as exc:  # the file's layout is not one timm knows for this architecture
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise MltkError(f"{str(weights)!r} does not fit backbone {model_name!r}: timm's conversion failed ({type(exc).__name__}: {first})") from None
     own = skeleton.state_dict()
     classifier = skeleton.pretrained_cfg.get("classifier") or ()
     heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
@@ -57,6 +63,40 @@ def check_keys(model_name: str, state: dict, weights: str, kwargs: dict) -> None
     problem = state_mismatch(own, {k: v for k, v in state.items() if not k.startswith(heads) and k not in transient}, shapes=False)
     if problem:
         raise MltkError(f"{str(weights)!r} does not fit backbone {model_name!r}: {problem}")
+
+
+def timm_filter(model_name: str, state: dict, kwargs: dict):
+    """The model on the meta device (its keys, no memory) and the checkpoint filter timm applies for it (or None).
+
+    timm records the filter nowhere: each architecture's ``_create_*`` passes it to ``build_model_with_cfg``
+    as ``pretrained_filter_fn`` (swin's ``checkpoint_filter_fn``, deit's partial of it, densenet's torchvision
+    one, ...), which hands it to ``load_pretrained(filter_fn=...)``. So the model is built as for pretrained
+    weights with ``load_pretrained`` swapped, for those milliseconds, for a function that keeps the filter and
+    loads nothing (a process-wide swap: mltk builds its models from one thread).
+    """
+    from unittest import mock
+
+    import timm
+    import torch
+    from timm.models import _builder
+
+    found = {}
+
+    def keep_filter(model, *args, filter_fn=None, **kw):
+        found["filter"] = filter_fn
+
+    local = {"state_dict": state, "file": None, "hf_hub_id": None, "url": None}  # nothing is fetched
+    with mock.patch.object(_builder, "load_pretrained", keep_filter), torch.device("meta"):
+        skeleton = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=local, num_classes=0, **kwargs)
+    return skeleton, found.get("filter")
+
+
+def apply_filter(convert, state: dict, model) -> dict:
+    """``convert(state, model)`` as timm's ``load_pretrained`` calls it (older filters take the state alone)."""
+    try:
+        return convert(state, model)
+    except TypeError:
+        return convert(state)
 
 
 def resnet50(pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs):

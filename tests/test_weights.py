@@ -1,0 +1,99 @@
+"""--weights FILE takes checkpoints in the layouts timm converts: each goes through timm's filter for the
+architecture, then the strict key check, which still names the keys that differ."""
+
+import re
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from mltk.default_plugins.backbones import timm_filter
+from mltk.errors import MltkError
+from mltk.model import read_state_dict
+from mltk.registry import create_backbone
+
+SWIN = "swin_tiny_patch4_window7_224"
+
+
+def test_torchvision_resnet18_loads_into_timm_resnet18(tmp_path):
+    """timm's ResNet keeps torchvision's names (it has no filter): the file loads as it is, fc.* dropped."""
+    source = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    state = source.state_dict()
+    assert {"fc.weight", "fc.bias"} <= set(state)
+    torch.save(state, tmp_path / "tv.pth")
+    loaded = create_backbone("resnet18", weights=str(tmp_path / "tv.pth")).eval()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    source.fc = torch.nn.Identity()  # torchvision's pooled features are timm's headless output
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"state_dict": s, "epoch": 3},
+    lambda s: {"model": s, "optimizer": {}},  # the official Swin files
+    lambda s: {"model": {f"module.{k}": v for k, v in s.items()}},  # saved from DistributedDataParallel
+], ids=["state_dict", "model", "module-prefix"])
+def test_weights_wrapped_the_usual_ways_are_unwrapped(tmp_path, wrap):
+    state = {"conv1.weight": torch.randn(4, 3, 3, 3), "fc.bias": torch.randn(2)}
+    torch.save(wrap(state), tmp_path / "w.pth")
+    got = read_state_dict(tmp_path / "w.pth")
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def original_swin(model: torch.nn.Module) -> dict:
+    """A timm Swin's weights laid out as microsoft/Swin-Transformer saves them: patch merging at the end of
+    stages 0-2 (timm: start of 1-3), ``head.`` (timm: ``head.fc.``), and the buffers relative_position_index
+    and attn_mask saved with the weights (timm does not persist them)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", key)
+        state[key.replace("head.fc.", "head.")] = value
+    state.update((k, v) for k, v in model.named_buffers() if k.endswith(("relative_position_index", "attn_mask")))
+    return state
+
+
+@pytest.fixture(scope="module")
+def swin_source():
+    torch.manual_seed(0)
+    return timm.create_model(SWIN, pretrained=False)  # with its 1000-way head, as the official checkpoints are
+
+
+def test_original_swin_checkpoint_loads_into_timm_swin(swin_source, tmp_path):
+    original = original_swin(swin_source)
+    assert "layers.0.downsample.reduction.weight" in original and "layers.3.downsample.reduction.weight" not in original
+    assert "head.weight" in original and "layers.0.blocks.1.attn_mask" in original
+    torch.save({"model": original}, tmp_path / "swin_tiny_patch4_window7_224.pth")  # the official file nests under "model"
+    loaded = create_backbone("swin", model=SWIN, weights=str(tmp_path / "swin_tiny_patch4_window7_224.pth"))
+    expected = swin_source.state_dict()
+    own = loaded.state_dict()
+    assert set(own) == set(expected) - {"head.fc.weight", "head.fc.bias"}
+    assert all(torch.equal(v, expected[k]) for k, v in own.items())
+    assert torch.equal(own["layers.1.downsample.reduction.weight"], original["layers.0.downsample.reduction.weight"])
+
+
+def test_converted_checkpoint_still_names_the_keys_that_differ(swin_source, tmp_path):
+    original = original_swin(swin_source)
+    del original["layers.2.blocks.3.attn.qkv.weight"]
+    original["extra.weight"] = torch.zeros(1)
+    torch.save({"model": original}, tmp_path / "cut.pth")
+    with pytest.raises(MltkError, match=r"cut.pth' does not fit backbone 'swin_tiny_patch4_window7_224': "
+                                        r"missing layers\.2\.blocks\.3\.attn\.qkv\.weight \(1\); unexpected extra\.weight \(1\)$"):
+        create_backbone(SWIN, weights=str(tmp_path / "cut.pth"))
+
+
+def test_a_layout_timm_cannot_convert_is_one_line(tmp_path):
+    torch.save({"layers.9.blocks.0.attn.relative_position_bias_table": torch.zeros(169, 3)}, tmp_path / "odd.pth")
+    with pytest.raises(MltkError, match=r"odd.pth' does not fit backbone 'swin_tiny_patch4_window7_224': timm's conversion failed \(\w+Error: .*\)$"):
+        create_backbone(SWIN, weights=str(tmp_path / "odd.pth"))
+
+
+def test_the_filter_is_the_one_timm_passes_for_the_architecture():
+    """Read from timm's builder, not guessed from module names: this fails if timm changes how it passes it."""
+    from timm.models import densenet, swin_transformer
+
+    assert timm_filter(SWIN, {}, {})[1] is swin_transformer.checkpoint_filter_fn
+    assert timm_filter("densenet121", {}, {})[1] is densenet._filter_torchvision_pretrained
+    skeleton, convert = timm_filter("resnet18", {}, {})
+    assert convert is None and skeleton.conv1.weight.is_meta
