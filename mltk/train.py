@@ -3,6 +3,8 @@
 import json
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -65,6 +67,29 @@ class RunResult:
     skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
 
 
+@contextmanager
+def remembered_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: yields ``pressed()``.
+
+    Python prints and drops a KeyboardInterrupt that lands in a finalizer (``Exception ignored in ...``);
+    the training loop asks ``pressed()`` at every step, so such a Ctrl-C still stops the run there.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield lambda: False
+        return
+    pressed: list[int] = []
+
+    def handler(signum, frame):
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path | None = None,
@@ -90,12 +115,12 @@ def train(
     if resume and overwrite:
         raise UsageError("--resume goes on with the run in --out, --overwrite starts it over: give one of them")
     world = distributed.from_environment()
-    with RunDirectory(run_dir, resume, overwrite, main=world.is_main) as home:  # checked (and held) before the data is read
+    with RunDirectory(run_dir, resume, overwrite, main=world.is_main) as home, remembered_ctrl_c() as pressed:  # checked (and held) before the data is read
         device = distributed.device_for(world, cfg.device)
         joined = world.distributed and not torch.distributed.is_initialized()
         distributed.start(world, device)
         try:
-            result = _train(cfg, home, world, device, resume, on_step, on_epoch, on_warning)
+            result = _train(cfg, home, world, device, resume, on_step, on_epoch, on_warning, pressed)
         except BaseException:
             if joined:
                 distributed.stop(finished=False)
@@ -298,7 +323,7 @@ def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Call
         warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
 
 
-def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning) -> RunResult:
+def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning, pressed=lambda: False) -> RunResult:
     main = world.is_main  # the process that writes the run directory and reports
     on_step, on_epoch, on_warning = (f if main else None for f in (on_step, on_epoch, on_warning))
     warnings: list[str] = []
@@ -396,6 +421,8 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
             seen, started = 0, time.perf_counter()
             for step, (images, labels, failed) in enumerate(loader):
+                if pressed():  # a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here
+                    raise KeyboardInterrupt
                 unreadable.update(failed[failed >= 0].tolist())
                 if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
                     first = train_data.sources[int(failed[0])]

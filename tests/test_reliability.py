@@ -252,6 +252,23 @@ def test_ctrl_c_from_the_terminal_exits_130_and_says_how_to_resume(tmp_path):
     assert load_checkpoint(run / "last.pt")["epoch"] >= 1 and not list(run.glob(".*tmp*"))
 
 
+def test_a_ctrl_c_python_drops_in_a_finalizer_still_stops_the_run(tmp_path):
+    """A KeyboardInterrupt raised inside __del__ is printed and dropped by Python; the run must stop all the same."""
+
+    class PressesCtrlC:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs in here, so its KeyboardInterrupt is dropped
+
+    def on_step(epoch, step, steps, logs):
+        if epoch == 1 and step == 1:
+            PressesCtrlC()  # dropped at once: its finalizer runs now
+
+    with pytest.raises(Interrupted, match=r"^interrupted in epoch 2; last.pt keeps epoch 1"):
+        train(tiny_config(make_image_folder(tmp_path / "images", per_class=8), epochs=6), tmp_path / "run", on_step=on_step)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's own handler is gone
+
+
 SLOW_SAVE = """
 import io, sys, time, torch
 from mltk.model import save_checkpoint
