@@ -74,8 +74,9 @@ def remembered_ctrl_c():
     Python prints and drops a KeyboardInterrupt that lands in a finalizer (``Exception ignored in ...``);
     the training loop asks ``pressed()`` at every step, so such a Ctrl-C still stops the run there.
     """
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
-        yield lambda: False
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield lambda: False  # only the main thread handles signals; a SIGINT ignored by the caller (nohup, a background job) stays so
         return
     pressed: list[int] = []
 
@@ -83,7 +84,7 @@ def remembered_ctrl_c():
         pressed.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, handler)
     try:
         yield lambda: bool(pressed)
     finally:

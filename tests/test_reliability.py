@@ -214,7 +214,8 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_equals_an_uninterrupted_run(imag
 
 def start_run(folder: Path, run: Path, epochs: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "mltk", "run", *TINY_ARGS, "--data", str(folder), "--epochs", str(epochs), "--out", str(run)]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    as_from_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731  (the suite itself may run under nohup)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
 
 
 def wait_for_epoch(run: Path, epoch: int, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -263,10 +264,30 @@ def test_a_ctrl_c_python_drops_in_a_finalizer_still_stops_the_run(tmp_path):
         if epoch == 1 and step == 1:
             PressesCtrlC()  # dropped at once: its finalizer runs now
 
-    with pytest.raises(Interrupted, match=r"^interrupted in epoch 2; last.pt keeps epoch 1"):
-        train(tiny_config(make_image_folder(tmp_path / "images", per_class=8), epochs=6), tmp_path / "run", on_step=on_step)
+    as_from_a_terminal = signal.signal(signal.SIGINT, signal.default_int_handler)  # the suite may run with SIGINT ignored (nohup)
+    try:
+        with pytest.raises(Interrupted, match=r"^interrupted in epoch 2; last.pt keeps epoch 1"):
+            train(tiny_config(make_image_folder(tmp_path / "images", per_class=8), epochs=6), tmp_path / "run", on_step=on_step)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's own handler is gone
+    finally:
+        signal.signal(signal.SIGINT, as_from_a_terminal)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's own handler is gone
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    """nohup, or a background job of a script: the caller asked for SIGINT to be ignored, and the run must not undo that."""
+
+    def on_step(epoch, step, steps, logs):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = train(tiny_config(make_image_folder(tmp_path / "images", per_class=8), epochs=2), tmp_path / "run", on_step=on_step)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert [r["epoch"] for r in result.history] == [1, 2]
 
 
 SLOW_SAVE = """
