@@ -277,8 +277,8 @@ def dataset_options(name: str, root: str | None, options: list[str], split: str)
 
 
 def merge(query: LabelledImages, gallery: LabelledImages) -> LabelledImages:
-    """A query and a gallery set as one, classes matched by name."""
-    classes = list(dict.fromkeys(query.classes + gallery.classes))
+    """A query and a gallery set as one: the query images, then the gallery's, labelled over the union of class names (sorted)."""
+    classes = sorted(set(query.classes) | set(gallery.classes))
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[query.classes[y]] for y in query.labels] + [index[gallery.classes[y]] for y in gallery.labels]
     return LabelledImages(list(query.sources) + list(gallery.sources), labels, classes, f"{query.name}+{gallery.name}", query.hints)

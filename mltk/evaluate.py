@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from mltk.data import LabelledImages, drop_unreadable, load_data, readable, select_classes, split_classes, write_skipped
+from mltk.data import LabelledImages, drop_unreadable, load_data, merge, readable, select_classes, split_classes, write_skipped
 from mltk.embedding import Progress, embed
 from mltk.errors import MltkError, UsageError
 from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
@@ -51,14 +51,6 @@ def held_out_data(model: EmbeddingModel) -> LabelledImages:
     if cfg.data_classes:
         data = select_classes(data, cfg.data_classes)
     return split_classes(data, cfg.val_classes, cfg.seed)[1]
-
-
-def align_classes(query: LabelledImages, gallery: LabelledImages) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labels of both sets over the union of their class names."""
-    names = sorted(set(query.classes) | set(gallery.classes))
-    index = {n: i for i, n in enumerate(names)}
-    relabel = lambda d: np.array([index[d.classes[y]] for y in d.labels], dtype=np.int64)  # noqa: E731
-    return relabel(query), relabel(gallery), names
 
 
 @dataclass
@@ -131,10 +123,9 @@ def evaluate(
     skipped = []
     if query is not None and gallery is not None:
         query, gallery = readable(query, skipped), readable(gallery, skipped)
-        q_labels, g_labels, classes = align_classes(query, gallery)
-        labels = np.concatenate([q_labels, g_labels])
-        sources = list(query.sources) + list(gallery.sources)
-        embeddings = run_embed(LabelledImages(sources, labels.tolist(), classes, f"{query.name}+{gallery.name}"))
+        both = merge(query, gallery)  # the query images, then the gallery's, labelled over the union of class names
+        labels, classes, sources = np.asarray(both.labels), list(both.classes), list(both.sources)
+        embeddings = run_embed(both)
         n_q = len(query)
         result = metrics_mod.evaluate_embeddings(embeddings, labels, query=np.arange(n_q), gallery=np.arange(n_q, len(labels)), **options)
         info = {"query images": n_q, "gallery images": len(gallery)}

@@ -16,16 +16,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from mltk.errors import MltkError, UsageError
-from mltk.knn import KINDS, build, check_options, configure, kind_of, neighbours, search, settings  # noqa: F401  (build, search: mltk.index's names since the start)
+from mltk.knn import KINDS, Progress, build, check_options, configure, kind_of, neighbours, search, settings  # noqa: F401  (build, search: mltk.index's names since the start)
 from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
 
 FORMAT = "mltk-index-1"
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 # Everything ``write_index_dir`` puts in an index directory: a folder holding anything else is not
