@@ -112,7 +112,9 @@ class RunConfig:
     pretrained: bool = False
     weights: str | None = None
     freeze_backbone: bool = False
-    dim: int | None = 512
+    freeze_backbone_epochs: int = 0  # the backbone learns only after this many epochs (the neck and losses first)
+    freeze_bn: bool = False  # the backbone's BatchNorm layers keep their pretrained statistics and scales
+    dim: int | None = 512  # None or 0: no neck
     # objective
     loss: str = "arcface"
     loss_options: dict = field(default_factory=dict)
@@ -123,6 +125,8 @@ class RunConfig:
     batch_size: int = 64
     m_per_class: int | None = None  # None: the dataset's hint, else 4
     lr: float = 1e-3
+    backbone_lr: float | None = None  # None: lr
+    layer_decay: float | None = None  # each backbone layer learns at this times the next one's rate (timm's layer-wise decay)
     loss_lr: float = 1e-2
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
@@ -146,7 +150,7 @@ RULES: dict[str, Rule] = {
     "val_classes": Number(0, 1, open=True),
     "image_size": Number(8, 4096, whole=True),  # pixels a side; 100000 would ask for 120 GB a batch
     "augment_options": Options(AUGMENT_OPTIONS, what="a mapping of augmentation options"),
-    "dim": Number(1, 65536, whole=True),
+    "dim": Number(0, 65536, whole=True),  # 0, like null: no neck, the backbone's pooled features
     # backbone_kwargs, loss_options, miner_options: names and kinds are the builders' (named_options)
     "loss_options": MappingOf(MappingOf(PLAIN, what="a mapping of the loss's options")),
     "miner_options": MappingOf(PLAIN, what="a mapping of the miner's options"),
@@ -154,6 +158,9 @@ RULES: dict[str, Rule] = {
     "batch_size": Number(2, 16_384, whole=True),
     "m_per_class": Number(1, 8192, whole=True),
     "lr": Number(0, 10),
+    "backbone_lr": Number(0, 10),
+    "layer_decay": Number(0, 1, open=True, what="null (off) or a number in (0, 1], e.g. 0.7"),
+    "freeze_backbone_epochs": Number(0, 10_000, whole=True),
     "loss_lr": Number(0, 10),
     "weight_decay": Number(0, 10),
     "warmup_epochs": Number(0, 10_000),

@@ -100,7 +100,8 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
 class Embedder(nn.Module):
     """Backbone, then a neck (Linear + BatchNorm to ``dim``); ``embed`` L2-normalises for inference.
 
-    ``dim=None`` keeps the backbone's features as they are (no neck): an untrained backbone.
+    ``dim=None`` (or 0) keeps the backbone's features as they are (no neck): an untrained backbone, or one
+    fine-tuned without a projection.
     """
 
     def __init__(self, backbone: nn.Module, dim: int | None):

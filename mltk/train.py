@@ -1,6 +1,7 @@
 """The training loop, top to bottom: data, model, losses, optimiser, epochs, checkpoints."""
 
 import json
+import logging
 import math
 import random
 import signal
@@ -36,13 +37,15 @@ def check_names(cfg: RunConfig) -> None:
         registry.get("miners", cfg.miner)
 
 
-def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.device):
-    """DDP over the model and over the parameters the losses own; the losses and the miner see every process's embeddings."""
+def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.device, some_frozen: bool = False):
+    """DDP over the model and over the parameters the losses own; the losses and the miner see every process's embeddings.
+
+    ``some_frozen``: parameters that DDP syncs sit out some epochs (the backbone's first ones), so DDP looks for them each step."""
     from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    net = DDP(model, device_ids=ids) if any(p.requires_grad for p in model.parameters()) else model
+    net = DDP(model, device_ids=ids, find_unused_parameters=some_frozen) if any(p.requires_grad for p in model.parameters()) else model
     losses.distribute()
     objective = DDP(losses, device_ids=ids) if any(True for _ in losses.parameters()) else losses
     return net, objective, DistributedMinerWrapper(miner) if miner is not None else None
@@ -219,15 +222,83 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01) -> C
     return factor
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module, losses: nn.Module | None, steps_per_epoch: int):
-    """AdamW with one group for the model's trainable parameters and one (no weight decay) for those the
-    losses own, and its per-step schedule: linear warm-up, then cosine decay."""
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+def learnable_backbone(model: Embedder, cfg: RunConfig) -> list[nn.Parameter]:
+    """The backbone parameters the run may train: none with --freeze-backbone; with --freeze-bn, all but
+    the BatchNorm layers' (their statistics and scales stay as loaded). The others never require a gradient."""
+    kept = set() if not cfg.freeze_bn else {id(p) for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    learnable = [] if cfg.freeze_backbone else [p for p in model.backbone.parameters() if id(p) not in kept]
+    mine = {id(p) for p in learnable}
+    for p in model.backbone.parameters():
+        p.requires_grad_(id(p) in mine)
+    return learnable
+
+
+def set_learning(model: Embedder, cfg: RunConfig, epoch: int, backbone: list[nn.Parameter]) -> None:
+    """Train mode for ``epoch``. The backbone is frozen (no gradients, BatchNorm statistics kept) with --freeze-backbone
+    and in the first ``freeze_backbone_epochs``, while the neck and the losses warm up; with --freeze-bn its
+    BatchNorm layers keep their statistics always."""
+    model.train()
+    frozen = cfg.freeze_backbone or epoch < cfg.freeze_backbone_epochs
+    for p in backbone:
+        p.requires_grad_(not frozen)
+    if frozen:
+        model.backbone.eval()
+    elif cfg.freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def delayed(schedule: Callable[[int], float], start: int) -> Callable[[int], float]:
+    """``schedule`` started at step ``start``; zero before it."""
+    return lambda step: 0.0 if step < start else schedule(step - start)
+
+
+#: the learning rate of each parameter group, as metrics.jsonl names it (a group's position where it has no name:
+#: checkpoints written before the backbone could have its own)
+LR_KEYS = {"model": "lr", "losses": "loss_lr", "backbone": "backbone_lr"}
+
+
+def backbone_groups(cfg: RunConfig, model: Embedder, backbone: list[nn.Parameter]) -> list[dict]:
+    """The backbone's parameter groups at ``backbone_lr``: one, or with ``layer_decay`` one per layer (and weight
+    decay kind), each layer at ``layer_decay`` times the rate of the layer after it (timm's layer-wise decay)."""
+    lr = cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr
+    if cfg.layer_decay is None:
+        return [{"params": backbone, "lr": lr, "weight_decay": cfg.weight_decay, "name": "backbone"}]
+    from timm.optim import param_groups_layer_decay
+
+    timm_log = logging.getLogger("timm.optim._param_groups")  # its warning for one layer: the error below says it
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        groups = param_groups_layer_decay(model.backbone, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)  # the learnable ones
+    finally:
+        timm_log.setLevel(level)
+    if len({g["lr_scale"] for g in groups}) < 2 and cfg.layer_decay < 1:
+        raise UsageError(f"layer_decay: timm cannot tell the layers of backbone {cfg.backbone!r} apart; leave layer_decay out")
+    top = max(g["lr_scale"] for g in groups)  # the last layer with parameters (a headless model has no classifier) learns at lr
+    return [{"params": g["params"], "lr": lr * g["lr_scale"] / top, "weight_decay": g["weight_decay"], "name": "backbone"} for g in groups]
+
+
+def build_optimizer(cfg: RunConfig, model: Embedder, backbone: list[nn.Parameter], losses: nn.Module | None, steps_per_epoch: int):
+    """AdamW and its per-step schedule (linear warm-up, then cosine decay) over the model's parameters; those the
+    losses own (no weight decay); and the ``backbone``'s, in groups of their own when it has its own rate, layer-wise
+    rates or starts frozen (its warm-up then starts when it starts learning)."""
+    own = bool(backbone) and (cfg.backbone_lr is not None or cfg.layer_decay is not None or cfg.freeze_backbone_epochs > 0)
+    ids = {id(p) for p in backbone} if own else set()
+    model_params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]  # the neck, and the backbone without groups of its own
+    groups = [{"params": model_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "model"}]
     if losses is not None and any(True for _ in losses.parameters()):
-        groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0})
+        groups.append({"params": list(losses.parameters()), "lr": cfg.loss_lr, "weight_decay": 0.0, "name": "losses"})
+    warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    schedules = [warmup_cosine(warmup, total)] * len(groups)
+    if own:
+        start = min(cfg.freeze_backbone_epochs, cfg.epochs) * steps_per_epoch
+        layers = backbone_groups(cfg, model, backbone)
+        groups += layers
+        schedules += [delayed(warmup_cosine(warmup, total - start), start)] * len(layers)
     optimizer = torch.optim.AdamW(groups)
-    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
 def default_amp(device: torch.device) -> bool:
@@ -286,12 +357,13 @@ def epoch_loader(train_set: ImageDataset, sampler: MPerClassSampler, cfg: RunCon
     )
 
 
-def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, seen: int, elapsed: float, world) -> dict:
-    """An epoch's metrics.jsonl line: each loss term averaged over the steps, learning rates, throughput, seconds."""
+def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, lrs: list[float], seen: int, elapsed: float, world) -> dict:
+    """An epoch's metrics.jsonl line: each loss term averaged over the steps, the learning rates of its last step
+    (``lrs``, one per parameter group), throughput, seconds."""
     record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
-    record["lr"] = optimizer.param_groups[0]["lr"]
-    if len(optimizer.param_groups) > 1:
-        record["loss_lr"] = optimizer.param_groups[1]["lr"]
+    for position, (group, lr) in enumerate(zip(optimizer.param_groups, lrs)):
+        key = LR_KEYS[group.get("name", ("model", "losses")[min(position, 1)])]
+        record[key] = max(lr, record.get(key, lr))  # layer-wise rates: the backbone's last layer's
     record["images_per_s"] = seen / elapsed
     if world.distributed:
         record["processes"] = world.size
@@ -352,18 +424,17 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         seed_everything(cfg.seed)
         model = build_embedder(cfg, from_checkpoint=resume).to(device)
         pre, train_set, val_set = make_datasets(model, cfg, train_data, val_data)  # images as the backbone takes them
-        if cfg.freeze_backbone:
-            model.backbone.requires_grad_(False)
+        backbone = learnable_backbone(model, cfg)  # the rest of it never learns
 
         # Losses (and miner): what the steps call is DDP-wrapped across processes.
         losses = build_losses(cfg, len(train_data.classes), model.dim).to(device) if cfg.epochs else None
         miner = registry.create_miner(cfg.miner, **cfg.miner_options) if cfg.miner else None
         net, objective = model, losses
         if world.distributed and cfg.epochs:
-            net, objective, miner = distribute(model, losses, miner, device)
+            net, objective, miner = distribute(model, losses, miner, device, some_frozen=cfg.freeze_backbone_epochs > 0)
 
         # Optimiser: AdamW over the model and the parameters the losses own, warm-up then cosine, mixed precision.
-        optimizer, scheduler = build_optimizer(cfg, model, losses, steps_per_epoch)
+        optimizer, scheduler = build_optimizer(cfg, model, backbone, losses, steps_per_epoch)
     amp, amp_dtype, scaler = mixed_precision(cfg, device)
 
     # Run directory: made (or claimed, with --overwrite cleared) only now that every part is built, so a bad
@@ -415,9 +486,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             seed_everything(cfg.seed * 1000 + epoch)
             sampler.set_epoch(epoch)
             loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
-            model.train()
-            if cfg.freeze_backbone:
-                model.backbone.eval()  # frozen means frozen BatchNorm statistics too
+            set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
             sums: dict[str, float] = {}
             unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
             seen, started = 0, time.perf_counter()
@@ -453,6 +522,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
                 scheduler.step()
                 seen += len(labels) * world.size  # every process's images (equal batches)
                 for name, value in shown.items():
@@ -463,7 +533,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             elapsed = time.perf_counter() - started
 
             # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
-            record = epoch_record(epoch, sums, steps_per_epoch, optimizer, seen, elapsed, world)
+            record = epoch_record(epoch, sums, steps_per_epoch, optimizer, lrs, seen, elapsed, world)
             bad = [train_data.sources[i] for i in sorted(unreadable)]
             if val_set is not None:
                 record["val_recall@1"], failed = validate(model, val_set, cfg, device, world)

@@ -385,7 +385,7 @@ def config_error(values, source: str = "c.yaml") -> str:
 # --- 1. Numbers: each option in its range, checked before anything is written -----------------------------------------
 
 NUMBERS = {
-    "dim huge": (["--dim", "1000000000"], "--dim must be an integer in [1, 65536], got 1000000000"),
+    "dim huge": (["--dim", "1000000000"], "--dim must be an integer in [0, 65536], got 1000000000"),
     "image size negative": (["--image-size", "-5"], "--image-size must be an integer in [8, 4096], got -5"),
     "image size zero": (["--image-size", "0"], "--image-size must be an integer in [8, 4096], got 0"),
     "image size huge": (["--image-size", "100000"], "--image-size must be an integer in [8, 4096], got 100000"),

@@ -47,7 +47,7 @@ def test_plugins_json_lists_builtins_and_what_they_register(mltk_cli):
     [
         (["--loss", "0.01*center+arcfce"], "error: unknown loss 'arcfce'; did you mean 'arcface'?"),
         (["--backbone", "resnet5"], "error: unknown backbone 'resnet5'; did you mean"),
-        (["--dim", "0"], "error: --dim must be an integer in [1, 65536], got 0"),
+        (["--dim", "-1"], "error: --dim must be an integer in [0, 65536], got -1"),
         (["--loss", "x*ce"], "error: bad weight 'x' in loss spec 'x*ce'"),
         (["--miner", "hardd"], "error: unknown miner 'hardd'; did you mean 'hard'"),
     ],

@@ -58,15 +58,16 @@ def test_run_passes_every_option_to_the_config(mltk_main, monkeypatch, tmp_path)
     monkeypatch.setattr(config, "resolve", resolve)
     args = {
         "data": "folder", "val_data": "val", "val_classes": 0.25, "backbone": "resnet18", "loss": "arcface", "dim": 32,
-        "miner": "hard", "epochs": 3, "batch_size": 16, "m_per_class": 4, "lr": 0.5, "loss_lr": 0.25, "image_size": 64,
+        "miner": "hard", "epochs": 3, "batch_size": 16, "m_per_class": 4, "lr": 0.5, "backbone_lr": 0.125, "layer_decay": 0.75, "loss_lr": 0.25, "freeze_backbone_epochs": 2, "image_size": 64,
         "weights": "w.pt", "seed": 7, "workers": 0, "device": "cpu",
     }
     flags = [x for key, value in args.items() for x in ("--" + key.replace("_", "-"), str(value))]
-    code, _, err = mltk_main("run", *flags, "--augment", "--no-pretrained", "--freeze-backbone", "--no-amp", "--out", tmp_path / "run")
+    switches = ("--augment", "--no-pretrained", "--freeze-backbone", "--freeze-bn", "--no-amp")
+    code, _, err = mltk_main("run", *flags, "--classes", "a*", "--classes", "b?", *switches, "--out", tmp_path / "run")
     assert (code, err) == (2, "error: stop here\n")
-    assert given == {**args, "augment": True, "pretrained": False, "freeze_backbone": True, "amp": False}
+    assert given == {**args, "data_classes": ["a*", "b?"], "augment": True, "pretrained": False, "freeze_backbone": True, "freeze_bn": True, "amp": False}
 
     given.clear()
     mltk_main("run")
-    assert set(given) == set(args) | {"augment", "pretrained", "freeze_backbone", "amp"}
+    assert set(given) == set(args) | {"data_classes", "augment", "pretrained", "freeze_backbone", "freeze_bn", "amp"}
     assert all(value is None for value in given.values())  # not given: the config file's value or the default stands

@@ -118,3 +118,16 @@ def test_a_tiny_set_from_the_command_line(tiny_set, mltk_main, tmp_path):
     values = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert 0 < values["map@r"] <= 1 and "roc_auc" in values and "recall@1" not in values
     assert "not computed: precision_at_k, recall_at_k (k=8 is more than the 5 gallery items a query can retrieve)" in out
+
+
+def test_classes_pick_a_class_disjoint_split_of_one_folder(trained_run, mltk_main, tmp_path):
+    from conftest import one_line_error
+
+    run, folder = trained_run  # class_00 .. class_09, 4 images each
+    code, _, err = mltk_main("evaluate", run, "--data", folder, "--classes", "class_0[7-8]", "--classes", "class_09", "--no-report", "--workers", "0", "--out", tmp_path / "e")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["queries"] == 12  # 3 classes x 4 images
+    line = one_line_error(mltk_main("evaluate", run, "--data", folder, "--classes", "bird_*", "--out", tmp_path / "f"))
+    assert "no class" in line and "bird_*" in line and not (tmp_path / "f").exists()
+    line = one_line_error(mltk_main("evaluate", run, "--data", folder, "--pairs", tmp_path / "pairs.csv", "--classes", "class_0*"))
+    assert "--classes" in line and "--pairs" in line

@@ -152,3 +152,68 @@ def test_command_line_overrides_the_config_file(image_folder, tmp_path, mltk_cli
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["epochs"] == 1 and saved["dim"] == 8 and saved["backbone"] == "test_resnet"
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def initial_backbone(cfg: RunConfig) -> dict:
+    """The backbone's weights before training: the run builds its model from the same seed."""
+    from mltk.train import seed_everything
+
+    seed_everything(cfg.seed)
+    return {k: v.clone() for k, v in build_embedder(cfg).backbone.state_dict().items()}
+
+
+def changed(before: dict, state: dict, prefix: str) -> set[str]:
+    return {k for k, v in before.items() if not torch.equal(v, state["model"][prefix + k])}
+
+
+def test_freeze_bn_keeps_batchnorm_as_loaded_and_backbone_lr_sets_the_backbones_rate(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, loss="ce+arcface", freeze_bn=True, backbone_lr=0.0)
+    before = initial_backbone(cfg)
+    train(cfg, tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert changed(before, state, "backbone.") == set()  # BatchNorm frozen, the rest at learning rate 0
+    assert not torch.equal(state["model"]["neck.0.weight"], build_embedder(cfg).neck[0].weight)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["backbone_lr"] == 0.0 and r["lr"] > 0 for r in records)
+
+    cfg = replace(cfg, backbone_lr=1e-3)
+    train(cfg, tmp_path / "run2")
+    moved = changed(before, load_checkpoint(tmp_path / "run2" / "last.pt"), "backbone.")
+    batchnorm = {k for k in before if ".bn" in k or "running_" in k or "num_batches" in k}
+    assert moved and batchnorm and not moved & batchnorm  # convolutions learn; BatchNorm statistics and scales stay
+
+
+def test_freeze_backbone_epochs_train_the_neck_first_then_the_backbone(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, loss="arcface", freeze_backbone_epochs=1, epochs=1)
+    before = initial_backbone(cfg)
+    train(cfg, tmp_path / "run")
+    assert changed(before, load_checkpoint(tmp_path / "run" / "last.pt"), "backbone.") == set()  # not even BatchNorm statistics
+    train(replace(cfg, epochs=3), tmp_path / "run", resume=True)  # epochs 2 and 3: the backbone learns
+    assert changed(before, load_checkpoint(tmp_path / "run" / "last.pt"), "backbone.")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["backbone_lr"] == 0.0 and records[1]["backbone_lr"] > 0 and records[1]["lr"] > 0
+
+
+def test_layer_decay_gives_each_backbone_layer_a_lower_rate_than_the_next(image_folder, tmp_path):
+    from mltk.train import build_optimizer, learnable_backbone
+
+    cfg = tiny_config(image_folder, loss="arcface", backbone_lr=1e-3, layer_decay=0.5)
+    model = build_embedder(cfg)
+    optimizer, _ = build_optimizer(cfg, model, learnable_backbone(model, cfg), None, steps_per_epoch=4)
+    rates = {p: g["initial_lr"] for g in optimizer.param_groups if g["name"] == "backbone" for p in map(id, g["params"])}
+    named = dict(model.backbone.named_parameters())
+    stem, last = rates[id(named["conv1.0.weight"])], rates[id(next(p for n, p in named.items() if n.startswith("layer4")))]
+    assert last == 1e-3 and stem < last / 4  # the stem several layers below the last block
+    assert {id(p) for p in model.neck.parameters()} <= {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert optimizer.param_groups[0]["initial_lr"] == cfg.lr
+    train(cfg, tmp_path / "run")  # and a run trains with them
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["backbone_lr"] > 0
+
+
+def test_dim_0_trains_the_backbones_own_features(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, loss="MultiSimilarityLoss", miner="multisimilarity", dim=0)
+    train(cfg, tmp_path / "run")
+    model = mltk.load(tmp_path / "run" / "last.pt", device="cpu")
+    width = build_embedder(cfg).backbone.num_features
+    assert model.embed([next(image_folder.glob("class_00/*.png"))]).shape == (1, width)
+    assert not any(k.startswith("neck.") for k in load_checkpoint(tmp_path / "run" / "last.pt")["model"])

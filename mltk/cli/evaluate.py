@@ -5,13 +5,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.options import BatchSize, Device, IndexKind, Pretrained, Run, Workers, data_option, ef_search_option, nprobe_option, out_option
+from mltk.cli.options import BatchSize, Device, IndexKind, Pretrained, Run, Workers, classes_option, data_option, ef_search_option, nprobe_option, out_option
 from mltk.errors import UsageError
 
 
 def evaluate(
     run: Run = None,
     data: Annotated[Optional[str], data_option("Images to evaluate, and the root of --pairs", "the run's held-out classes")] = None,
+    classes: Annotated[Optional[list[str]], classes_option("--data (or --query and --gallery)")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="Pair list: LFW pairs.txt or CSV path1,path2,same, resolved against --data.")] = None,
     query: Annotated[Optional[str], typer.Option(help="Query images (with --gallery).")] = None,
     gallery: Annotated[Optional[str], typer.Option(help="Gallery images (with --query).")] = None,
@@ -45,6 +46,8 @@ def evaluate(
         raise UsageError("--query and --gallery go together")
     if pairs is not None and data is None:
         raise UsageError("--pairs needs --data: the folder its image names are relative to")
+    if pairs is not None and classes:
+        raise UsageError("--classes picks images by class; a --pairs list names its images itself")
     if backbone and not (data or query):
         raise UsageError("--backbone needs --data (or --query and --gallery)")
     if run is not None and (pretrained or weights is not None or image_size is not None):
@@ -57,7 +60,7 @@ def evaluate(
             raise UsageError(f"{option} must be a positive number, got {value}")
 
     from mltk import evaluate as ev
-    from mltk.data import describe_files, load_data, load_test_data
+    from mltk.data import describe_files, load_data, load_test_data, select_classes
     from mltk.model import inference_device, load
 
     # Options and the output folder are checked before any work: a mistake costs no embedding.
@@ -73,6 +76,8 @@ def evaluate(
         inputs = {"query": load_data(query, "test"), "gallery": load_data(gallery, "test")}  # a dataset: its test split unless named
     else:
         inputs = load_test_data(data) if data else {"data": ev.held_out_data(model)}  # a dataset: its test split (In-Shop: query vs gallery)
+    if classes:
+        inputs = {key: select_classes(images, classes) for key, images in inputs.items()}
 
     kept = f"nothing was written to {str(out)!r} (an earlier evaluation there is as it was)"
     with interrupted_means(kept), ev.output_folder(out) as folder, phases() as progress:  # written aside, swapped in whole at the end; removed if anything fails

@@ -43,6 +43,11 @@ def data_option(what: str, default: str = "") -> Any:
     return typer.Option(help=f"{what}: {IMAGES}{_default(default)}.")
 
 
+def classes_option(what: str) -> Any:
+    """``--classes``: fnmatch patterns picking ``what``'s classes by name (a class-disjoint split of one folder)."""
+    return typer.Option(help=f"Only the classes of {what} whose names match this pattern (fnmatch, e.g. '0[0-4]?.*'); repeatable.")
+
+
 def out_option(what: str, default: str = "") -> Any:
     """``--out``: ``what`` the command writes there, and what it does to what is there already."""
     return typer.Option(help=f"{what}{_default(default)}.")

@@ -6,28 +6,33 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.options import BatchSize, Device, Pretrained, Workers, data_option, out_option
+from mltk.cli.options import BatchSize, Device, Pretrained, Workers, classes_option, data_option, out_option
 from mltk.errors import Interrupted, MltkError
 
 
 def run(
     data: Annotated[Optional[str], data_option("Training images", "digits")] = None,
+    classes: Annotated[Optional[list[str]], classes_option("--data")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Validation images (same forms as --data).")] = None,
     val_classes: Annotated[Optional[float], typer.Option(help="Hold out this fraction of the classes for validation.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone name: `mltk list backbones`.")] = None,
     loss: Annotated[Optional[str], typer.Option(help="Losses joined by '+', each with an optional weight: 0.01*center+ce+arcface.")] = None,
-    dim: Annotated[Optional[int], typer.Option(help="Embedding dimension.")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="Embedding dimension (0: no neck, the backbone's pooled features as they are).")] = None,
     miner: Annotated[Optional[str], typer.Option(help="Miner name: `mltk list miners`.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random resized crops, flips, colour jitter.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train (0: save the untrained model).")] = None,
     batch_size: BatchSize = None,
     m_per_class: Annotated[Optional[int], typer.Option(help="Images per class in a batch.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the model.")] = None,
+    backbone_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the backbone (default: --lr); lower it to fine-tune a pretrained one gently.")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Discriminative rates: each backbone layer learns at this times the next one's rate (e.g. 0.7; timm's layer-wise decay).")] = None,
     loss_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the losses' own parameters.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the backbone's).")] = None,
     pretrained: Pretrained = None,
     weights: Annotated[Optional[str], typer.Option(help="Local backbone weights file (.pt/.pth/.safetensors).")] = None,
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--train-backbone", help="Train only the neck and the losses.")] = None,
+    freeze_backbone_epochs: Annotated[Optional[int], typer.Option(help="Train the neck and the losses alone for this many epochs, then the backbone too.")] = None,
+    freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--train-bn", help="Keep the backbone's BatchNorm statistics and scales as loaded (pretrained).")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on the CPU, fp16/bf16 on a GPU (default: on with a GPU or an AMX CPU).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Workers = None,
@@ -48,9 +53,9 @@ def run(
 
     # The config's fields, by name (None: not given); --out is left out: it picks the run directory below.
     options = dict(
-        data=data, val_data=val_data, val_classes=val_classes, backbone=backbone, loss=loss, dim=dim, miner=miner, augment=augment,
-        epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, lr=lr, loss_lr=loss_lr, image_size=image_size,
-        pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, amp=amp, seed=seed, workers=workers, device=device,
+        data=data, data_classes=classes, val_data=val_data, val_classes=val_classes, backbone=backbone, loss=loss, dim=dim, miner=miner, augment=augment,
+        epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, loss_lr=loss_lr, image_size=image_size,
+        pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, amp=amp, seed=seed, workers=workers, device=device,
     )
     if resume:
         if out is None or not (out / "last.pt").is_file():
