@@ -6,10 +6,12 @@ Used by the benchmarks beside ``mltk run`` on the same model, data, image size a
 import fnmatch
 import time
 
+import numpy as np
 import timm
 import torch
 import torchvision
 from pytorch_metric_learning import losses, samplers
+from pytorch_metric_learning.utils import common_functions as c_f
 from timm.data import create_transform, resolve_data_config
 
 
@@ -28,10 +30,17 @@ def image_folder(root, patterns, transform):
     return full
 
 
-def train_plain(root, patterns, backbone="resnet18", image_size=64, dim=512, epochs=15, batch_size=64, m=4, lr=1e-3, loss_lr=1e-2, workers=2, seed=0, augment=False, augment_options=None, log=print):
-    """Train for ``epochs``; returns (model, transform, images_per_s, seconds)."""
+def train_plain(root, patterns, backbone="resnet18", image_size=64, dim=512, epochs=15, batch_size=64, m=4, lr=1e-3, loss_lr=1e-2, workers=2, seed=0, augment=False, augment_options=None, model=None, log=print):
+    """Train for ``epochs``; returns (model, transform, images_per_s, seconds).
+
+    ``model``: a timm model to start from (pretrained, say); its classifier becomes the ``dim``-wide embedding layer.
+    """
     torch.manual_seed(seed)
-    model = timm.create_model(backbone, pretrained=False, num_classes=dim)
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed)  # MPerClassSampler draws from it
+    if model is None:
+        model = timm.create_model(backbone, pretrained=False, num_classes=dim)
+    else:
+        model.reset_classifier(dim)
     data_cfg = {**resolve_data_config({}, model=model), "input_size": (3, image_size, image_size)}
     train_tf = create_transform(**data_cfg, is_training=augment, **((augment_options or {}) if augment else {}))
     eval_tf = create_transform(**data_cfg, is_training=False)

