@@ -159,7 +159,7 @@ RULES: dict[str, Rule] = {
     "m_per_class": Number(1, 8192, whole=True),
     "lr": Number(0, 10),
     "backbone_lr": Number(0, 10),
-    "layer_decay": Number(0, 1, open=True, what="null (off) or a number in (0, 1], e.g. 0.7"),
+    "layer_decay": Number(0.01, 1, what="null (off) or a number in [0.01, 1], e.g. 0.7"),
     "freeze_backbone_epochs": Number(0, 10_000, whole=True),
     "loss_lr": Number(0, 10),
     "weight_decay": Number(0, 10),

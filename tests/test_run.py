@@ -208,6 +208,10 @@ def test_layer_decay_gives_each_backbone_layer_a_lower_rate_than_the_next(image_
     assert optimizer.param_groups[0]["initial_lr"] == cfg.lr
     train(cfg, tmp_path / "run")  # and a run trains with them
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["backbone_lr"] > 0
+    for bad in (0, 1.5):
+        with pytest.raises(UsageError, match=r"layer_decay in config must be null \(off\) or a number in \[0.01, 1\]"):
+            make_config({"layer_decay": bad})
+    assert make_config({"layer_decay": 1}).layer_decay == 1  # every layer at backbone_lr
 
 
 def test_dim_0_trains_the_backbones_own_features(image_folder, tmp_path):
