@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).parent))  # plain_loop, experiments
+from experiments import DATA, REPO, SHOWN  # noqa: E402  the data folder and the columns of every experiment table
+
 # The papers' class-disjoint protocol on the bundled subsets: the first half of the classes train, the rest test.
 DATASETS = {
     "cub": dict(root=DATA / "cub200_2011_subset", train=["00?.*", "01?.*", "02[0-5].*"], test=["02[6-9].*", "03?.*", "04?.*", "050.*"]),
@@ -42,7 +43,6 @@ ROWS = {
     "plain": ("plain timm + PML loop (ArcFace, Adam lr 1e-4), same weights", None),
 }
 PLAIN = dict(dim=512, lr=1e-4, loss_lr=1e-2)  # the loop as a user writes it for a pretrained backbone
-SHOWN = ["roc_auc", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"]
 
 
 def classes(patterns: list[str]) -> list[str]:
@@ -130,7 +130,6 @@ def main() -> None:
         parser.error(f"unknown rows {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
     if importlib.util.find_spec("mltk_efficientnet_lite") is None or importlib.util.find_spec("mltk_gem") is None:
         sys.exit("error: the backbone and the best recipe's pooling come from plugins: pip install ./plugins/mltk-efficientnet-lite ./plugins/mltk-gem")
-    sys.path.insert(0, str(Path(__file__).parent))  # plain_loop
     command = "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs or tmp)

@@ -222,11 +222,15 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.01) -> C
     return factor
 
 
+def batchnorms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def learnable_backbone(model: Embedder, cfg: RunConfig) -> list[nn.Parameter]:
     """The backbone parameters the run may train: none with --freeze-backbone; with --freeze-bn, all but
     the BatchNorm layers' (their statistics and scales stay as loaded). The others never require a gradient."""
-    kept = set() if not cfg.freeze_bn else {id(p) for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
-    learnable = [] if cfg.freeze_backbone else [p for p in model.backbone.parameters() if id(p) not in kept]
+    as_loaded = {id(p) for m in batchnorms(model.backbone) for p in m.parameters()} if cfg.freeze_bn else set()
+    learnable = [] if cfg.freeze_backbone else [p for p in model.backbone.parameters() if id(p) not in as_loaded]
     mine = {id(p) for p in learnable}
     for p in model.backbone.parameters():
         p.requires_grad_(id(p) in mine)
@@ -244,9 +248,8 @@ def set_learning(model: Embedder, cfg: RunConfig, epoch: int, backbone: list[nn.
     if frozen:
         model.backbone.eval()
     elif cfg.freeze_bn:
-        for m in model.backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in batchnorms(model.backbone):
+            m.eval()
 
 
 def delayed(schedule: Callable[[int], float], start: int) -> Callable[[int], float]:
