@@ -6,10 +6,11 @@
 
 Each mltk configuration is trained by the ``mltk run`` command itself (the example config, with
 the dataset's paths and class split put in), then its last checkpoint is evaluated on the held-out
-classes with ``mltk.evaluate`` — the code behind ``mltk evaluate``: ROC-AUC over all test pairs,
+classes by the ``mltk evaluate`` command (into RUN/eval): ROC-AUC, TAR@FAR and EER over all test pairs,
 recall@1/2/4/8, MAP@R. The plain loop (benchmarks/plain_loop.py: ArcFace only, Adam, same backbone,
 data, image size and epochs as the best recipe) is scored by the same metric code. Prints a table
-and writes benchmarks/results/experiments_<dataset>.{json,md}.
+and writes benchmarks/results/experiments_<dataset>.{json,md}, and ``mltk compare`` of the mltk runs
+to benchmarks/results/compare_<dataset>.{md,html}. ``--runs DIR`` keeps the run directories.
 """
 
 import argparse
@@ -40,7 +41,7 @@ DATASETS = {
         changes={"augment_options": {"scale": [0.7, 1.0], "color_jitter": 0.0}, "m_per_class": 4},
     ),
 }
-METRICS = ["roc_auc", "recall_at_k", "map_at_r"]
+METRICS = ["roc_auc", "tar_at_far", "eer", "recall_at_k", "map_at_r"]
 PLAIN_M = 4  # the plain loop as a user writes it (and as the targets were set): batches of 64 with 4 per class
 FIGURES = REPO / "docs" / "figures"
 SHOWN = ["roc_auc", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"]
@@ -69,28 +70,39 @@ def test_images(dataset: str):
 
 
 def run_mltk(example: str, dataset: str, runs: Path) -> dict:
-    """Train with the mltk command, evaluate the last checkpoint on the test classes."""
-    import mltk
-    from mltk.evaluate import evaluate
-
+    """Train with the mltk command, then evaluate the last checkpoint on the test classes with the mltk command
+    (into RUN/eval, where `mltk compare` finds it)."""
     run_dir = runs / dataset / example
     config_file = runs / dataset / f"{example}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(dataset_config(example, dataset)))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mltk", "run", "--config", str(config_file), "--out", str(run_dir), "--overwrite"], check=True, stdout=subprocess.DEVNULL)  # a rerun trains afresh
+    subprocess.run([sys.executable, "-m", "mltk", "run", "--config", str(config_file), "--out", str(run_dir), "--overwrite", "--quiet"], check=True, stdout=subprocess.DEVNULL)  # a rerun trains afresh
     seconds = time.perf_counter() - started
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    result = evaluate(mltk.load(run_dir / "last.pt", device="cpu"), data=test_images(dataset), metrics=METRICS)
-    if example == "omniglot_best":  # the figure docs/results.md shows
+    spec = DATASETS[dataset]
+    figure = example == "omniglot_best"  # the t-SNE docs/results.md shows: from the embeddings evaluate saves
+    subprocess.run(
+        [sys.executable, "-m", "mltk", "evaluate", str(run_dir / "last.pt"), "--data", str(spec["root"]), *(x for c in spec["test"] for x in ("--classes", c)),
+         "--metrics", ",".join(METRICS), "--no-report", "--out", str(run_dir / "eval"), *(["--save-embeddings"] if figure else [])],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    values = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    if figure:
+        import numpy as np
+
         from mltk import report
 
-        keep = report.sample_classes(result.labels, 20, seed=0)
-        points = report.project(result.embeddings[keep], "tsne", seed=0)
-        png = report.scatter_plot(points, result.labels[keep], result.classes, f"t-SNE of {dataset} test classes (20 of {len(result.classes)}), best recipe")
+        embeddings, labels = np.load(run_dir / "eval" / "embeddings.npy"), np.load(run_dir / "eval" / "labels.npy")
+        classes = test_images(dataset).classes
+        keep = report.sample_classes(labels, 20, seed=0)
+        points = report.project(embeddings[keep], "tsne", seed=0)
+        png = report.scatter_plot(points, labels[keep], classes, f"t-SNE of {dataset} test classes (20 of {len(classes)}), best recipe")
         (Path(FIGURES) / f"tsne_{dataset}_best.png").write_bytes(png)
+        for name in ("embeddings.npy", "labels.npy", "paths.txt"):
+            (run_dir / "eval" / name).unlink()
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ips = sum(r["images_per_s"] * r["seconds"] for r in history) / sum(r["seconds"] for r in history) if history else None
-    return {"what": example, "epochs": len(history), "train_seconds": round(seconds), "images_per_s": ips and round(ips, 1), **{k: result.values[k] for k in SHOWN}}
+    return {"what": example, "epochs": len(history), "train_seconds": round(seconds), "images_per_s": ips and round(ips, 1), **{k: values[k] for k in SHOWN}}
 
 
 def run_plain(dataset: str) -> dict:
@@ -144,6 +156,10 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"experiments_{dataset}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
             (out / f"experiments_{dataset}.md").write_text(markdown(dataset, rows, command))
+            # The mltk rows as `mltk compare` shows them: their config differences, times and evaluations side by side.
+            run_dirs = [str(runs / dataset / name) for name in args.configs.split(",") if name != "plain"]
+            targets = [x for suffix in ("md", "html") for x in ("--out", str(out / f"compare_{dataset}.{suffix}"))]
+            subprocess.run([sys.executable, "-m", "mltk", "compare", *run_dirs, *targets], check=True, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -132,11 +132,13 @@ class RunConfig:
     warmup_epochs: float = 1.0
     grad_clip: float | None = 5.0
     amp: bool | None = None  # None: on with a GPU or a CPU with AMX (fast bf16)
+    early_stop: int | None = None  # stop after this many epochs without a better best score (None: never)
     # run
     seed: int = 0
     workers: int = 2
     device: str = "auto"
     out: str | None = None
+    log: list = field(default_factory=list)  # loggers that follow the run (--log): tensorboard, and those plugins add
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -165,8 +167,10 @@ RULES: dict[str, Rule] = {
     "weight_decay": Number(0, 10),
     "warmup_epochs": Number(0, 10_000),
     "grad_clip": Number(0, 1e6, what="null or 0 (off), or a number in (0, 1000000]"),
+    "early_stop": Number(1, 10_000, whole=True, what="null (off) or a whole number of epochs in [1, 10000]"),
     "seed": Number(0, 2**32 - 1, whole=True),
     "workers": Number(0, 256, whole=True),
+    "log": ListOf(Text(r"[A-Za-z_][\w.\-]{0,99}", what="a logger name (`mltk list loggers`)"), what="a list of logger names"),
     "device": Text(r"auto|cpu|mps|(cuda|xpu)(:\d{1,3})?", what="auto, cpu, mps, cuda or cuda:N"),
 }
 

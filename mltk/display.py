@@ -27,3 +27,21 @@ def _escape(char: str) -> str:
     if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8 (Python's surrogateescape)
         return f"\\x{code - 0xDC00:02x}"
     return char.encode("unicode_escape").decode("ascii")
+
+
+def setting(value: object, limit: int | None = None) -> str:
+    """A config value in few characters: yes/no, none, numbers as %g, [a, b], {key: value}; past ``limit``
+    characters, cut with an ellipsis. Strings are ``shown``."""
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(setting(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{shown(k)}: {setting(v)}" for k, v in value.items()) + "}"
+    else:
+        text = shown(value)
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"

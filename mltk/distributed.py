@@ -88,6 +88,15 @@ def mean(value: torch.Tensor, world: World) -> torch.Tensor:
     return value / world.size
 
 
+def any_true(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every process when it is true on any (one process's plugins stop the run for all)."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
     """Every process's ``rows`` (N_r, ...) concatenated in rank order; N_r may differ between processes."""
     if not world.distributed:

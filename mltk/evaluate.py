@@ -252,12 +252,25 @@ def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: 
         raise disk_error(exc, "the outputs of the evaluation", "--out is as it was") from None
 
 
-def build_report(result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0, progress: Progress | None = None) -> str:
-    """The HTML report: metrics, ROC curve, t-SNE and UMAP of a sample of classes, a retrieval grid."""
+def training_of(run: str | Path) -> tuple[dict, list[dict]] | None:
+    """The resolved config and the epoch records of the run directory a model comes from (``run``, or the folder of its
+    best.pt / last.pt), for the report; None when it comes from no run directory. A file that is not right: one line."""
+    from mltk.run_dir import read_config, read_records, run_of
+
+    folder = run_of(run)
+    return (read_config(folder), read_records(folder)) if folder is not None else None
+
+
+def build_report(result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0, progress: Progress | None = None, training: tuple[dict, list[dict]] | None = None) -> str:
+    """The HTML report: metrics, the run's configuration and training curves (``training``: ``training_of(run)``), ROC
+    curve, t-SNE and UMAP of a sample of classes, a retrieval grid."""
     from mltk import report
     from mltk.data import open_image
 
     figures: dict[str, bytes] = {}
+    config, records = training or (None, [])
+    if records:
+        figures["Training curves"] = report.training_curves({title: records})
     auc = result.values.get("roc_auc")
     if result.roc is not None and auc is not None:
         figures["ROC curve"] = report.roc_plot(result.roc.fpr, result.roc.tpr, auc)
@@ -285,4 +298,4 @@ def build_report(result: EvalResult, title: str, max_classes: int = 20, max_poin
             figures["Retrieval examples"] = report.retrieval_grid(queries, neighbours, nb.match, open_image)
     metrics = {k: v for k, v in result.values.items() if isinstance(v, float)}
     info = {**result.info, **{k: v for k, v in result.values.items() if not isinstance(v, float)}}
-    return report.html_report(title, metrics, info, figures)
+    return report.html_report(title, metrics, info, figures, config)

@@ -34,3 +34,37 @@ def register_datasets(register):
 @hookspec
 def register_commands(cli):
     """Add commands to the Typer app ``cli``."""
+
+
+@hookspec
+def register_loggers(register):
+    """Register loggers for ``--log NAME``: ``register(name, factory)``; factory(config, run_dir) -> an object implementing the run hooks below."""
+
+
+# A run's lifecycle, on the process that writes the run directory (rank 0 under torchrun). A hook that raises is
+# reported once, with its plugin's name, and not called again in that run; the run goes on.
+
+
+@hookspec
+def run_started(config, run_dir):
+    """A run starts: its resolved RunConfig and its run directory (config.yaml written, no epoch trained yet)."""
+
+
+@hookspec
+def step_logged(epoch, step, steps, logs):
+    """Step ``step`` of ``steps`` in epoch ``epoch`` (both from 1) ended; logs: loss, loss/<term>, lr, images_per_s."""
+
+
+@hookspec
+def epoch_ended(record, run_dir):
+    """An epoch ended and is saved; record is its metrics.jsonl line. Return a reason (a string) to stop the run after it."""
+
+
+@hookspec
+def validation_embedded(epoch, embeddings, labels, sources, classes):
+    """The validation images were embedded after epoch ``epoch``: float32 rows, their labels, files and the class names."""
+
+
+@hookspec
+def run_ended(result, error):
+    """The run ended: its mltk.train.RunResult; error is the exception that ended it (Ctrl-C: mltk.errors.Interrupted), or None."""

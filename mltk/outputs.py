@@ -39,11 +39,12 @@ def check_dir(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
-def check_file(path: str | Path, what: str = "--out") -> Path:
-    """``path`` can be a file mltk writes: not a folder, and its folder exists or can be made; else one MltkError line."""
+def check_file(path: str | Path, what: str = "--out", example: str = "model.onnx") -> Path:
+    """``path`` can be a file mltk writes: not a folder, and its folder exists or can be made; else one MltkError line
+    (for a folder, suggesting ``example`` in it)."""
     path = Path(path)
     if path.is_dir():
-        raise MltkError(f"{what} {str(path)!r} is a folder; give a file name, e.g. {str(path / 'model.onnx')!r}")
+        raise MltkError(f"{what} {str(path)!r} is a folder; give a file name, e.g. {str(path / example)!r}")
     _check_under(path, what, path.parent)
     return path
 

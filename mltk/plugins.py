@@ -18,6 +18,7 @@ DEFAULT_PLUGINS = (
     "mltk.default_plugins.miners",
     "mltk.default_plugins.metrics",
     "mltk.default_plugins.datasets",
+    "mltk.default_plugins.loggers",
 )
 
 pm = pluggy.PluginManager("mltk")

@@ -9,15 +9,18 @@ The files themselves are written whole: a temporary renamed into place.
 
 import itertools
 import json
+import math
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from mltk.config import RunConfig, make_config, save_yaml, to_dict
+from mltk.config import RunConfig, check_values, load_yaml, make_config, save_yaml, to_dict
 from mltk.errors import MltkError, UsageError
 from mltk.outputs import check_dir, stale_temporaries, temporary
+from mltk.rules import show
 
 try:
     import fcntl
@@ -27,6 +30,7 @@ except ImportError:  # Windows: no flock; a run directory is then not held
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "skipped_images.txt")  # all mltk run writes
+RUN_FOLDERS = ("tensorboard",)  # what mltk's own loggers write (--log tensorboard)
 NEEDS_LAST_PT = "--resume needs --out RUN_DIR of a run that has a last.pt"
 _HELD: set[int] = set()  # descriptors of the run directories this process holds
 
@@ -47,7 +51,7 @@ class RunDirectory:
     run is ready, and held by one process at a time (an exclusive flock on the folder itself: no lock file).
 
     A folder that holds a run (any of RUN_FILES) is refused unless ``resume`` goes on with it or ``overwrite``
-    starts it over (removing RUN_FILES, nothing else). ``path=None``: a new folder runs/<time>, -2, -3 ... when
+    starts it over (removing RUN_FILES and RUN_FOLDERS, nothing else). ``path=None``: a new folder runs/<time>, -2, -3 ... when
     that is taken. ``main=False`` (torchrun's other ranks): nothing is checked, held or written.
     """
 
@@ -96,6 +100,9 @@ class RunDirectory:
                             stale.unlink(missing_ok=True)
                     if self.overwrite:
                         (self.path / name).unlink(missing_ok=True)
+                if self.overwrite:
+                    for name in RUN_FOLDERS:
+                        shutil.rmtree(self.path / name, ignore_errors=True)
         return self.path
 
     @staticmethod
@@ -148,7 +155,7 @@ class RunDirectory:
             raise MltkError(f"cannot use --out {str(self.path)!r}: {exc.strerror or exc}") from None
 
 
-RESUMABLE = ("epochs", "workers", "device", "out")  # how a run proceeds, not what it learns: a resume may change these
+RESUMABLE = ("epochs", "workers", "device", "out", "log", "early_stop")  # how a run proceeds, not what it learns: a resume may change these
 LEFT_OPEN = ("image_size", "m_per_class", "amp")  # None means not chosen: a resume takes the run's own
 
 
@@ -163,8 +170,8 @@ def resumed_config(cfg: RunConfig, state: dict, path: Path) -> RunConfig:
     if differ:
         shown = ", ".join(f"{k} {given[k]!r} (the run has {own[k]!r})" for k in differ)
         raise UsageError(
-            f"cannot resume {str(path.parent)!r} with {shown}: a resumed run keeps its settings, only epochs, workers and "
-            f"device may change; leave the others out, or start a new run in another --out"
+            f"cannot resume {str(path.parent)!r} with {shown}: a resumed run keeps its settings, only epochs, workers, "
+            f"device, log and early_stop may change; leave the others out, or start a new run in another --out"
         )
     if cfg.epochs < state["epoch"]:
         done = state["epoch"]
@@ -187,6 +194,85 @@ def read_history(run_dir: Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("epoch"), int):  # anything else is not a record of ours
             records.append(record)
     return records
+
+
+# -- Reading a finished (or running) run directory for a table or a report: every file checked whole.
+
+MAX_HISTORY_BYTES = 64 << 20  # metrics.jsonl: a line per epoch, a few hundred bytes each
+NUMBERS = ("loss", "seconds", "images_per_s", "val_recall@1")  # what tables and curves read from a record
+
+
+def run_of(path: str | Path) -> Path | None:
+    """The run directory ``path`` is (one with a config.yaml) or whose best.pt / last.pt it is; None for any other."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name in ("best.pt", "last.pt") else None
+    return folder if folder is not None and (folder / "config.yaml").is_file() else None
+
+
+def read_config(run_dir: Path) -> dict:
+    """config.yaml as a dict of every RunConfig field, each value checked by its rule (no plugin is loaded: a run of a
+    backbone that is not installed here still reads)."""
+    path = Path(run_dir) / "config.yaml"
+    return to_dict(RunConfig(**check_values(load_yaml(path), f"config file {str(path)!r}")))
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, checked whole: one JSON object per line, epochs counting up from 1, NUMBERS finite numbers.
+
+    Only a last line without its newline may be cut short (a run being written, or killed): it is left out.
+    No metrics.jsonl: no epoch finished yet, ``[]``.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not os.path.lexists(path):
+        return []
+    text = read_text(path, MAX_HISTORY_BYTES)
+    lines = text.split("\n")
+    records: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = strict_json(line)
+        except ValueError:
+            if number == len(lines):  # the last line, cut short
+                break
+            raise MltkError(f"{str(path)!r} line {number} is not JSON; it is not a metrics.jsonl mltk run wrote") from None
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not (type(epoch) is int and epoch > (records[-1]["epoch"] if records else 0)):
+            raise MltkError(f"{str(path)!r} line {number} is not an epoch record after the one before it (an object with epoch {len(records) + 1} or more)")
+        for key in NUMBERS:
+            if key in record and not finite(record[key]):
+                raise MltkError(f"{str(path)!r} line {number}: {key} must be a finite number, got {show(record[key])}")
+        records.append(record)
+    return records
+
+
+def read_text(path: Path, limit: int) -> str:
+    """The text of a file mltk wrote, at most ``limit`` bytes; else one line saying what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise MltkError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise MltkError(f"{str(path)!r} is larger than {limit >> 20} MiB; it is not a file mltk wrote")
+    return data.decode("utf-8", errors="replace")
+
+
+def finite(value) -> bool:
+    """A JSON number that is finite (true and false are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def strict_json(text: str):
+    """``json.loads`` of strict JSON: NaN and Infinity, and nesting deeper than Python's stack, are a ValueError too."""
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def write_history(run_dir: Path, records: list[dict]) -> None:

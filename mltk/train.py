@@ -24,6 +24,7 @@ from mltk.data import (
 )
 from mltk.embedding import embed_dataset
 from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, out_of_memory
+from mltk.lifecycle import Lifecycle, Silent
 from mltk.losses import WeightedLosses, build_losses, check_loss_names
 from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
 from mltk.outputs import writing
@@ -35,6 +36,16 @@ def check_names(cfg: RunConfig) -> None:
         check_loss_names(cfg.loss)
     if cfg.miner:
         registry.get("miners", cfg.miner)
+    for name in cfg.log:
+        try:
+            registry.get("loggers", name)
+        except UsageError as exc:
+            extra = LOGGER_PLUGINS.get(name)
+            raise UsageError(f"{exc}{f' ({name} comes with a plugin: {extra})' if extra else ''}") from None
+
+
+#: loggers that plugins outside mltk's core add, and how to get them
+LOGGER_PLUGINS = {"mlflow": "pip install mltk-mlflow, from plugins/mltk-mlflow in mltk's repository"}
 
 
 def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.device, some_frozen: bool = False):
@@ -67,6 +78,7 @@ class RunResult:
     val_images: int = 0
     val_classes: int = 0
     warnings: list[str] = field(default_factory=list)  # what on_warning was told
+    stopped: str = ""  # why the run stopped before its last epoch (--early-stop, a plugin), if it did
     skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
 
 
@@ -106,7 +118,7 @@ def train(
     """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt.
 
     ``run_dir`` (None: a new folder runs/<time>) must not hold a run unless ``resume=True`` goes on
-    with it (its settings kept; only epochs, workers and device may change) or ``overwrite=True``
+    with it (its settings kept; only epochs, workers, device, log and early_stop may change) or ``overwrite=True``
     starts it over; one process at a time holds it while the run writes to it.
 
     Ctrl-C raises ``Interrupted`` and a lack of memory or disk space an MltkError; either way last.pt
@@ -382,11 +394,19 @@ def recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> float:
     return float(result.values["recall@1"])
 
 
-def validate(model: Embedder, val_set: ImageDataset, cfg: RunConfig, device: torch.device, world) -> tuple[float, np.ndarray]:
-    """Recall@1 on the validation images, and the positions of those that failed to decode (left out of it)."""
+def validate(model: Embedder, val_set: ImageDataset, cfg: RunConfig, device: torch.device, world) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The validation images' embeddings and the positions they hold in ``val_set``, leaving out those that failed
+    to decode; and the positions of those."""
     emb, failed = embed_dataset(model, val_set, device, cfg.batch_size, cfg.workers, world=world)
     keep = np.setdiff1d(np.arange(len(emb)), failed)
-    return recall_at_1(emb[keep], np.asarray(val_set.data.labels)[keep]), failed
+    return emb[keep], keep, failed
+
+
+def early_stop(cfg: RunConfig, epoch: int, best: dict) -> str:
+    """Why --early-stop ends the run after ``epoch`` (from 1): that many epochs without a better best score; else ''."""
+    if cfg.early_stop and epoch - best["epoch"] >= cfg.early_stop:
+        return f"--early-stop {cfg.early_stop}: no better {best['by']} since epoch {best['epoch']}"
+    return ""
 
 
 def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Callable[[str], None]) -> None:
@@ -440,6 +460,9 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         optimizer, scheduler = build_optimizer(cfg, model, backbone, losses, steps_per_epoch)
     amp, amp_dtype, scaler = mixed_precision(cfg, device)
 
+    # Loggers (--log): made before the run directory, so that a missing package costs one line and no file.
+    loggers = {name: registry.create_logger(name, replace(cfg, amp=amp, out=str(home.path)), home.path) for name in cfg.log} if main else {}
+
     # Run directory: made (or claimed, with --overwrite cleared) only now that every part is built, so a bad
     # option leaves nothing behind; then the checkpoint is loaded before anything in it is written.
     run_dir = home.make()
@@ -481,97 +504,116 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         with writing("last.pt", kept):
             save_checkpoint(checkpoint(0), run_dir / "last.pt")
 
-    # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
-    done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
-            seed_everything(cfg.seed * 1000 + epoch)
-            sampler.set_epoch(epoch)
-            loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
-            set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
-            sums: dict[str, float] = {}
-            unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
-            seen, started = 0, time.perf_counter()
-            for step, (images, labels, failed) in enumerate(loader):
-                if pressed():  # a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here
-                    raise KeyboardInterrupt
-                unreadable.update(failed[failed >= 0].tolist())
-                if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
-                    first = train_data.sources[int(failed[0])]
-                    raise MltkError(
-                        f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
-                        f"is the data still there? last.pt keeps epoch {done}"
-                    )
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                # Forward under autocast; the losses run in float32 (their parameters and margins need it).
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    embeddings = net(images)
-                embeddings = embeddings.float()
-                indices = miner(embeddings, labels) if miner is not None else None
-                total, parts = objective(embeddings, labels, indices)
-                # What is logged and checked: the mean over processes, so every process takes the same decision.
-                checked, *values = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world).tolist()
-                shown = dict(zip(["loss", *parts], values))
-                if not math.isfinite(checked):
-                    raise MltkError(
-                        f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
-                        f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
-                scheduler.step()
-                seen += len(labels) * world.size  # every process's images (equal batches)
-                for name, value in shown.items():
-                    key = name if name == "loss" else f"loss/{name}"
-                    sums[key] = sums.get(key, 0.0) + value
-                if on_step:
-                    on_step(epoch, step + 1, steps_per_epoch, {"loss": shown["loss"], "images_per_s": seen / (time.perf_counter() - started)})
-            elapsed = time.perf_counter() - started
+    # Plugins and loggers follow the run from here (rank 0 only): run_started, then run_ended with what ended it.
+    hooks = Lifecycle(loggers, warn) if main else Silent()
+    with hooks.running(cfg, run_dir, result):
+        # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
+        done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
+                seed_everything(cfg.seed * 1000 + epoch)
+                sampler.set_epoch(epoch)
+                loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
+                set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
+                sums: dict[str, float] = {}
+                unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
+                seen, started = 0, time.perf_counter()
+                for step, (images, labels, failed) in enumerate(loader):
+                    if pressed():  # a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here
+                        raise KeyboardInterrupt
+                    unreadable.update(failed[failed >= 0].tolist())
+                    if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
+                        first = train_data.sources[int(failed[0])]
+                        raise MltkError(
+                            f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
+                            f"is the data still there? last.pt keeps epoch {done}"
+                        )
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    # Forward under autocast; the losses run in float32 (their parameters and margins need it).
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                        embeddings = net(images)
+                    embeddings = embeddings.float()
+                    indices = miner(embeddings, labels) if miner is not None else None
+                    total, parts = objective(embeddings, labels, indices)
+                    # What is logged and checked: the mean over processes, so every process takes the same decision.
+                    checked, *values = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world).tolist()
+                    shown = dict(zip(["loss", *parts], values))
+                    if not math.isfinite(checked):
+                        raise MltkError(
+                            f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
+                            f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(total).backward()
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
+                    scheduler.step()
+                    seen += len(labels) * world.size  # every process's images (equal batches)
+                    for name, value in shown.items():
+                        key = name if name == "loss" else f"loss/{name}"
+                        sums[key] = sums.get(key, 0.0) + value
+                    logs = {**{k if k == "loss" else f"loss/{k}": v for k, v in shown.items()}, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
+                    hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
+                    if on_step:
+                        on_step(epoch, step + 1, steps_per_epoch, logs)
+                elapsed = time.perf_counter() - started
 
-            # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
-            record = epoch_record(epoch, sums, steps_per_epoch, optimizer, lrs, seen, elapsed, world)
-            bad = [train_data.sources[i] for i in sorted(unreadable)]
-            if val_set is not None:
-                record["val_recall@1"], failed = validate(model, val_set, cfg, device, world)
-                bad += [val_data.sources[i] for i in failed]
-            if main:
-                with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
-                    report_failures(bad, epoch, result, warn)
-            score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
-            improved = not result.best or score > result.best["score"]
-            if improved:
-                result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
-
-            # Checkpoint: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt
-            # is replaced redoes this epoch.
-            if main:
-                kept = f"last.pt keeps epoch {done}"
-                with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
+                record = epoch_record(epoch, sums, steps_per_epoch, optimizer, lrs, seen, elapsed, world)
+                bad = [train_data.sources[i] for i in sorted(unreadable)]
+                if val_set is not None:
+                    embeddings, kept_rows, failed = validate(model, val_set, cfg, device, world)
+                    labels = np.asarray(val_data.labels)[kept_rows]
+                    record["val_recall@1"] = recall_at_1(embeddings, labels)
+                    bad += [val_data.sources[i] for i in failed]
+                    hooks.call(
+                        "validation_embedded", epoch=epoch + 1, embeddings=embeddings, labels=labels,
+                        sources=[val_data.sources[i] for i in kept_rows], classes=val_data.classes,
+                    )
+                    del embeddings
+                if main:
+                    with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
+                        report_failures(bad, epoch, result, warn)
+                score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
+                improved = not result.best or score > result.best["score"]
                 if improved:
-                    with writing("best.pt", kept):
-                        save_checkpoint(checkpoint(epoch + 1, resumable=False), run_dir / "best.pt")
-                with writing("last.pt", kept):
-                    save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
-            done = epoch + 1
-            result.history.append(record)
-            if on_epoch:
-                on_epoch(record)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted in epoch {done + 1}; last.pt keeps epoch {done}: `mltk run --out {run_dir} --resume` "
-            f"goes on from there (epoch {done + 1} starts over)"
-        ) from None
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
-        raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
+                    result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
+
+                # Checkpoint: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt
+                # is replaced redoes this epoch.
+                if main:
+                    kept = f"last.pt keeps epoch {done}"
+                    with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if improved:
+                        with writing("best.pt", kept):
+                            save_checkpoint(checkpoint(epoch + 1, resumable=False), run_dir / "best.pt")
+                    with writing("last.pt", kept):
+                        save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
+                done = epoch + 1
+                result.history.append(record)
+                if on_epoch:
+                    on_epoch(record)
+
+                # Early stop: --early-stop's patience, or a plugin's reason (rank 0's plugins; every process stops).
+                asked = hooks.stop_reason(record, run_dir)  # every plugin sees every epoch
+                reason = early_stop(cfg, epoch + 1, result.best) or asked or ""
+                if distributed.any_true(bool(reason), world, device):
+                    result.stopped = reason or "rank 0's plugins asked to stop"
+                    break
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted in epoch {done + 1}; last.pt keeps epoch {done}: `mltk run --out {run_dir} --resume` "
+                f"goes on from there (epoch {done + 1} starts over)"
+            ) from None
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
+            raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
     return result

@@ -121,19 +121,35 @@ def test_torchrun_trains_with_two_processes_and_the_checkpoint_loads_in_one(tmp_
 
     images = make_image_folder(tmp_path / "images", classes=8, per_class=8)
     run = tmp_path / "run"
+    # A plugin that notes which process calls it, and stops the run after epoch 3 of 4: only rank 0 calls hooks,
+    # and every process stops with it (one that went on would wait for the others forever).
+    site = tmp_path / "site"
+    (site / "mltk_stop-0.1.dist-info").mkdir(parents=True)
+    (site / "mltk_stop-0.1.dist-info" / "entry_points.txt").write_text("[mltk]\nstop = mltk_stop\n")
+    (site / "mltk_stop-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: mltk-stop\nVersion: 0.1\n")
+    (site / "mltk_stop.py").write_text(
+        "import os, mltk\n"
+        "@mltk.hookimpl\n"
+        "def epoch_ended(record, run_dir):\n"
+        f"    open({str(tmp_path / 'calls')!r}, 'a').write(f'{{os.getpid()}} {{record[\"epoch\"]}}\\n')\n"
+        "    return 'enough' if record['epoch'] == 3 else None\n"
+    )
     args = [
         "--data", str(images), "--backbone", "test_resnet", "--image-size", "32", "--dim", "16", "--loss", LOSS,
         "--miner", "multisimilarity", "--batch-size", "8", "--m-per-class", "2", "--workers", "0", "--epochs", "4",
         "--lr", "0.01", "--val-classes", "0.25", "--out", str(run),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}", "MLTK_LOAD_PLUGINS": "stop"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mltk", "run", *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]  # one writer: rank 0
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # one writer: rank 0; stopped by the plugin after epoch 3
+    calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines()]
+    assert [epoch for _, epoch in calls] == ["1", "2", "3"] and len({pid for pid, _ in calls}) == 1  # one process calls hooks
+    assert "stopped early" in done.stdout and "enough" in done.stdout
     assert records[-1]["loss"] < records[0]["loss"]
     assert done.stdout.count("run directory:") == 1  # one summary
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]

@@ -24,8 +24,9 @@ def test_evaluate_on_held_out_classes_writes_metrics_and_a_report(trained_run, m
     assert len((out / "paths.txt").read_text().splitlines()) == 12
     html = (out / "report.html").read_text()
     alts = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
-    assert [a.split(" (")[0] for a in alts] == ["ROC curve", "t-SNE", "UMAP", "Retrieval examples"]
+    assert [a.split(" (")[0] for a in alts] == ["Training curves", "ROC curve", "t-SNE", "UMAP", "Retrieval examples"]
     assert "roc_auc" in html and "map@r" in html and "recall@1" in result.stdout
+    assert "<h2>Configuration</h2>" in html and "<td>backbone</td><td>test_resnet</td>" in html  # the run's, from its config.yaml
 
 
 def test_untrained_backbone_evaluates_from_the_command_line(trained_run, mltk_cli, tmp_path):
@@ -98,6 +99,7 @@ def test_a_tiny_set_gets_the_verification_metrics_asked_for(tiny_set):
     assert result.values["pairs"] == 15 and result.values["pairs_positive"] == 6
     html = build_report(result, "tiny")  # its retrieval examples: each query's 5 others, all a query can retrieve
     assert "Retrieval examples" in html
+    assert "Configuration" not in html and "Training curves" not in html  # a bare backbone: no run to show
     with pytest.raises(UsageError) as refused:
         evaluate(model, data=load_data(str(tiny_set)), metrics=["roc_auc", "recall_at_k"], workers=0)
     message = str(refused.value)

@@ -33,6 +33,7 @@ class Kind(str, Enum):
     miners = "miners"
     metrics = "metrics"
     datasets = "datasets"
+    loggers = "loggers"
 
 
 def warn_plugin_errors() -> None:
@@ -47,7 +48,7 @@ def list_(
     kind: Annotated[Kind, typer.Argument(help="What to list.")],
     pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g. 'arc*'.")] = "*",
 ) -> None:
-    """List what can be composed: backbones, losses, miners, metrics or datasets."""
+    """List what can be composed: backbones, losses, miners, metrics, datasets or loggers."""
     from mltk import registry
     from mltk.plugins import load_plugins
 
@@ -113,13 +114,15 @@ def _version() -> str:
     return __version__
 
 
-from mltk.cli.evaluate import evaluate  # noqa: E402  (light: heavy imports happen inside the commands)
+from mltk.cli.compare import compare  # noqa: E402  (light: heavy imports happen inside the commands)
+from mltk.cli.evaluate import evaluate  # noqa: E402
 from mltk.cli.export import export  # noqa: E402
 from mltk.cli.index import index, search  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
 
 app.command()(run)
 app.command()(evaluate)
+app.command()(compare)
 app.command()(index)
 app.command()(search)
 app.command()(export)

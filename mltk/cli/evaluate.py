@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from mltk.cli.options import BatchSize, Device, IndexKind, Pretrained, Run, Workers, classes_option, data_option, ef_search_option, nprobe_option, out_option
-from mltk.errors import UsageError
+from mltk.errors import MltkError, UsageError
 
 
 def evaluate(
@@ -67,6 +67,12 @@ def evaluate(
     ev.check_settings(batch_size, workers, max_pairs, image_size)
     inference_device(device)
     out = ev.check_out(out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")))
+    training = None  # the run's config and training curves, for the report
+    if run is not None and report:
+        try:
+            training = ev.training_of(run)
+        except MltkError as exc:  # the checkpoint is what is evaluated: a broken config.yaml or metrics.jsonl costs only the report's section
+            warn(f"report.html leaves out the run's configuration and training curves: {exc}")
     model = load(run, device) if run is not None else ev.untrained_model(backbone, pretrained, weights, image_size, device)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     inputs = {}
@@ -88,7 +94,7 @@ def evaluate(
             model, metrics=names, batch_size=batch_size, workers=workers, flip_tta=flip_tta, max_pairs=max_pairs, progress=progress,
             engine=kind or "blocks", index_options=options, **inputs,
         )
-        html = ev.build_report(result, f"mltk evaluate — {run if run is not None else backbone}", progress=progress) if report else None
+        html = ev.build_report(result, f"mltk evaluate — {run if run is not None else backbone}", progress=progress, training=training) if report else None
         ev.write_outputs(result, folder, save_embeddings, html)
         result.embeddings = None  # the memory map of folder/embeddings.npy: closed before the folder moves
 

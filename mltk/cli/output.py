@@ -3,6 +3,7 @@
 Strings from users, files and plugins go through ``mltk.display``: data, never markup or escapes.
 """
 
+import os
 import sys
 from contextlib import contextmanager
 
@@ -16,9 +17,27 @@ console = Console()
 err = Console(stderr=True)
 
 
+def shows_progress() -> bool:
+    """Progress bars only for a person at a terminal: not into a file or a pipe, and not in CI (``CI`` set)."""
+    return console.is_interactive and not os.environ.get("CI")  # rich's: a terminal that is not TERM=dumb
+
+
 def cell(text: object) -> Text:
     """A table cell that shows ``text`` as it is: a Text object is never read as rich markup."""
     return Text(shown(text))
+
+
+def print_wide(renderable) -> None:
+    """Print ``renderable`` (a wide table) at its natural width, past the terminal's if need be: squeezed to fit,
+    rich would cut its numbers short; a line too long for the terminal wraps or scrolls instead, whole."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(1 << 16), renderable).maximum
+    if needed <= console.width:
+        console.print(renderable)
+        return
+    wide = Console(file=console.file, width=needed, force_terminal=console.is_terminal, color_system=console.color_system, highlight=False)
+    wide.print(renderable, crop=False)
 
 
 def warn(message: str) -> None:
@@ -45,7 +64,10 @@ def phases():
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True, auto_refresh=False)
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+        console=console, transient=True, auto_refresh=False, disable=not shows_progress(),
+    )
     tasks: dict[str, int] = {}
 
     def progress(phase: str, done: int, total: int) -> None:

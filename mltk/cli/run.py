@@ -34,13 +34,16 @@ def run(
     freeze_backbone_epochs: Annotated[Optional[int], typer.Option(help="Train the neck and the losses alone for this many epochs, then the backbone too.")] = None,
     freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--train-bn", help="Keep the backbone's BatchNorm statistics and scales as loaded (pretrained).")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on the CPU, fp16/bf16 on a GPU (default: on with a GPU or an AMX CPU).")] = None,
+    early_stop: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better best epoch (validation recall@1, else training loss).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Workers = None,
     device: Device = None,
     out: Annotated[Optional[Path], out_option("Run directory; one that already holds a run needs --resume or --overwrite", "a new runs/<time>")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --device may change).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out over: deletes its config.yaml, metrics.jsonl, last.pt, best.pt and skipped_images.txt, nothing else.")] = False,
+    log: Annotated[Optional[list[str]], typer.Option(help="Follow the run in a logger: tensorboard (RUN/tensorboard), mlflow (plugin), ...; repeatable or comma-separated (`mltk list loggers`).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no line per epoch: warnings and the summary only.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --device, --log, --early-stop may change).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out over: deletes its config.yaml, metrics.jsonl, last.pt, best.pt, skipped_images.txt and tensorboard/, nothing else.")] = False,
 ) -> None:
     """Train an embedding model: backbone + neck, weighted losses, m-per-class batches.
 
@@ -49,13 +52,14 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from mltk import config as config_mod
-    from mltk.cli.output import console, warn
+    from mltk.cli.output import console, shows_progress, warn
 
     # The config's fields, by name (None: not given); --out is left out: it picks the run directory below.
     options = dict(
         data=data, data_classes=classes, val_data=val_data, val_classes=val_classes, backbone=backbone, loss=loss, dim=dim, miner=miner, augment=augment,
         epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, loss_lr=loss_lr, image_size=image_size,
-        pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, amp=amp, seed=seed, workers=workers, device=device,
+        pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, amp=amp,
+        early_stop=early_stop, seed=seed, workers=workers, device=device, log=split_names(log),
     )
     if resume:
         if out is None or not (out / "last.pt").is_file():
@@ -83,15 +87,22 @@ def run(
         console=console,
         transient=True,
         auto_refresh=False,  # redrawn at each step, never by a thread: see mltk.cli.output.phases
+        disable=quiet or not shows_progress(),
     ) as progress:
         task = progress.add_task("train", total=None, epoch="-", loss=float("nan"), ips=0.0)
+        losses: list[float] = []  # this epoch's, for the running mean
 
         def on_step(epoch: int, step: int, steps: int, logs: dict) -> None:
-            progress.update(task, completed=step, total=steps, epoch=f"{epoch + 1}/{cfg.epochs}", loss=logs["loss"], ips=logs["images_per_s"], refresh=True)
+            if step == 1:
+                losses.clear()
+            losses.append(logs["loss"])
+            running = sum(losses) / len(losses)
+            progress.update(task, completed=step, total=steps, epoch=f"{epoch + 1}/{cfg.epochs}", loss=running, ips=logs["images_per_s"], refresh=True)
 
         def on_epoch(record: dict) -> None:
-            val = f"  val recall@1 {record['val_recall@1']:.4f}" if "val_recall@1" in record else ""
-            progress.console.print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s{val}")
+            if not quiet:
+                val = f"  val recall@1 {record['val_recall@1']:.4f}" if "val_recall@1" in record else ""
+                progress.console.print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s{val}")
 
         try:
             result = train(cfg, run_dir, resume=resume, overwrite=overwrite, on_step=on_step, on_epoch=on_epoch, on_warning=warn)
@@ -101,12 +112,19 @@ def run(
     render_summary(result)
 
 
+def split_names(values: list[str] | None) -> list[str] | None:
+    """``--log a --log b,c``: the names a, b, c, each once, in order (None: not given)."""
+    if values is None:
+        return None
+    return list(dict.fromkeys(name.strip() for value in values for name in value.split(",") if name.strip()))
+
+
 def render_summary(result) -> None:
     """The end of a run: a table of the last epoch and where the run directory is."""
     from rich.markup import escape
     from rich.table import Table
 
-    from mltk.cli.output import console
+    from mltk.cli.output import cell, console
     from mltk.display import one_line
 
     table = Table("", "", box=None, show_header=False)
@@ -123,5 +141,8 @@ def render_summary(result) -> None:
             table.add_row("val recall@1", f"{last['val_recall@1']:.4f}")
     if result.best:
         table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
+    if result.stopped:
+        table.add_row("stopped early", cell(result.stopped))  # a plugin's words: data, not markup
     console.print(table)
-    console.print(f"run directory: [bold]{escape(one_line(result.run_dir))}[/bold]  (best.pt, last.pt, config.yaml, metrics.jsonl)")
+    files = "best.pt, last.pt, config.yaml, metrics.jsonl" + (", tensorboard/" if (result.run_dir / "tensorboard").is_dir() else "")
+    console.print(f"run directory: [bold]{escape(one_line(result.run_dir))}[/bold]  ({files})")

@@ -1,0 +1,325 @@
+"""``mltk compare`` as a library: the experiment table of some run directories.
+
+One row per run: the settings in which the runs differ, training time, images/s and the best epoch
+(from metrics.jsonl), and the metrics of the run's latest ``mltk evaluate`` (its newest metrics.json);
+the best value of each measured column marked. ``compare`` returns the table as values; ``markdown``
+and ``html`` write it out, ``write`` puts those files in place whole. Every file is checked whole and
+every string in it is data: the renderers escape it for Markdown and HTML (the CLI for rich).
+"""
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mltk.display import setting, shown
+from mltk.errors import MltkError, UsageError
+from mltk.outputs import check_file, stale_temporaries, temporary, writing
+from mltk.rules import show
+from mltk.run_dir import finite, read_config, read_records, read_text, strict_json
+
+#: settings that say how a run proceeds, not what it learns: never a column
+PROCEEDS = ("out", "workers", "device", "log")
+#: the metrics of an evaluation shown, as metrics.json names them (mltk.metrics: f"tar@far={far:g}"), and their headers
+METRICS = {"roc_auc": "ROC-AUC", "tar@far=0.001": "TAR@FAR=1e-3", "recall@1": "recall@1", "recall@4": "recall@4", "map@r": "MAP@R"}
+MAX_METRICS_BYTES = 1 << 20  # evaluate's metrics.json is a few hundred bytes
+MISSING = "–"
+BEST = "The best of each measured column {how}: the highest; of train time, the lowest."
+#: each format --out writes, by file suffix, and the mark by which a later compare knows the file as its own
+FORMATS = {".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
+MARKS = {
+    "markdown": "<!-- written by mltk compare; the next `mltk compare --out` to this file replaces it -->",
+    "html": '<meta name="generator" content="mltk compare">',
+}
+
+
+# -- One run directory, read and checked.
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # every RunConfig field
+    records: list[dict]  # metrics.jsonl, one per epoch
+    evaluation: Path | None  # the latest metrics.json, None: never evaluated
+    metrics: dict = field(default_factory=dict)  # its values
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def read_run(path: str | Path) -> Run:
+    """A run directory's config.yaml, metrics.jsonl and latest evaluation, each checked whole; else one line."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{str(path)!r} is not a run directory: {'it is a file' if path.exists() else 'there is no such folder'}")
+    if not (path / "config.yaml").is_file():
+        raise MltkError(f"{str(path)!r} is not a run directory: it has no config.yaml (the file mltk run writes first)")
+    evaluation = latest_evaluation(path)
+    return Run(path, read_config(path), read_records(path), evaluation, read_metrics(evaluation) if evaluation else {})
+
+
+def latest_evaluation(run_dir: Path) -> Path | None:
+    """The newest metrics.json of RUN/eval (evaluate's default) and of the other folders in RUN (``--out RUN/NAME``)."""
+    try:
+        folders = [entry for entry in run_dir.iterdir() if not entry.name.startswith(".")]  # not a .eval.tmp-PID being written
+    except OSError as exc:
+        raise MltkError(f"cannot read run directory {str(run_dir)!r}: {exc.strerror or exc}") from None
+    found = [folder / "metrics.json" for folder in folders if (folder / "metrics.json").is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.parent.name == "eval"), default=None)
+
+
+def read_metrics(path: Path) -> dict:
+    """An evaluation's metrics.json: a JSON object whose METRICS, where present, are numbers in [0, 1] or null."""
+    try:
+        values = strict_json(read_text(path, MAX_METRICS_BYTES))
+    except ValueError:
+        raise MltkError(f"{str(path)!r} is not valid JSON; it is not a metrics.json mltk evaluate wrote (evaluate the run again)") from None
+    if not isinstance(values, dict):
+        raise MltkError(f"{str(path)!r} does not hold a JSON object of metrics; it is not a metrics.json mltk evaluate wrote")
+    for key in METRICS:
+        value = values.get(key)
+        if value is not None and not (finite(value) and 0 <= value <= 1):
+            raise MltkError(f"{str(path)!r}: {key} must be a number from 0 to 1 or null, got {show(value)}")
+    return values
+
+
+def held_out(run: Run) -> bool:
+    """The run held classes out for validation (``mltk evaluate RUN`` evaluates on them: ``evaluate.held_out_data``)."""
+    return bool(run.config.get("val_data") or run.config.get("val_classes"))
+
+
+def stale(run: Run) -> bool:
+    """The run's checkpoint (best.pt, which ``mltk evaluate RUN`` reads, else last.pt) is newer than its latest evaluation."""
+    checkpoint = next((run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()), None)
+    return run.evaluation is not None and checkpoint is not None and checkpoint.stat().st_mtime > run.evaluation.stat().st_mtime
+
+
+def evaluate_command(run: Run) -> str:
+    """The command that fills a run's metrics: on its held-out classes if it has them, else on images to name."""
+    return f"mltk evaluate {shlex.quote(run.name)}" + ("" if held_out(run) else " --data DATA")
+
+
+# -- What a run's metrics.jsonl says about its training.
+
+
+def train_seconds(records: list[dict]) -> float | None:
+    return sum(r.get("seconds", 0.0) for r in records) if records else None
+
+
+def images_per_second(records: list[dict]) -> float | None:
+    """Images over seconds across the epochs (not the mean of each epoch's rate)."""
+    timed = [r for r in records if "seconds" in r and "images_per_s" in r]
+    seconds = sum(r["seconds"] for r in timed)
+    return sum(r["images_per_s"] * r["seconds"] for r in timed) / seconds if seconds > 0 else None
+
+
+def best_epoch(records: list[dict]) -> int | None:
+    """mltk run's rule: the highest validation recall@1; without validation data, the lowest training loss (first of ties)."""
+    scored = [(r["val_recall@1"] if "val_recall@1" in r else -r["loss"], r["epoch"]) for r in records if "val_recall@1" in r or "loss" in r]
+    return max(scored, key=lambda s: s[0])[1] if scored else None  # max keeps the first of equal scores
+
+
+# -- The table.
+
+
+@dataclass
+class Column:
+    name: str
+    better: str | None = None  # "higher" or "lower": the column's best value is marked
+    format: str = "text"  # how a value is written: "text", "setting", "seconds", "rate", "integer", "metric"
+
+
+@dataclass
+class Table:
+    columns: list[Column]
+    rows: list[list]  # values; None: missing
+    best: set[tuple[int, int]]  # (row, column) of each marked value
+    notes: list[tuple[str, str]]  # (text, command to run or "")
+    runs: list[Run]
+
+    def cells(self) -> list[list[str]]:
+        """Each value as text: ``MISSING`` for none, settings compact, numbers to a sensible precision."""
+        return [[cell(value, column.format) for value, column in zip(row, self.columns)] for row in self.rows]
+
+    def numeric(self) -> list[bool]:
+        return [column.format in ("seconds", "rate", "integer", "metric") for column in self.columns]
+
+
+TRAINING = (
+    (Column("train time", "lower", "seconds"), train_seconds),
+    (Column("images/s", "higher", "rate"), images_per_second),
+    (Column("best epoch", format="integer"), best_epoch),
+)
+
+
+def compare(paths: list[str | Path]) -> Table:
+    """The experiment table of the runs at ``paths``, in that order; a bad run directory is one line."""
+    if not paths:
+        raise UsageError("give one or more run directories to compare")
+    seen: set[Path] = set()
+    for path in paths:
+        if Path(path).resolve() in seen:
+            raise UsageError(f"run {str(path)!r} is given twice")
+        seen.add(Path(path).resolve())
+    runs = [read_run(path) for path in paths]
+    differ = [key for key in runs[0].config if key not in PROCEEDS and any(run.config.get(key) != runs[0].config[key] for run in runs)]
+    columns = [Column("run"), *(Column(key, format="setting") for key in differ), *(c for c, _ in TRAINING)]
+    columns += [Column(header, "higher", "metric") for header in METRICS.values()]
+    rows = [
+        [run.name, *(run.config.get(key) for key in differ), *(summary(run.records) for _, summary in TRAINING), *(run.metrics.get(key) for key in METRICS)]
+        for run in runs
+    ]
+    return Table(columns, rows, marked(columns, rows), notes(runs), runs)
+
+
+def marked(columns: list[Column], rows: list[list]) -> set[tuple[int, int]]:
+    """The best value of each column that has one, where two runs or more have a value to compare; the values that
+    read the same as it (4 places of a metric, a tenth of a second) are marked too."""
+    best = set()
+    for c, column in enumerate(columns):
+        values = {r: row[c] for r, row in enumerate(rows) if row[c] is not None}
+        if column.better is None or len(values) < 2:
+            continue
+        top = cell((max if column.better == "higher" else min)(values.values()), column.format)
+        best |= {(r, c) for r, value in values.items() if cell(value, column.format) == top}
+    return best
+
+
+def notes(runs: list[Run]) -> list[tuple[str, str]]:
+    """What the missing values mean and which command fills them."""
+    found = []
+    for run in runs:
+        if run.evaluation is None:
+            data = "" if held_out(run) else " (DATA: images of classes it did not train on)"
+            found.append((f"{shown(run.name)}: not evaluated yet ({MISSING}); to fill it{data}: ", evaluate_command(run)))
+        elif stale(run):
+            found.append((f"{shown(run.name)}: its latest evaluation, {shown(run.evaluation)}, is older than its checkpoint (trained again since); to bring it up to date: ", evaluate_command(run)))
+        if run.evaluation is not None and (lacking := [header for key, header in METRICS.items() if run.metrics.get(key) is None]):
+            found.append((f"{shown(run.name)}: {', '.join(lacking)} {MISSING}: not in {shown(run.evaluation)} (an evaluation on a pair list, of some --metrics, or of a set too small for them)", ""))
+        if not run.records:
+            found.append((f"{shown(run.name)}: no epoch finished yet ({MISSING} for its training)", ""))
+    if any(run.records and "val_recall@1" not in run.records[0] for run in runs):
+        found.append(("best epoch: the highest validation recall@1, or the lowest training loss for a run without validation data", ""))
+    return found
+
+
+def cell(value, format: str) -> str:
+    """One value of the table as text (a setting of None is the setting none, not a missing value)."""
+    if format == "setting":
+        return setting(value, limit=60)
+    if value is None:
+        return MISSING
+    if format == "seconds":
+        return duration(value)
+    if format == "rate":
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    if format == "metric":
+        return f"{value:.4f}"
+    return shown(value)
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 05 s, 2 h 07 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+# -- Writing it out: Markdown, and an HTML page with every run's training curves.
+
+
+def markdown(table: Table) -> str:
+    """The table as Markdown (a pipe table like the experiment table's), the best of each column in bold, the notes under it."""
+    cells = table.cells()
+    align = ["---:" if numeric else ":---" for numeric in table.numeric()]
+    lines = [MARKS["markdown"], "", _row(md_text(c.name) for c in table.columns), _row(align)]
+    for r, row in enumerate(cells):
+        lines.append(_row(f"**{md_text(value)}**" if (r, c) in table.best else md_text(value) for c, value in enumerate(row)))
+    lines += ["", BEST.format(how="in **bold**")]
+    lines += [f"- {md_text(text)}{md_code(command) if command else ''}" for text, command in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~$&#!])")
+
+
+def md_text(text: object) -> str:
+    """A string as Markdown text, never markup: the characters Markdown reads (and ``_`` that could start or end emphasis) escaped."""
+    escaped = _MD_SPECIAL.sub(r"\\\1", shown(text))
+    return re.sub(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])", r"\\_", escaped)
+
+
+def md_code(text: str) -> str:
+    """A code span holding ``text`` as it is, fenced by more backquotes than it holds in a row."""
+    text = shown(text).replace("|", "\\|")  # inside a code span, GitHub still reads | as a cell border
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def html(table: Table, title: str = "mltk compare") -> str:
+    """A self-contained page: the table (best marked), its notes, and every run's loss and validation recall@1 by epoch."""
+    from mltk import report
+
+    figures = {}
+    if any(run.records for run in table.runs):
+        figures["Training curves"] = report.training_curves({run.name: run.records for run in table.runs})
+    return report.table_page(title, [c.name for c in table.columns], table.cells(), table.numeric(), table.best, [(BEST.format(how="in green"), ""), *table.notes], figures, generator="mltk compare")
+
+
+def check_outputs(outs: list[str | Path]) -> list[tuple[Path, str]]:
+    """Each --out with its format, before any work: a .md or .html name, not given twice, and new or a file an earlier
+    ``mltk compare`` wrote (which is replaced); else one line."""
+    checked, seen = [], set()
+    for out in outs:
+        out = check_file(out, example="runs.md")
+        fmt = FORMATS.get(out.suffix.lower())
+        if fmt is None:
+            raise UsageError(f"--out {str(out)!r}: give a file name ending in .md (Markdown) or .html (a page with the training curves)")
+        if out.resolve() in seen:
+            raise UsageError(f"--out {str(out)!r} is given twice")
+        seen.add(out.resolve())
+        if os.path.lexists(out) and not written_by_compare(out, fmt):
+            raise MltkError(f"--out {str(out)!r} exists and is not a table mltk compare wrote; give a new file name (mltk replaces only its own)")
+        checked.append((out, fmt))
+    return checked
+
+
+def written_by_compare(path: Path, fmt: str) -> bool:
+    """``path`` is a file whose beginning holds the mark ``mltk compare`` writes there."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return head.startswith(MARKS[fmt]) if fmt == "markdown" else MARKS[fmt] in head
+
+
+def write(table: Table, outputs: list[tuple[Path, str]]) -> None:
+    """Each output written under a temporary name beside it, then all renamed into place: an earlier file is replaced whole."""
+    pages = [(path.resolve(), html(table) if fmt == "html" else markdown(table)) for path, fmt in outputs]  # a link: the file it names
+    done: list[Path] = []
+    try:
+        for path, text in pages:
+            for stale in stale_temporaries(path.parent, path.name):  # what a killed compare left
+                stale.unlink(missing_ok=True)
+            done.append(path)  # its temporary is removed, whatever happens next
+            with writing(str(path), "it is as it was"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary(path).write_text(text, encoding="utf-8")
+        for path in done:
+            with writing(str(path), "it is as it was"):
+                os.replace(temporary(path), path)
+    finally:
+        for path in done:
+            temporary(path).unlink(missing_ok=True)

@@ -1,0 +1,80 @@
+"""One run's lifecycle hooks (mltk.hookspecs): the plugins' and the run's loggers', each called on its own.
+
+pluggy calls a hook's implementations in one go and stops at the first that raises. A run calls each
+implementation itself instead, so that one that fails is reported once, with its plugin's name, and left
+out for the rest of the run, while the others and the run go on.
+"""
+
+from contextlib import contextmanager
+from typing import Any, Callable
+
+from mltk.plugins import load_plugins, pm
+
+
+class Lifecycle:
+    """The run hooks for one run: ``call(hook, **arguments)`` returns what the implementations returned (None left out).
+
+    ``loggers`` (name -> object implementing run hooks, as ``--log`` made them) are registered as plugins named
+    ``log:NAME`` while ``running()``; ``warn`` is told about a failing implementation, once."""
+
+    def __init__(self, loggers: dict[str, Any], warn: Callable[[str], None]):
+        self.loggers = loggers
+        self.warn = warn
+        self.disabled: set[str] = set()
+
+    def call(self, hook: str, **arguments) -> list:
+        results = []
+        for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):  # pluggy's order: tryfirst ones, last registered first, trylast ones
+            if impl.plugin_name in self.disabled:
+                continue
+            try:
+                value = impl.function(*(arguments[name] for name in impl.argnames))
+            except Exception as exc:  # a plugin's bug must not end the run (Ctrl-C, a BaseException, still does)
+                self.disabled.add(impl.plugin_name)
+                self.warn(f"plugin {impl.plugin_name!r} failed in {hook}: {type(exc).__name__}: {exc}; it is left out for the rest of this run")
+                continue
+            if value is not None:
+                results.append(value)
+        return results
+
+    def stop_reason(self, record: dict, run_dir) -> str | None:
+        """The first reason a plugin gives to stop after this epoch (``epoch_ended``), or None."""
+        for value in self.call("epoch_ended", record=record, run_dir=run_dir):
+            if value:
+                return value if isinstance(value, str) else "a plugin asked to stop"
+        return None
+
+    @contextmanager
+    def running(self, config, run_dir, result):
+        """``run_started`` now, ``run_ended`` with the error that ends the run (or None) at the end; the loggers
+        are plugins only in between."""
+        load_plugins()
+        names = []
+        try:
+            for name, logger in self.loggers.items():
+                pm.register(logger, name=f"log:{name}")
+                names.append(f"log:{name}")
+            self.call("run_started", config=config, run_dir=run_dir)
+            try:
+                yield self
+            except BaseException as exc:
+                self.call("run_ended", result=result, error=exc)
+                raise
+            self.call("run_ended", result=result, error=None)
+        finally:
+            for name in names:
+                pm.unregister(name=name)
+
+
+class Silent(Lifecycle):
+    """No hooks: what the other processes of a torchrun run use (rank 0 calls them)."""
+
+    def __init__(self):
+        super().__init__({}, lambda message: None)
+
+    def call(self, hook: str, **arguments) -> list:
+        return []
+
+    @contextmanager
+    def running(self, config, run_dir, result):
+        yield self

@@ -1,0 +1,159 @@
+"""One mltk run as one MLflow run, through an explicit MlflowClient: params when it starts, metrics as they come,
+the run directory's files when it ends."""
+
+import os
+import re
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import mltk
+from mltk.errors import MltkError
+
+EXPERIMENT = "mltk"  # unless MLFLOW_EXPERIMENT_NAME is set
+FLUSH_STEPS, FLUSH_SECONDS = 50, 10.0  # step metrics go in one log_batch call per 50 steps (or 10 s), not one a step
+MAX_BATCH_PARAMS, MAX_BATCH_METRICS = 100, 1000  # MLflow's log_batch limits
+MAX_PARAM = 500  # what every MLflow server takes (6000 since MLflow 2.8); config.yaml, an artifact, keeps the whole value
+LEFT_OUT = {"last.pt"}  # the resumable checkpoint: optimiser state included, about 3x best.pt
+
+
+def tracking_uri() -> tuple[str, str | None]:
+    """MLFLOW_TRACKING_URI and no artifact location of ours; else a SQLite store in ./mlruns, artifacts beside it.
+
+    Not MLflow's plain file store: MLflow 3 keeps it in maintenance mode and refuses it unless told otherwise.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    root = Path("mlruns").resolve()
+    root.mkdir(exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
+def key(name: str) -> str:
+    """An MLflow metric or param name: '@' becomes '_at_' (val_recall@1 -> val_recall_at_1), any other character
+    MLflow refuses (it takes letters, digits, _ - . / and spaces) becomes '_'."""
+    return re.sub(r"[^\w./\- ]", "_", name.replace("@", "_at_"))
+
+
+def flatten(value, prefix: str = ""):
+    """(dotted key, value) for each leaf of nested dicts; an empty dict and a list are leaves."""
+    if isinstance(value, dict) and value:
+        for name, item in value.items():
+            yield from flatten(item, f"{prefix}{name}.")
+    else:
+        yield prefix[:-1], value
+
+
+def metrics(values: dict, step: int, prefix: str = "") -> list:
+    """MLflow Metric entities for the numbers in ``values``, at ``step``, named ``prefix + key(name)``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(prefix + key(name), float(v), now, step) for name, v in values.items() if isinstance(v, (int, float))]
+
+
+def status(error: BaseException | None) -> str:
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"  # mltk.errors.Interrupted is a KeyboardInterrupt
+
+
+def experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The experiment called ``name``, created if it is new (by another run at the same moment, too)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            if (found := client.get_experiment_by_name(name)) is None:
+                raise
+    if found.lifecycle_stage != "active":
+        raise MltkError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore --experiment-id "
+                        f"{found.experiment_id}) or set MLFLOW_EXPERIMENT_NAME")
+    return found.experiment_id
+
+
+class MlflowLogger:
+    """Implements mltk's run hooks for one run; mltk calls them on the process that writes the run directory."""
+
+    def __init__(self):
+        self.client = self.run_id = self.run_dir = None  # all set when the run starts
+        self.pending, self.pending_steps, self.sent_at = [], 0, time.monotonic()
+
+    @mltk.hookimpl
+    def run_started(self, config, run_dir):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        from mltk.config import to_dict
+
+        self.run_dir = Path(run_dir).resolve()
+        uri, artifact_location = tracking_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT, artifact_location)
+        tags = {"mltk.version": mltk.__version__, "mltk.run_dir": str(self.run_dir)}
+        self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
+        params = [Param(name, str(value)[:MAX_PARAM]) for name, value in {key(k): v for k, v in flatten(to_dict(config))}.items()]
+        with self.failing():
+            for i in range(0, len(params), MAX_BATCH_PARAMS):
+                self.client.log_batch(self.run_id, params=params[i : i + MAX_BATCH_PARAMS])
+
+    @mltk.hookimpl
+    def step_logged(self, epoch, step, steps, logs):
+        if self.run_id is None:
+            return
+        self.pending += metrics(logs, step=(epoch - 1) * steps + step)
+        self.pending_steps += 1
+        if self.pending_steps >= FLUSH_STEPS or time.monotonic() - self.sent_at >= FLUSH_SECONDS:
+            with self.failing():
+                self.flush()
+
+    @mltk.hookimpl
+    def epoch_ended(self, record, run_dir):
+        if self.run_id is not None:
+            with self.failing():
+                self.flush(metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"], prefix="epoch/"))
+
+    @mltk.hookimpl(trylast=True)  # after the other loggers' run_ended: what they write at the end (a projector) is uploaded too
+    def run_ended(self, result, error):
+        if self.run_id is None:
+            return
+        try:
+            best = getattr(result, "best", None) or {}  # the best epoch: a column to sort runs by in MLflow's UI
+            self.flush(metrics({"epoch": best["epoch"], "score": best["score"]}, best["epoch"], "best/") if "epoch" in best else ())
+            if "by" in best:
+                self.client.set_tag(self.run_id, "mltk.best_by", str(best["by"]))
+            self.log_files()
+        finally:
+            self.client.set_terminated(self.run_id, status(error))
+            self.run_id = None
+
+    @contextmanager
+    def failing(self):
+        """An error ends the MLflow run as FAILED, then goes on to mltk, which leaves this logger out of the rest of
+        the run: run_ended, which would end it, does not come."""
+        try:
+            yield
+        except Exception:
+            run_id, self.run_id = self.run_id, None
+            with suppress(Exception):  # the server that failed may not take this either
+                self.client.set_terminated(run_id, "FAILED")
+            raise
+
+    def flush(self, more: list = ()) -> None:
+        """Send the buffered step metrics and ``more`` in as few log_batch calls as MLflow allows."""
+        batch, self.pending, self.pending_steps, self.sent_at = [*self.pending, *more], [], 0, time.monotonic()
+        for i in range(0, len(batch), MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
+
+    def log_files(self) -> None:
+        """The run directory's files and folders as artifacts, but last.pt and hidden temporary files."""
+        for path in sorted(self.run_dir.iterdir()) if self.run_dir.is_dir() else []:
+            if path.name in LEFT_OUT or path.name.startswith(".") or path.is_symlink():
+                continue
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
+            elif path.is_file():
+                self.client.log_artifact(self.run_id, str(path))

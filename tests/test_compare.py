@@ -1,0 +1,186 @@
+"""mltk compare: the experiment table of real runs, on the terminal, as Markdown and as an HTML page; strings from
+the run directories shown as data; a bad run directory or --out is one line and writes nothing."""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import yaml
+from conftest import TINY, make_image_folder, one_line_error, snapshot
+
+METRIC_KEYS = {"ROC-AUC": "roc_auc", "TAR@FAR=1e-3": "tar@far=0.001", "recall@1": "recall@1", "recall@4": "recall@4", "map@r": "map@r", "MAP@R": "map@r"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny real runs differing in held-out classes, dim, loss and epochs: a and b evaluated (b twice: an older
+    evaluation of ROC-AUC only in b/eval, a newer one of every metric in b/full), c not, and c has no validation data."""
+    from mltk import evaluate as ev
+    from mltk.config import make_config
+    from mltk.model import load
+    from mltk.train import train
+
+    root = tmp_path_factory.mktemp("compare")
+    folder = make_image_folder(root / "images", classes=10, per_class=4)
+    changes = {"a": {"val_classes": 0.3}, "b": {"val_classes": 0.3, "dim": 8, "epochs": 2}, "c": {"loss": "ce", "epochs": 2}}
+    for name, change in changes.items():
+        train(make_config({**TINY, "data": str(folder), **change}), root / name)
+    for name, out, metrics, age in (("a", "eval", None, 0), ("b", "eval", ["roc_auc"], 100), ("b", "full", None, 0)):
+        model = load(root / name, "cpu")
+        result = ev.evaluate(model, data=ev.held_out_data(model), metrics=metrics, workers=0)
+        with ev.output_folder(root / name / out) as written:
+            ev.write_outputs(result, written, save_embeddings=False)
+        stamp = (root / name / out / "metrics.json").stat().st_mtime - age  # b/eval the older of b's two
+        os.utime(root / name / out / "metrics.json", (stamp, stamp))
+    return root
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of a Markdown pipe table (header first, the alignment row left out); ``\\|`` is not a border."""
+    rows = [re.split(r"(?<!\\)\|", line.strip()[1:-1]) for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows if not set("".join(row)) <= set(":- ")]
+
+
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_table_shows_each_run_the_settings_they_differ_in_and_the_latest_metrics(runs, mltk_main, monkeypatch):
+    monkeypatch.chdir(runs)  # run names as a user types them
+    code, out, err = mltk_main("compare", "a", "b", "c", "--out", "table.md", "--out", "table.html")
+    assert code == 0, err
+    header, *rows = markdown_rows((runs / "table.md").read_text())
+    assert header == ["run", "val_classes", "dim", "loss", "epochs", "train time", "images/s", "best epoch", "ROC-AUC", "TAR@FAR=1e-3", "recall@1", "recall@4", "MAP@R"]
+    assert [row[0] for row in rows] == ["a", "b", "c"]  # out, workers and device differ too (out always): not columns
+    plain = [[cell.strip("*") for cell in row] for row in rows]
+    assert [row[1:5] for row in plain] == [["0.3", "16", "arcface", "1"], ["0.3", "8", "arcface", "2"], ["0", "16", "ce", "2"]]
+
+    # training: seconds summed, images over seconds, best epoch by val recall@1 (a, b) or by the lowest loss (c)
+    for row, name in zip(plain, "abc"):
+        history = records(runs / name)
+        seconds = sum(r["seconds"] for r in history)
+        assert row[5] == f"{seconds:.1f} s"
+        assert float(row[6].replace(",", "")) == pytest.approx(sum(r["images_per_s"] * r["seconds"] for r in history) / seconds, rel=0.01, abs=0.06)
+        score = (lambda r: r["val_recall@1"]) if name != "c" else (lambda r: -r["loss"])
+        assert row[7] == str(max(history, key=score)["epoch"])
+
+    # metrics: a's evaluation, b's newest (b/full, not the older b/eval of ROC-AUC only), none for c
+    latest = {"a": json.loads((runs / "a" / "eval" / "metrics.json").read_text()), "b": json.loads((runs / "b" / "full" / "metrics.json").read_text())}
+    for row, name in zip(plain[:2], "ab"):
+        assert row[8:] == [f"{latest[name][METRIC_KEYS[h]]:.4f}" for h in header[8:]]
+    assert plain[2][8:] == ["–"] * 5
+    assert "`mltk evaluate c --data DATA`" in (runs / "table.md").read_text()  # c held nothing out: it needs images
+
+    # the best of each measured column in bold: ties all, the lowest train time, the highest of the rest
+    for c in [5, 6, *range(8, 13)]:
+        values = {r: float(row[c].split()[0].replace(",", "")) for r, row in enumerate(plain) if row[c] != "–"}
+        best = (min if c == 5 else max)(values.values())
+        bold = {r for r, row in enumerate(rows) if row[c].startswith("**") and row[c].endswith("**")}
+        assert bold == {r for r, v in values.items() if v == best}, header[c]
+    assert not any(row[c].startswith("**") for row in rows for c in (0, 1, 2, 3, 4, 7))
+
+    page = (runs / "table.html").read_text()
+    assert page.count("<tr>") == 4 and 'class="number best"' in page and "<code>mltk evaluate c --data DATA</code>" in page
+    assert re.search(r'<h2>Training curves</h2><img alt="Training curves" src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}">', page)
+    assert "src=\"http" not in page and "<script" not in page  # self-contained, nothing to run
+    assert "mltk evaluate c --data DATA" in out and "written: table.md, table.html" in " ".join(out.split())
+
+
+def test_strings_from_run_directories_are_data_not_markup(runs, mltk_main, tmp_path):
+    """A run named like markup, holding a config value like markup: shown as typed, in rich, Markdown, HTML and the plot."""
+    odd = tmp_path / "[red]run $x^{ <script>"
+    shutil.copytree(runs / "a", odd)
+    config = yaml.safe_load((odd / "config.yaml").read_text())
+    (odd / "config.yaml").write_text(yaml.safe_dump({**config, "val_data": "held|out <b>x</b> *y* [red]z", "val_classes": 0.0}))
+    (odd / "eval" / "metrics.json").write_text(json.dumps({"roc_auc": 0.5}))  # an evaluation of ROC-AUC only
+    code, out, err = mltk_main("compare", runs / "a", odd, "--out", tmp_path / "t.md", "--out", tmp_path / "t.html")
+    assert code == 0, err
+    assert "[red]run $x^{ <script>" in out and "[red]z" in out  # rich printed them, not read them as markup
+
+    text = (tmp_path / "t.md").read_text()
+    header, *rows = markdown_rows(text)
+    assert len({len(row) for row in [header, *rows]}) == 1  # a | in a value is not a cell border
+    assert "\\[red\\]run \\$x^{ \\<script\\>" in text and "held\\|out \\<b\\>x\\</b\\> \\*y\\* \\[red\\]z" in text
+    assert "<script" not in text.replace("\\<script", "") and "<b>" not in text
+    assert header[1:3] == ["val_data", "val_classes"]
+    assert rows[1][-5] == "0.5000" and rows[1][-4:] == ["–"] * 4 and "recall@1" in text.split("|")[-1]  # the note: not in its evaluation
+
+    page = (tmp_path / "t.html").read_text()
+    assert "&lt;script&gt;" in page and "<script" not in page and "&lt;b&gt;x&lt;/b&gt;" in page and "<b>" not in page
+    assert "Training curves" in page  # the legend drew '$x^{' as text: mathtext would have failed on it
+
+
+BAD = {  # case -> what its error line says
+    "not a run": "is not a run directory: it has no config.yaml",
+    "no such folder": "is not a run directory: there is no such folder",
+    "corrupt metrics.json": "metrics.json' is not valid JSON",
+    "metrics.json out of range": "roc_auc must be a number from 0 to 1 or null, got 7",
+    "corrupt metrics.jsonl": "metrics.jsonl' line 1: loss must be a finite number, got '<b>'",
+    "bad config.yaml": "dim in config file",
+    "foreign --out": "exists and is not a table mltk compare wrote",
+    "--out .txt": "give a file name ending in .md (Markdown) or .html",
+    "run twice": "is given twice",
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_error_line_and_writes_nothing(runs, mltk_main, tmp_path, case):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "a", run)
+    args, out = [runs / "b", run], tmp_path / "t.md"
+    if case == "not a run":
+        args.append(runs / "images")
+    elif case == "no such folder":
+        args.append(tmp_path / "missing")
+    elif case == "corrupt metrics.json":
+        (run / "eval" / "metrics.json").write_text('{"roc_auc": 0.9, ')
+    elif case == "metrics.json out of range":
+        (run / "eval" / "metrics.json").write_text('{"roc_auc": 7}')
+    elif case == "corrupt metrics.jsonl":  # a broken line before the last: not a run being written
+        (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": "<b>"}\n' + (run / "metrics.jsonl").read_text())
+    elif case == "bad config.yaml":
+        (run / "config.yaml").write_text("dim: [red]\n")
+    elif case == "foreign --out":
+        out.write_text("my notes\n")
+    elif case == "--out .txt":
+        out = tmp_path / "t.txt"
+    elif case == "run twice":
+        args.append(runs / "b")
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main("compare", *args, "--out", out, "--out", tmp_path / "t.html"))
+    assert BAD[case] in line
+    assert snapshot(tmp_path) == before, line
+
+
+def test_an_earlier_table_is_replaced_a_cut_line_left_out_and_a_stale_evaluation_named(runs, mltk_main, tmp_path):
+    run, retrained = tmp_path / "run", tmp_path / "retrained"
+    shutil.copytree(runs / "c", run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "lo')  # a run writing its next line
+    shutil.copytree(runs / "a", retrained)
+    later = (retrained / "eval" / "metrics.json").stat().st_mtime + 60
+    os.utime(retrained / "best.pt", (later, later))  # trained again after its evaluation
+    for _ in range(2):  # the second replaces the first's file: mltk compare wrote it
+        code, out, err = mltk_main("compare", run, retrained, "--out", tmp_path / "t.md")
+        assert code == 0, err
+    text = (tmp_path / "t.md").read_text()
+    rows = markdown_rows(text)[1:]
+    assert rows[0][-6].strip("*") == str(min(records(runs / "c"), key=lambda r: r["loss"])["epoch"])  # best epoch: of the epochs whole
+    assert f"older than its checkpoint (trained again since); to bring it up to date: `mltk evaluate {retrained}`" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retrained", "run", "t.md"]  # no temporary left
+
+
+def test_evaluate_report_shows_the_run_config_and_curves(runs):
+    """The report of a model from a run directory gains the run's configuration and training curves; of a bare
+    backbone, neither."""
+    from mltk import evaluate as ev
+    from mltk.report import html_report
+
+    config, history = ev.training_of(runs / "b" / "best.pt")  # a checkpoint in a run directory: that run's
+    assert config["dim"] == 8 and [r["epoch"] for r in history] == [1, 2]
+    assert ev.training_of(runs / "images") is None
+    page = html_report("t", {"roc_auc": 0.5}, {}, {}, config={**config, "data": "<i>x</i>"})
+    assert "<h2>Configuration</h2>" in page and "<td>dim</td><td>8</td>" in page and "&lt;i&gt;x&lt;/i&gt;" in page
+    assert "Configuration" not in html_report("t", {"roc_auc": 0.5}, {}, {})
