@@ -157,9 +157,9 @@ def main() -> None:
             (out / f"experiments_{dataset}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
             (out / f"experiments_{dataset}.md").write_text(markdown(dataset, rows, command))
             # The mltk rows as `mltk compare` shows them: their config differences, times and evaluations side by side.
-            run_dirs = [str(runs / dataset / name) for name in args.configs.split(",") if name != "plain"]
-            targets = [x for suffix in ("md", "html") for x in ("--out", str(out / f"compare_{dataset}.{suffix}"))]
-            subprocess.run([sys.executable, "-m", "mltk", "compare", *run_dirs, *targets], check=True, stdout=subprocess.DEVNULL)
+            names = [name for name in args.configs.split(",") if name != "plain"]  # run from their folder: rows named by config
+            targets = [x for suffix in ("md", "html") for x in ("--out", str((out / f"compare_{dataset}.{suffix}").resolve()))]
+            subprocess.run([sys.executable, "-m", "mltk", "compare", *names, *targets], check=True, stdout=subprocess.DEVNULL, cwd=runs / dataset)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def notes(runs: list[Run]) -> list[tuple[str, str]]:
         if run.evaluation is not None and (lacking := [header for key, header in METRICS.items() if run.metrics.get(key) is None]):
             found.append((f"{shown(run.name)}: {', '.join(lacking)} {MISSING}: not in {shown(run.evaluation)} (an evaluation on a pair list, of some --metrics, or of a set too small for them)", ""))
         if not run.records:
-            found.append((f"{shown(run.name)}: no epoch finished yet ({MISSING} for its training)", ""))
+            why = "not trained (epochs: 0, the backbone as it was)" if run.config.get("epochs") == 0 else "no epoch finished yet"
+            found.append((f"{shown(run.name)}: {why} ({MISSING} for its training)", ""))
     if any(run.records and "val_recall@1" not in run.records[0] for run in runs):
         found.append(("best epoch: the highest validation recall@1, or the lowest training loss for a run without validation data", ""))
     return found

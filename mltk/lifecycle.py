@@ -52,7 +52,11 @@ class Lifecycle:
         names = []
         try:
             for name, logger in self.loggers.items():
-                pm.register(logger, name=f"log:{name}")
+                try:
+                    pm.register(logger, name=f"log:{name}")
+                except Exception as exc:  # e.g. a hook implemented with arguments the hook does not have
+                    self.warn(f"logger {name!r} cannot follow this run: {type(exc).__name__}: {exc}")
+                    continue
                 names.append(f"log:{name}")
             self.call("run_started", config=config, run_dir=run_dir)
             try:

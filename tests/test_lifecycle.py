@@ -214,3 +214,45 @@ def test_the_progress_bar_shows_at_a_terminal_only(terminal, ci, quiet, bar, lin
     assert ("━" in out and "img/s" in out) == bar  # rich's bar, with the running loss and images/s
     assert ("epoch   1  loss" in out and "epoch   2  loss" in out) == lines
     assert "run directory:" in out  # the summary, always
+
+
+def test_lifecycle_calls_each_hook_on_its_own_and_leaves_out_what_fails(tmp_path, plugin):
+    from mltk.lifecycle import Lifecycle
+
+    calls = []
+
+    class Good:
+        @mltk.hookimpl
+        def epoch_ended(self, record):  # a hook may take only some of the arguments
+            calls.append(("good", record["epoch"]))
+
+        @mltk.hookimpl(trylast=True)
+        def run_ended(self, result, error):
+            calls.append(("good last", error))
+
+    class Broken:
+        @mltk.hookimpl
+        def epoch_ended(self, record, run_dir):
+            raise ValueError("no")
+
+        @mltk.hookimpl
+        def run_ended(self, result):
+            calls.append(("broken", result))
+
+    class Misspelt:
+        @mltk.hookimpl
+        def epoch_ended(self, record, run_dir, extra):  # an argument the hook does not have: cannot be registered
+            calls.append(("misspelt",))
+
+    plugin(Broken(), "broken")
+    warned = []
+    hooks = Lifecycle({"good": Good(), "misspelt": Misspelt()}, warned.append)
+    with hooks.running(config=None, run_dir=tmp_path, result="result"):
+        assert hooks.stop_reason({"epoch": 1}, tmp_path) is None
+        assert hooks.stop_reason({"epoch": 2}, tmp_path) is None
+    assert calls == [("good", 1), ("good", 2), ("good last", None)]  # broken: left out after its first failure, run_ended too
+    assert warned[0].startswith("logger 'misspelt' cannot follow this run: PluginValidationError")
+    assert warned[1:] == ["plugin 'broken' failed in epoch_ended: ValueError: no; it is left out for the rest of this run"]
+    from mltk.plugins import pm
+
+    assert not pm.has_plugin("log:good")  # the run's loggers are plugins only while it runs
