@@ -175,18 +175,19 @@ def _pairs(values: dict, kind: str = "pairs") -> str:
     return f'<table class="{kind}">{rows}</table>'
 
 
-def _page(title: str, body: str, generator: str = "mltk", width: int = 1100) -> str:
-    """One self-contained HTML page in mltk's reports' style, at most ``width`` pixels wide; ``generator`` names what
-    wrote it (in a meta tag)."""
+def _page(title: str, body: str, generator: str = "mltk", width: int | None = 1100) -> str:
+    """One self-contained HTML page in mltk's reports' style, at most ``width`` pixels wide (None: the window's width);
+    ``generator`` names what wrote it (in a meta tag)."""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{html.escape(generator)}"><title>{_text(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: {width}px; padding: 0 1em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: {f"{width}px" if width else "none"}; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 3px 14px 3px 0; }}
 th {{ text-align: left; border-bottom: 2px solid #999; white-space: nowrap; }}
 .wide {{ overflow-x: auto; }}
-.pairs td:nth-child(2), td.number {{ font-variant-numeric: tabular-nums; text-align: right; }}
+.runs td:first-child, .runs th:first-child {{ position: sticky; left: 0; background: #fff; }}
+.pairs td:nth-child(2), td.number {{ font-variant-numeric: tabular-nums; text-align: right; white-space: nowrap; }}
 th.number {{ text-align: right; }}
 td.best {{ font-weight: bold; color: #1a7f37; }}
 .notes {{ color: #555; }}
@@ -219,4 +220,4 @@ def table_page(title: str, header: list[str], rows: list[list[str]], numeric: li
     head = "".join(cell("th", -1, c, name) for c, name in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", r, c, value) for c, value in enumerate(row)) + "</tr>" for r, row in enumerate(rows))
     items = "".join(f"<li>{_text(text)}{f'<code>{_text(command)}</code>' if command else ''}</li>" for text, command in notes)
-    return _page(title, f'<div class="wide"><table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>\n<ul class="notes">{items}</ul>\n{_figures(figures)}', generator, width=1500)
+    return _page(title, f'<div class="wide"><table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>\n<ul class="notes">{items}</ul>\n{_figures(figures)}', generator, width=None)  # the table as wide as the window: its metrics come last

@@ -257,8 +257,8 @@ def test_resume_with_another_setting_is_refused_and_changes_nothing(option, show
     before = snapshot(run)
     line = one_line_error(mltk_main("run", "--out", run, "--resume", *option), code=2)
     assert line == (
-        f"error: cannot resume {str(run)!r} with {shown}: a resumed run keeps its settings, only epochs, workers and device "
-        f"may change; leave the others out, or start a new run in another --out"
+        f"error: cannot resume {str(run)!r} with {shown}: a resumed run keeps its settings, only epochs, workers, device, "
+        f"log and early_stop may change; leave the others out, or start a new run in another --out"
     )
     assert snapshot(run) == before
 
@@ -354,7 +354,7 @@ def test_run_help_explains_out_resume_and_overwrite(mltk_main):
     text = " ".join(out.replace("│", " ").split())
     assert code == 0
     assert "one that already holds a run needs --resume or --overwrite" in text
-    assert "deletes its config.yaml, metrics.jsonl, last.pt, best.pt and skipped_images.txt, nothing else" in text
+    assert "deletes its config.yaml, metrics.jsonl, last.pt, best.pt, skipped_images.txt and tensorboard/, nothing else" in text
 
 
 
@@ -1786,7 +1786,7 @@ def test_pils_raw_warning_is_not_printed(plugins_data_bomb):
     [
         (["run", "--dim", "abc"], "error: Invalid value for '--dim': "),
         (["evaluate", "--index", "bogus"], "error: Invalid value for '--index': "),
-        (["list"], "error: Missing argument 'kind'. Choose from: backbones, losses, miners, metrics, datasets; see `mltk list --help`"),
+        (["list"], "error: Missing argument 'kind'. Choose from: backbones, losses, miners, metrics, datasets, loggers; see `mltk list --help`"),
         (["plugins", "--nope"], "error: No such option: --nope; see `mltk plugins --help`"),
         (["no-such-command"], "error: No such command 'no-such-command'; see `mltk --help`"),
         (["list", "losses", "a", "b"], "error: Got unexpected extra argument"),
@@ -1842,10 +1842,19 @@ def test_an_error_with_newlines_and_escapes_is_still_one_plain_line(mltk_main, m
 def test_a_run_directory_with_markup_is_printed_as_it_is(capsys):
     from mltk.cli.run import render_summary
 
-    result = SimpleNamespace(train_images=4, train_classes=2, val_images=0, history=[], best=None, run_dir=Path("runs/[red]x[/red]\x1b[2J"))
+    result = SimpleNamespace(train_images=4, train_classes=2, val_images=0, history=[], best=None, stopped="", run_dir=Path("runs/[red]x[/red]\x1b[2J"))
     render_summary(result)
     out = capsys.readouterr().out
     assert "runs/[red]x[/red]" in out and "\x1b" not in out
+
+
+def test_a_plugins_reason_to_stop_is_printed_as_it_is(capsys, tmp_path):
+    from mltk.cli.run import render_summary
+
+    reason = "[bold]plateau[/bold]\x1b[2J"  # what a plugin's epoch_ended returned
+    render_summary(SimpleNamespace(train_images=4, train_classes=2, val_images=0, history=[], best=None, stopped=reason, run_dir=tmp_path))
+    out = capsys.readouterr().out
+    assert "[bold]plateau[/bold]" in out and "\x1b" not in out
 
 
 @pytest.mark.parametrize("pattern", ["[red]*", "[/red]", "*[/]*", "arc\x1b[2J*"])

@@ -367,7 +367,7 @@ def test_resume_with_another_architecture_names_the_keys_and_changes_nothing(ima
     cfg, run = tiny_config(image_folder, epochs=1), tmp_path / "run"
     train(cfg, run)
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "last.pt")}
-    with pytest.raises(MltkError, match=r"^cannot resume '.*run' with dim 8 \(the run has 16\): a resumed run keeps its settings, only epochs, workers and device may change; leave the others out, or start a new run in another --out$"):
+    with pytest.raises(MltkError, match=r"^cannot resume '.*run' with dim 8 \(the run has 16\): a resumed run keeps its settings, only epochs, workers, device, log and early_stop may change; leave the others out, or start a new run in another --out$"):
         train(replace(cfg, dim=8, epochs=2), run, resume=True)
     assert before == {name: (run / name).read_bytes() for name in before}
     state = load_checkpoint(run / "last.pt")
