@@ -20,6 +20,8 @@ KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics"
 #: what a name may be: a term of a loss spec (mltk.config's _TERM), so no spaces, '*', '+', markup or control characters
 NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 MAX_NAME = 100
+#: names that plugins outside mltk's core register, and how to get them: said when such a name is not found
+ELSEWHERE = {("loggers", "mlflow"): "pip install mltk-mlflow, from plugins/mltk-mlflow in mltk's repository"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def get(kind: str, name: str) -> Entry:
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; see `mltk list {kind}`"
     if errors:  # the name may belong to a plugin that failed to load
         hint += f" (plugins that failed: {', '.join(sorted(errors))}; see `mltk plugins`)"
+    if (kind, name) in ELSEWHERE:
+        hint += f" ({name} comes with a plugin: {ELSEWHERE[kind, name]})"
     raise UsageError(f"unknown {KINDS[kind]} {name!r}{hint}")
 
 

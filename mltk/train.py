@@ -37,15 +37,7 @@ def check_names(cfg: RunConfig) -> None:
     if cfg.miner:
         registry.get("miners", cfg.miner)
     for name in cfg.log:
-        try:
-            registry.get("loggers", name)
-        except UsageError as exc:
-            extra = LOGGER_PLUGINS.get(name)
-            raise UsageError(f"{exc}{f' ({name} comes with a plugin: {extra})' if extra else ''}") from None
-
-
-#: loggers that plugins outside mltk's core add, and how to get them
-LOGGER_PLUGINS = {"mlflow": "pip install mltk-mlflow, from plugins/mltk-mlflow in mltk's repository"}
+        registry.get("loggers", name)
 
 
 def distribute(model: Embedder, losses: WeightedLosses, miner, device: torch.device, some_frozen: bool = False):
@@ -554,10 +546,10 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
                     scheduler.step()
                     seen += len(labels) * world.size  # every process's images (equal batches)
-                    for name, value in shown.items():
-                        key = name if name == "loss" else f"loss/{name}"
+                    terms = {name if name == "loss" else f"loss/{name}": value for name, value in shown.items()}  # as metrics.jsonl names them
+                    for key, value in terms.items():
                         sums[key] = sums.get(key, 0.0) + value
-                    logs = {**{k if k == "loss" else f"loss/{k}": v for k, v in shown.items()}, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
+                    logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
                     hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
                     if on_step:
                         on_step(epoch, step + 1, steps_per_epoch, logs)
