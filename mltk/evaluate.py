@@ -15,6 +15,9 @@ from mltk.embedding import Progress, embed
 from mltk.errors import MltkError, UsageError
 from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
 from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
+from mltk.rerank import create as create_reranker
+from mltk.thresholds import Calibration
+
 
 def untrained_model(backbone: str, pretrained: bool = False, weights: str | None = None, image_size: int | None = None, device: str | None = None) -> EmbeddingModel:
     """A backbone's own pooled features, no training (experiment config 0)."""
@@ -67,6 +70,7 @@ class EvalResult:
     skipped: list = field(default_factory=list)  # (path, reason) of unreadable images left out
     embeddings_file: Path | None = None  # where ``embeddings`` were streamed to (a memory map of it)
     left_out: dict = field(default_factory=dict)  # metric name -> why it does not apply to this set (all metrics asked for)
+    calibration: Calibration | None = None  # the score thresholds at FAR 1e-1 .. 1e-4 and the EER (when pairs were scored)
 
 
 def evaluate(
@@ -85,10 +89,12 @@ def evaluate(
     engine: str = "blocks",
     index_options: dict | None = None,
     embeddings_file: str | Path | None = None,
+    rerank: str | None = None,
 ) -> EvalResult:
     """Embed the images and compute the metrics: on one set (leave-one-out, all pairs), on a pair list, or query vs gallery.
 
-    ``engine`` and ``index_options`` pick the kNN search (``mltk.metrics.Evaluation``). With
+    ``engine`` and ``index_options`` pick the kNN search (``mltk.metrics.Evaluation``); ``rerank``, a re-ranker spec
+    (``mltk.rerank.parse_spec``: "k-reciprocal:k1=20"), post-processes its lists for the retrieval metrics. With
     ``embeddings_file`` the embeddings stream to that .npy file and the metrics read it as a
     memory map (rows: the pair list's images, the query then the gallery images, or the set).
     """
@@ -101,7 +107,8 @@ def evaluate(
         registry.get("metrics", name)
     if engine not in metrics_mod.ENGINES:  # a misspelt engine fails now too
         raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(metrics_mod.ENGINES)}")
-    options = {"metrics": metrics, "engine": engine, "index_options": index_options}
+    reranker = create_reranker(rerank)  # a misspelt re-ranker or parameter fails now too
+    options = {"metrics": metrics, "engine": engine, "index_options": index_options, "rerank": reranker}
     if max_pairs is not None:
         options["max_pairs"] = max_pairs
     run_embed = lambda d: embed(model, d, batch_size, workers, flip_tta, progress, embeddings_file)  # noqa: E731
@@ -119,7 +126,10 @@ def evaluate(
         same = [s for _, _, s in pair_list.pairs]
         pairs = metrics_mod.Pairs.from_indices(embeddings, first, second, same, folds)
         result = metrics_mod.evaluate_embeddings(embeddings, None, pairs=pairs, **options)
-        return EvalResult(result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped, embeddings_file=embeddings_file, left_out=result.left_out)
+        return EvalResult(
+            result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped,
+            embeddings_file=embeddings_file, left_out=result.left_out, calibration=calibration(result, model, f"pair list {Path(pairs_file).name}", flip_tta),
+        )
     skipped = []
     if query is not None and gallery is not None:
         query, gallery = readable(query, skipped), readable(gallery, skipped)
@@ -129,21 +139,38 @@ def evaluate(
         n_q = len(query)
         result = metrics_mod.evaluate_embeddings(embeddings, labels, query=np.arange(n_q), gallery=np.arange(n_q, len(labels)), **options)
         info = {"query images": n_q, "gallery images": len(gallery)}
+        source = f"query {query.name} vs gallery {gallery.name}"
     else:
         data = readable(data, skipped)
         embeddings = run_embed(data)
         labels, classes, sources = np.asarray(data.labels), list(data.classes), list(data.sources)
         result = metrics_mod.evaluate_embeddings(embeddings, labels, **options)
         info = {"images": len(data), "classes": len(classes), "protocol": "leave-one-out retrieval, all pairs for verification"}
+        source = f"all pairs of {data.name}"
     ev = result.evaluation  # only what the metrics asked for was computed: the report searches its few examples itself
-    return EvalResult(result.values, result.roc, embeddings, labels, sources, classes, ev.query, ev.gallery, info, skipped, embeddings_file, result.left_out)
+    return EvalResult(
+        result.values, result.roc, embeddings, labels, sources, classes, ev.query, ev.gallery, info, skipped, embeddings_file,
+        result.left_out, calibration(result, model, source, flip_tta),
+    )
+
+
+def calibration(result, model: EmbeddingModel, source: str, flip_tta: bool) -> Calibration | None:
+    """The operating points of the pairs the metrics scored (None when no pairs were scored, or of one kind only)."""
+    from mltk import thresholds
+
+    ev = result.evaluation
+    counts = ev._counts
+    if counts is None or not counts.positive.sum() or not counts.negative.sum():
+        return None
+    positives, negatives = int(counts.positive.sum()), int(counts.negative.sum())
+    return thresholds.calibrate(ev.roc(), negatives, positives, model.fingerprint(), source, flip_tta=flip_tta)
 
 
 def source_name(source) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
 
 
-OUTPUTS = ("metrics.json", "report.html", "embeddings.npy", "labels.npy", "paths.txt", "skipped_images.txt")
+OUTPUTS = ("metrics.json", "thresholds.json", "report.html", "embeddings.npy", "labels.npy", "paths.txt", "skipped_images.txt")
 
 
 def check_out(out: str | Path) -> Path:
@@ -224,16 +251,20 @@ def json_value(value):
 
 
 def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: str | None = None) -> None:
-    """metrics.json, report.html (the ``report`` given), and with ``save_embeddings`` embeddings.npy, labels.npy and
+    """metrics.json, thresholds.json (when pairs were scored), report.html (the ``report`` given), and with ``save_embeddings`` embeddings.npy, labels.npy and
     paths.txt (one per row), and skipped_images.txt: into ``out``, the folder ``output_folder`` gives, which is
     swapped in whole or removed.
 
     Embeddings already streamed to ``out/embeddings.npy`` (``evaluate(embeddings_file=...)``) stay as they are.
     """
+    from mltk import thresholds
+
     clean = {k: json_value(v) for k, v in result.values.items()}
 
     def write() -> None:
         (out / "metrics.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
+        if result.calibration is not None:
+            thresholds.write(result.calibration, out / thresholds.FILE)
         if report is not None:
             (out / "report.html").write_text(report, encoding="utf-8")
         if save_embeddings:
@@ -298,4 +329,9 @@ def build_report(result: EvalResult, title: str, max_classes: int = 20, max_poin
             figures["Retrieval examples"] = report.retrieval_grid(queries, neighbours, nb.match, open_image)
     metrics = {k: v for k, v in result.values.items() if isinstance(v, float)}
     info = {**result.info, **{k: v for k, v in result.values.items() if not isinstance(v, float)}}
-    return report.html_report(title, metrics, info, figures, config)
+    points = None
+    if result.calibration is not None:  # what each threshold gave on these pairs, as mltk index --calibrate would use it
+        from mltk.thresholds import describe
+
+        points = {p.name.replace("far=", "FAR "): describe(p, result.calibration.negatives).split(": ", 1)[1] for p in result.calibration.points}
+    return report.html_report(title, metrics, info, figures, config, points)

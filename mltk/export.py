@@ -2,7 +2,9 @@
 
 The exported model takes a float32 batch (N, C, H, W), already resized, cropped and normalised,
 and returns L2-normalised embeddings (N, dim), as ``EmbeddingModel.embed`` does; N is free.
-Its preprocessing goes to a JSON file beside it: FILE + ".json".
+Its preprocessing goes to a JSON file beside it: FILE + ".json", with the match threshold when the export
+is calibrated (``mltk.calibrate``): accept two images as one identity when their embeddings' dot
+product reaches ``threshold.score``.
 """
 
 import importlib.util
@@ -45,11 +47,12 @@ class Exported:
     info: dict  # what the sidecar holds
 
 
-def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
+def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | None = None, far: float | str | None = None) -> Exported:
     """Write the embedder of ``run`` (a run directory or checkpoint) to ``out`` as ``fmt``, and ``out``.json.
 
     The written file is loaded back and run on a batch of another size than the one it was
-    exported with; it is kept only if its embeddings match PyTorch's to ``TOLERANCE``. Both files
+    exported with; it is kept only if its embeddings match PyTorch's to ``TOLERANCE``. ``calibrate`` and ``far``
+    put a match threshold into ``out``.json (``mltk.calibrate.resolve``). Both files
     are written or neither: an earlier ``out`` stays as it was if anything fails, and a folder made
     for ``out`` is removed again.
     """
@@ -62,6 +65,11 @@ def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
     out, sidecar = check_paths(Path(out))
     checkpoint = find_checkpoint(run)
     model = load(checkpoint, device="cpu")
+    calibration = None
+    if calibrate is not None:  # before anything is written: a wrong source costs no export
+        from mltk.calibrate import resolve
+
+        calibration = resolve(model, calibrate, far)
     module = Normalised(model.embedder).eval()
 
     generator = torch.Generator().manual_seed(0)
@@ -89,7 +97,7 @@ def export(run: str | Path, out: str | Path, fmt: str) -> Exported:
         diff = float((got - expected).abs().max())
         if not diff <= TOLERANCE:  # NaN fails too
             raise MltkError(f"the exported {fmt} model does not match PyTorch: its embeddings differ by up to {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written")
-        info = describe(model, checkpoint, fmt, out, diff)
+        info = describe(model, checkpoint, fmt, out, diff, calibration)
         sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
         commit(tmp, out, sidecar_tmp, sidecar)
     except BaseException as exc:  # an error or Ctrl-C: a folder made for the export goes again
@@ -137,8 +145,8 @@ def commit(tmp: Path, out: Path, sidecar_tmp: Path, sidecar: Path) -> None:
             backup.unlink(missing_ok=True)
 
 
-def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float) -> dict:
-    """The sidecar: how to preprocess images for the exported file, and where it came from."""
+def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float, calibration=None) -> dict:
+    """The sidecar: how to preprocess images for the exported file, where it came from, and its match threshold (if calibrated)."""
     from mltk import __version__
 
     data = model.data_config
@@ -161,6 +169,9 @@ def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float) -> dict:
         "max_abs_diff": diff,
         "mltk_version": __version__,
         "torch_version": torch.__version__,
+        # Same identity when embedding_a · embedding_b >= threshold.score; every operating point is in calibration.
+        "threshold": None if calibration is None else {"score": calibration[1].threshold, "operating_point": calibration[1].name},
+        "calibration": None if calibration is None else calibration[0].to_json(),
     }
 
 

@@ -32,6 +32,11 @@ def register_datasets(register):
 
 
 @hookspec
+def register_rerankers(register):
+    """Register re-rankers for ``--rerank NAME``: ``register(name, builder)``; builder(**params) -> see mltk.rerank."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the Typer app ``cli``."""
 

@@ -22,6 +22,7 @@ import numpy as np
 from mltk.errors import MltkError, UsageError
 from mltk.knn import KINDS, Progress, build, check_options, configure, kind_of, neighbours, search, settings  # noqa: F401  (build, search: mltk.index's names since the start)
 from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
+from mltk.thresholds import Calibration, OperatingPoint
 
 FORMAT = "mltk-index-1"
 
@@ -110,7 +111,7 @@ def _some(names: list[str], shown: int = 3) -> str:
 
 def write_index_dir(
     model, data, out: str | Path, kind: str = "flat", *, run: str = "", batch_size: int = 128, workers: int = 2,
-    progress: Progress | None = None, **options,
+    progress: Progress | None = None, calibrate: str | Path | None = None, far: float | str | None = None, **options,
 ) -> tuple[IndexDir, list]:
     """Embed ``data`` with ``model`` and write the index directory ``out``; returns it and the unreadable images left out.
 
@@ -120,7 +121,8 @@ def write_index_dir(
     renamed into place, so ``out`` is never half-written; an earlier index there is replaced, a
     folder holding anything else is refused (``check_request``). Temporaries that killed runs left
     beside ``out`` are removed first. ``options`` go to ``build`` (nlist, nprobe, m, ef_construction,
-    ef_search, seed).
+    ef_search, seed). ``calibrate`` (``mltk.calibrate.resolve``: an evaluation of this model, or images)
+    puts the match threshold at ``far`` into meta.json, for ``search_images`` to say "no match".
     """
     import faiss
     import torch
@@ -137,6 +139,11 @@ def write_index_dir(
     data = readable(data, skipped)
     check_options(kind, len(data), model.embedder.dim, **options)
     paths = _paths(data)
+    calibration = None
+    if calibrate is not None:  # before the gallery is embedded: a wrong source costs nothing
+        from mltk.calibrate import resolve
+
+        calibration = resolve(model, calibrate, far, batch_size=batch_size, workers=workers, progress=progress)
     _remove_stale(out)
     made = [p for p in out.parents if not p.exists()]  # removed again if no index comes of it
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +167,8 @@ def write_index_dir(
             "params": settings(index), "run": str(run), "data": data.name, "mltk_version": __version__,
             "faiss_version": faiss.__version__, "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if calibration is not None:
+            meta.update(calibration=calibration[0].to_json(), operating_point=calibration[1].name)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         del vectors  # the memmap: closed before the folder moves
         _swap_in(tmp, out, given)
@@ -225,6 +234,7 @@ def open_index_dir(path: str | Path) -> IndexDir:
     if meta is None:
         raise MltkError(f"{str(path)!r} is not an mltk index directory (no meta.json of format {FORMAT})")
     _check_meta(path, meta)
+    calibration_of(path, meta)
     dim, count = meta["dim"], meta["count"]
     for name in ("index.faiss", "paths.txt", "labels.npy", "classes.json", "model.pt"):
         if not (path / name).is_file():
@@ -273,6 +283,20 @@ def _check_meta(path: Path, meta: dict) -> None:
     for wrong, problem in problems:
         if wrong:
             raise _damaged(path, "meta.json", f"has {problem}")
+
+
+def calibration_of(path: Path, meta: dict) -> tuple[Calibration, OperatingPoint] | None:
+    """The index's calibration and chosen operating point (meta.json's ``calibration``, ``operating_point``), checked; None if uncalibrated."""
+    from mltk import thresholds
+
+    if "calibration" not in meta and "operating_point" not in meta:
+        return None
+    calibration = thresholds.from_json(meta.get("calibration"), lambda problem: _damaged(path, "meta.json", f"has a calibration that {problem}"))
+    name = meta.get("operating_point")
+    point = next((p for p in calibration.points if p.name == name), None)
+    if point is None or point.threshold is None:
+        raise _damaged(path, "meta.json", f"has operating_point={reprlib.repr(name)}, not a point of its calibration with a threshold")
+    return calibration, point
 
 
 def _read_paths(path: Path, count: int) -> list[str]:
@@ -335,39 +359,81 @@ def _npy_header(path: Path, name: str) -> tuple[tuple, np.dtype]:
 
 def search_images(
     index_dir: str | Path, images: list[str | Path], k: int = 5, *, nprobe: int | None = None, ef_search: int | None = None,
-    device: str | None = None, batch_size: int = 64, workers: int = 0,
+    device: str | None = None, batch_size: int = 64, workers: int = 0, far: float | str | None = None, rerank: str | None = None,
 ) -> list[dict]:
-    """The k nearest gallery images of each query image: [{query, neighbours: [{rank, path, label, class, score}]}]."""
+    """The k nearest gallery images of each query image: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}].
+
+    A hit matches when its cosine score reaches the index's calibrated threshold (``far``: another of its operating
+    points), and a query when one of its hits does; without a calibration both are None. ``rerank`` (a re-ranker
+    spec, ``mltk.rerank``) re-orders each query's nearest; the scores stay the cosine similarities.
+    """
     from mltk.data import LabelledImages, check_image
     from mltk.embedding import embed
+    from mltk.rerank import create as create_reranker
     from mltk.model import load
 
     opened = open_index_dir(index_dir)
     if not 1 <= k <= opened.index.ntotal:
         raise UsageError(f"k={k}: give 1 to {opened.index.ntotal}, the number of images in the index")
     configure(opened.index, nprobe, ef_search)
+    reranker = create_reranker(rerank)  # a misspelt re-ranker or parameter fails before any work
+    threshold = operating_point(opened, far)
     for image in images:
-        problem = _not_an_image(Path(image)) or check_image(image)
+        problem = not_an_image(Path(image)) or check_image(image)
         if problem:
             raise MltkError(f"query image {str(image)!r} cannot be read: {problem}")
     model = load(opened.model_file, device)
     if model.embedder.dim != opened.meta["dim"]:
         raise _damaged(opened.path, "model.pt", f"embeds in {model.embedder.dim} dimensions; the index holds {opened.meta['dim']}")
+    if threshold is not None and opened.meta["calibration"]["model"] != model.fingerprint():
+        raise _damaged(opened.path, "model.pt", "is not the model its threshold was calibrated for")
     vectors = embed(model, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers)
-    sims, positions = neighbours(opened.index, vectors, k)
-    return [
-        {
-            "query": str(image),
-            "neighbours": [
-                {"rank": r + 1, "path": opened.paths[p], "label": int(opened.labels[p]), "class": opened.classes[opened.labels[p]], "score": float(s)}
-                for r, (s, p) in enumerate(zip(sims[i], positions[i]))
-            ],
-        }
-        for i, image in enumerate(images)
-    ]
+    sims, positions = _searched(opened, vectors, k, reranker)
+    results = []
+    for i, image in enumerate(images):
+        neighbours_ = [
+            {
+                "rank": r + 1, "path": opened.paths[p], "label": int(opened.labels[p]), "class": opened.classes[opened.labels[p]], "score": float(s),
+                "match": None if threshold is None else bool(s >= threshold.threshold),
+            }
+            for r, (s, p) in enumerate(zip(sims[i], positions[i]))
+        ]
+        match = None if threshold is None else any(n["match"] for n in neighbours_)
+        shown = None if threshold is None else {"score": threshold.threshold, "operating_point": threshold.name}
+        results.append({"query": str(image), "match": match, "threshold": shown, "neighbours": neighbours_})
+    return results
 
 
-def _not_an_image(path: Path) -> str | None:
+def operating_point(opened: IndexDir, far: float | str | None) -> OperatingPoint | None:
+    """The operating point a search uses: the index's, or its point at ``far``; None for an uncalibrated index."""
+    calibrated = calibration_of(opened.path, opened.meta)
+    if calibrated is None:
+        if far is not None:
+            raise UsageError(f"index {str(opened.path)!r} has no calibrated threshold, so --far has nothing to choose from; write it with `mltk index --calibrate`")
+        return None
+    point = calibrated[0].at(far) if far is not None else calibrated[1]
+    if point.threshold is None:
+        raise UsageError(f"the index's calibration has no threshold at {point.name.replace('far=', 'FAR ')}; choose a higher --far")
+    return point
+
+
+def _searched(opened: IndexDir, vectors: np.ndarray, k: int, reranker) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of each vector; with a re-ranker, its candidates re-ordered first (it reads embeddings.npy)."""
+    if reranker is None:
+        return neighbours(opened.index, vectors, k)
+    from mltk.rerank import Candidates
+
+    if not (opened.path / "embeddings.npy").is_file():
+        raise MltkError(f"re-ranking reads the gallery's vectors, and index directory {str(opened.path)!r} has no embeddings.npy; write it again with `mltk index`")
+    wanted = max(k, min(int(reranker.candidates), opened.index.ntotal))
+    sims, positions = neighbours(opened.index, vectors, wanted)
+    gallery = np.load(opened.path / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+    more = lambda v, kk: search(opened.index, v, kk)  # noqa: E731  (more lists, from the same index)
+    sims, positions = reranker(Candidates(vectors, gallery, sims, positions, own=None, search=more))
+    return sims[:, :k], positions[:, :k]
+
+
+def not_an_image(path: Path) -> str | None:
     if path.is_dir():
         return "it is a folder, not an image file"
     if not path.exists():

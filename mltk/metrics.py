@@ -129,7 +129,9 @@ class Evaluation:
     all-pairs verification with an explicit pair list. ``engine`` picks the kNN pass: "blocks"
     (torch matmul in blocks, one pass that also fills the pair histogram), "flat" (faiss, exact), or an
     approximate faiss index, "ivf", "ivfpq" or "hnsw", built with ``index_options`` (``mltk.index.build``:
-    nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries.
+    nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries. ``rerank``
+    (``mltk.rerank``) re-orders each query's ``rerank.candidates`` nearest before the retrieval metrics
+    read them; the verification metrics score pairs, which re-ranking does not change.
     ``retrieval`` and ``verification`` say what the metrics will ask for: the blocks pass fills
     the kNN heaps and the all-pairs histogram together (one pass for both) only when both are
     wanted; one asked for anyway is computed then, in a pass of its own.
@@ -150,6 +152,7 @@ class Evaluation:
     block: int = BLOCK
     index_options: dict = field(default_factory=dict)
     check_queries: int = CHECK_QUERIES
+    rerank: object | None = None
     retrieval: bool = True
     verification: bool = True
     info: dict[str, float] = field(default_factory=dict)
@@ -157,6 +160,7 @@ class Evaluation:
     _neighbours: Neighbours | None = field(default=None, init=False, repr=False)
     _counts: Binned | None = field(default=None, init=False, repr=False)
     _roc: Roc | None = field(default=None, init=False, repr=False)
+    _index: object | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -204,6 +208,11 @@ class Evaluation:
                 self._block_pass(knn=knn, hist=True)
         return self._counts
 
+    @property
+    def pairs_scored(self) -> bool:
+        """Pairs of both kinds were counted (the verification metrics ran): there is a ROC curve."""
+        return self._counts is not None and bool(self._counts.positive.sum()) and bool(self._counts.negative.sum())
+
     def roc(self) -> Roc:
         """Every point of the ROC curve of the pair counts."""
         if self._roc is None:
@@ -233,7 +242,7 @@ class Evaluation:
 
     def _block_pass(self, knn: bool, hist: bool) -> None:
         """One pass for what is asked: kNN (blocks engine) and the all-pairs histogram."""
-        k = self._pass_k() if knn else 1
+        k = self._list_k() if knn else 1
         heaps, counts = _block_pass(self, k, knn, hist)
         if knn:
             self._set_neighbours(*heaps)
@@ -243,12 +252,12 @@ class Evaluation:
 
     def _index_neighbours(self) -> tuple[np.ndarray, np.ndarray]:
         """kNN from a faiss index over the gallery; an approximate one is checked against the exact search."""
-        k = self._pass_k()
+        k = self._list_k()
         q, g = _rows(self.embeddings, self.query), _rows(self.embeddings, self.gallery)
         own = np.arange(len(q)) if self.loo else None
         if self.engine == "flat":
             return knn.neighbours(knn.build(g), q, k, own=own, gallery=g, block=self.block)
-        index = knn.build(g, self.engine, seed=self.seed, **self.index_options)
+        index = self._index = knn.build(g, self.engine, seed=self.seed, **self.index_options)
         sims, positions = knn.neighbours(index, q, k, own=own, block=self.block)
         self.info.update({"index": self.engine, **{f"index_{key}": v for key, v in knn.settings(index).items()}})
         if self.check_queries > 0:
@@ -276,6 +285,11 @@ class Evaluation:
             raise NotApplicable("the gallery holds nothing a query can retrieve")
         return max(max((k for k in self.ks if k <= available), default=1), int(self._relevant().max(initial=0)))
 
+    def _list_k(self) -> int:
+        """Neighbours per query to find: what the metrics need, or the re-ranker's candidates where more."""
+        wanted = getattr(self.rerank, "candidates", 0) if self.rerank is not None else 0
+        return max(self._pass_k(), min(int(wanted), self._available()))
+
     def check_ks(self) -> None:
         """recall@k and precision@k need every k of ``ks`` within the gallery: one line when one is not."""
         if self.labels is None or self.embeddings is None:
@@ -288,11 +302,32 @@ class Evaluation:
         return counts[self.labels[self.query]] - self.loo
 
     def _set_neighbours(self, similarities: np.ndarray, positions: np.ndarray) -> None:
+        if self.rerank is not None:
+            similarities, positions = self._reranked(similarities, positions)
+        k = self._pass_k()
+        similarities, positions = similarities[:, :k], positions[:, :k]
         indices = self.gallery[positions]
         relevant = self._relevant()
         match = self.labels[indices] == self.labels[self.query][:, None]
         self._neighbours = Neighbours(indices, similarities, match, relevant)
         self.info.update(queries=int((relevant > 0).sum()), queries_excluded=int((relevant == 0).sum()))
+
+    def _reranked(self, similarities: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The lists after ``rerank``, timed; more lists it asks for come from the same index (exact: a flat one)."""
+        import time
+
+        from mltk.rerank import Candidates
+
+        started = time.perf_counter()
+        index = self._index
+        search = None if index is None else lambda vectors, k: knn.search(index, vectors, k, self.block)  # noqa: E731
+        q, g = _rows(self.embeddings, self.query), _rows(self.embeddings, self.gallery)
+        candidates = Candidates(q, g, similarities, positions, own=np.arange(len(q)) if self.loo else None, search=search)
+        similarities, positions = self.rerank(candidates)
+        if positions.shape[1] < self._pass_k():
+            raise UsageError(f"the re-ranker returned {positions.shape[1]} neighbours a query; the metrics need {self._pass_k()}")
+        self.info["rerank_seconds"] = time.perf_counter() - started
+        return similarities, positions
 
     def _set_counts(self, pairs: Pairs, sampled: bool) -> None:
         folds = pairs.folds
@@ -856,6 +891,7 @@ def evaluate_embeddings(
     block: int = BLOCK,
     index_options: dict | None = None,
     check_queries: int = CHECK_QUERIES,
+    rerank=None,
 ) -> Results:
     """Every registered metric (or those named in ``metrics``) on the embeddings, plus info.
 
@@ -865,7 +901,8 @@ def evaluate_embeddings(
     its check against the exact search (``index_check_queries``, ``index_recall@k``,
     ``index_check_recall@1_exact`` and ``_index``). With ``metrics=None`` a metric that does not
     apply (no labels, a set too small for k, say) is left out; a named one raises instead, its name first.
-    Only the work the chosen metrics need is done (a plugin's metric may need either kind).
+    Only the work the chosen metrics need is done (a plugin's metric may need either kind). ``rerank`` (a re-ranker,
+    ``mltk.rerank``) re-orders the neighbour lists first and adds ``rerank_seconds``.
     """
     from mltk import registry
 
@@ -874,7 +911,7 @@ def evaluate_embeddings(
     ev = Evaluation(
         embeddings, labels, query=query, gallery=gallery, pairs=pairs, ks=tuple(ks), fars=tuple(fars), folds=folds,
         max_pairs=max_pairs, sample_pairs=sample_pairs, seed=seed, engine=engine, block=block,
-        index_options=dict(index_options or {}), check_queries=check_queries,
+        index_options=dict(index_options or {}), check_queries=check_queries, rerank=rerank,
         retrieval=any(f not in _VERIFICATION for f in functions.values()), verification=any(f not in _RETRIEVAL for f in functions.values()),
     )
     values: dict[str, float] = {}
@@ -886,5 +923,5 @@ def evaluate_embeddings(
             if metrics is not None:
                 raise NotApplicable(f"{name}: {exc}") from None
             left_out[name] = str(exc)
-    roc = thin(ev.roc()) if ev._counts is not None and ev._counts.positive.sum() and ev._counts.negative.sum() else None
+    roc = thin(ev.roc()) if ev.pairs_scored else None
     return Results({**values, **ev.info}, roc, ev, left_out)

@@ -332,6 +332,18 @@ class EmbeddingModel:
             images = [images]
         return torch.from_numpy(embed(self, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers=0))
 
+    def fingerprint(self) -> str:
+        """A digest of what decides the embeddings (the weights and the preprocessing): a calibrated threshold names it."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(self.data_config, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.embedder.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return "sha256:" + digest.hexdigest()
+
 
 def load(run: str | Path, device: str | None = None) -> EmbeddingModel:
     """The trained embedder of a run directory (or checkpoint file), ready for inference."""

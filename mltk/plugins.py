@@ -19,6 +19,7 @@ DEFAULT_PLUGINS = (
     "mltk.default_plugins.metrics",
     "mltk.default_plugins.datasets",
     "mltk.default_plugins.loggers",
+    "mltk.default_plugins.rerankers",
 )
 
 pm = pluggy.PluginManager("mltk")

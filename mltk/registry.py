@@ -16,7 +16,7 @@ from typing import Any, Callable
 from mltk.errors import UsageError
 from mltk.plugins import errors, load_plugins, pm
 
-KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics": "metric", "datasets": "dataset", "loggers": "logger"}
+KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics": "metric", "datasets": "dataset", "loggers": "logger", "rerankers": "re-ranker"}
 #: what a name may be: a term of a loss spec (mltk.config's _TERM), so no spaces, '*', '+', markup or control characters
 NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 MAX_NAME = 100
@@ -138,6 +138,10 @@ def list_loggers(pattern: str = "*") -> list[str]:
     return names("loggers", pattern)
 
 
+def list_rerankers(pattern: str = "*") -> list[str]:
+    return names("rerankers", pattern)
+
+
 def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, img_size: int | None = None, **kwargs: Any):
     """A backbone module with ``num_features``; ``weights`` is a local weights file.
 
@@ -169,3 +173,8 @@ def create_dataset(name: str, **kwargs: Any):
 def create_logger(name: str, config: Any, run_dir: Any):
     """A logger for one run (``--log NAME``): an object implementing the run hooks of mltk.hookspecs; it writes nothing yet."""
     return get("loggers", name).factory(config=config, run_dir=run_dir)
+
+
+def create_reranker(name: str, **params: Any):
+    """A re-ranker for ``--rerank NAME:KEY=VALUE,...`` (mltk.rerank): what it re-orders, and how."""
+    return get("rerankers", name).factory(**params)

@@ -200,11 +200,15 @@ img {{ max-width: 100%; }}
 """
 
 
-def html_report(title: str, metrics: dict[str, float], info: dict[str, str], figures: dict[str, bytes], config: dict | None = None) -> str:
-    """One self-contained HTML page: the metrics table, facts about the evaluation, the run's ``config`` (when the model
-    comes from a run directory), the figures."""
+def html_report(
+    title: str, metrics: dict[str, float], info: dict[str, str], figures: dict[str, bytes], config: dict | None = None,
+    operating_points: dict[str, str] | None = None,
+) -> str:
+    """One self-contained HTML page: the metrics table, the score thresholds (``operating_points``: name -> what it
+    gives), facts about the evaluation, the run's ``config`` (when the model comes from a run directory), the figures."""
     configuration = f"<h2>Configuration</h2>{_pairs({k: setting(v) for k, v in config.items()}, 'settings')}" if config else ""
-    return _page(title, f"<h2>Metrics</h2>{_pairs(metrics)}\n<h2>Evaluation</h2>{_pairs(info)}\n{configuration}\n{_figures(figures)}")
+    points = f"<h2>Operating points (thresholds.json)</h2>{_pairs(operating_points, 'settings')}\n" if operating_points else ""
+    return _page(title, f"<h2>Metrics</h2>{_pairs(metrics)}\n{points}<h2>Evaluation</h2>{_pairs(info)}\n{configuration}\n{_figures(figures)}")
 
 
 def table_page(title: str, header: list[str], rows: list[list[str]], numeric: list[bool], best: set[tuple[int, int]], notes: list[tuple[str, str]], figures: dict[str, bytes], generator: str = "mltk") -> str:

@@ -1116,11 +1116,11 @@ def test_evaluate_replaces_its_own_earlier_folder_whole(trained_run, mltk_main, 
     out.mkdir()  # an empty folder is fine
     code, _, err = mltk_main(*evaluate_args(run, folder, out, "--save-embeddings"))
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt", "thresholds.json"]
     # Again, without --save-embeddings: the folder holds this evaluation's files only, not a mix of two.
     code, _, err = mltk_main(*evaluate_args(run, folder, out))
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "thresholds.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporaries beside it
     # The default, RUN/eval, is re-run as often as one likes.
     for _ in range(2):
@@ -1786,7 +1786,7 @@ def test_pils_raw_warning_is_not_printed(plugins_data_bomb):
     [
         (["run", "--dim", "abc"], "error: Invalid value for '--dim': "),
         (["evaluate", "--index", "bogus"], "error: Invalid value for '--index': "),
-        (["list"], "error: Missing argument 'kind'. Choose from: backbones, losses, miners, metrics, datasets, loggers; see `mltk list --help`"),
+        (["list"], "error: Missing argument 'kind'. Choose from: backbones, losses, miners, metrics, datasets, loggers, rerankers; see `mltk list --help`"),
         (["plugins", "--nope"], "error: No such option: --nope; see `mltk plugins --help`"),
         (["no-such-command"], "error: No such command 'no-such-command'; see `mltk --help`"),
         (["list", "losses", "a", "b"], "error: Got unexpected extra argument"),

@@ -215,7 +215,7 @@ def test_evaluate_streams_saved_embeddings_and_states_the_index_cost(trained_run
     assert 0 <= values["index_recall@8"] <= 1 and "index_check_recall@1_exact" in values
     assert "hnsw index: found" in out and "of the exact 8 nearest neighbours" in out and "recall@1 on them" in out
     assert np.load(tmp_path / "e" / "embeddings.npy").shape == (40, 16)
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt", "thresholds.json"]
     code, _, err = mltk_main("evaluate", run, "--data", folder, "--nprobe", "4")
     assert code == 2 and err.strip() == "error: --nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw"
 

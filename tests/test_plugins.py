@@ -55,7 +55,7 @@ def test_importing_registers_nothing_and_load_plugins_registers_each_plugin_once
     assert result["before"] == []  # imports alone (mltk.plugins, mltk.registry, mltk.cli) load no plugin
     assert result["first"] == result["second"] == sorted([
         "gem", "mltk.default_plugins.backbones", "mltk.default_plugins.datasets", "mltk.default_plugins.loggers", "mltk.default_plugins.losses",
-        "mltk.default_plugins.metrics", "mltk.default_plugins.miners",
+        "mltk.default_plugins.metrics", "mltk.default_plugins.miners", "mltk.default_plugins.rerankers",
     ])
     assert result["order"] == ["mltk.default_plugins.backbones", "gem"]  # built-ins first: a duplicate name is the plugin's
     assert result["errors"] == {}

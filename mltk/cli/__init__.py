@@ -34,6 +34,7 @@ class Kind(str, Enum):
     metrics = "metrics"
     datasets = "datasets"
     loggers = "loggers"
+    rerankers = "rerankers"
 
 
 def warn_plugin_errors() -> None:
@@ -119,12 +120,14 @@ from mltk.cli.evaluate import evaluate  # noqa: E402
 from mltk.cli.export import export  # noqa: E402
 from mltk.cli.index import index, search  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
+from mltk.cli.verify import verify  # noqa: E402
 
 app.command()(run)
 app.command()(evaluate)
 app.command()(compare)
 app.command()(index)
 app.command()(search)
+app.command()(verify)
 app.command()(export)
 
 

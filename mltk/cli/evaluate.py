@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.options import BatchSize, Device, IndexKind, Pretrained, Run, Workers, classes_option, data_option, ef_search_option, nprobe_option, out_option
+from mltk.cli.options import BatchSize, Device, IndexKind, Pretrained, Rerank, Run, Workers, classes_option, data_option, ef_search_option, nprobe_option, out_option
 from mltk.errors import MltkError, UsageError
 
 
@@ -32,8 +32,10 @@ def evaluate(
     index: Annotated[Optional[IndexKind], typer.Option(help="Nearest neighbours from a faiss index: flat (exact), or ivf / ivfpq / hnsw (approximate, for millions of images; their recall against the exact search is measured on 1,000 queries). Default: mltk's exact blockwise pass.")] = None,
     nprobe: Annotated[Optional[int], nprobe_option("nlist/8, at least 16")] = None,
     ef_search: Annotated[Optional[int], ef_search_option("128")] = None,
+    rerank: Rerank = None,
 ) -> None:
-    """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, and report.html."""
+    """Evaluate embeddings: ROC-AUC, TAR@FAR, EER, 10-fold accuracy, recall@k, precision@k, MAP@R, report.html, and the
+    score thresholds at FAR 1e-1 .. 1e-4 and the EER (thresholds.json, for `mltk index --calibrate`)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -62,9 +64,11 @@ def evaluate(
     from mltk import evaluate as ev
     from mltk.data import describe_files, load_data, load_test_data, select_classes
     from mltk.model import inference_device, load
+    from mltk.rerank import create as create_reranker
 
     # Options and the output folder are checked before any work: a mistake costs no embedding.
     ev.check_settings(batch_size, workers, max_pairs, image_size)
+    create_reranker(rerank)  # a misspelt re-ranker or parameter costs no embedding
     inference_device(device)
     out = ev.check_out(out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")))
     training = None  # the run's config and training curves, for the report
@@ -92,7 +96,7 @@ def evaluate(
             inputs["embeddings_file"] = folder / "embeddings.npy"
         result = ev.evaluate(
             model, metrics=names, batch_size=batch_size, workers=workers, flip_tta=flip_tta, max_pairs=max_pairs, progress=progress,
-            engine=kind or "blocks", index_options=options, **inputs,
+            engine=kind or "blocks", index_options=options, rerank=rerank, **inputs,
         )
         html = ev.build_report(result, f"mltk evaluate — {run if run is not None else backbone}", progress=progress, training=training) if report else None
         ev.write_outputs(result, folder, save_embeddings, html)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mltk.cli.options import Run, out_option
+from mltk.cli.options import Calibrate, Far, Run, out_option
 
 
 class Format(str, Enum):
@@ -18,17 +18,24 @@ def export(
     run: Run,
     fmt: Annotated[Format, typer.Option("--format", help="onnx (needs pip install 'mltk\\[export]') or torchscript.")],
     out: Annotated[Path, out_option("File to write; its preprocessing goes to FILE.json beside it")],
+    calibrate: Calibrate = None,
+    far: Far = None,
 ) -> None:
     """Export a run's embedder: preprocessed images (N, C, H, W) in, L2-normalised embeddings out.
 
-    The file is loaded back and checked against PyTorch's embeddings before it is kept.
+    The file is loaded back and checked against PyTorch's embeddings before it is kept. With --calibrate, FILE.json
+    also holds the match threshold: two images are one identity when their embeddings' dot product reaches it.
     """
     from mltk.cli.output import console, interrupted_means
+    from mltk.errors import UsageError
     from mltk.export import TOLERANCE
     from mltk.export import export as export_run
+    from mltk.thresholds import parse_far
 
+    if far is not None and calibrate is None:
+        raise UsageError("--far picks an operating point of --calibrate; give --calibrate EVAL_DIR_OR_DATA too")
     with interrupted_means(f"nothing was written to {str(out)!r} (an earlier export there is as it was)"):
-        result = export_run(run, out, fmt.value)
+        result = export_run(run, out, fmt.value, calibrate, parse_far(far) if far is not None else None)
     info = result.info
     console.print(
         f"wrote {result.path} ({fmt.value}, {result.path.stat().st_size / 2**20:.1f} MiB): "
@@ -41,3 +48,6 @@ def export(
         f"crop_pct {info['crop_pct']}, mean {info['mean']}, std {info['std']}; embeddings of {info['embedding_dim']} dimensions",
         soft_wrap=True, highlight=False, markup=False,
     )
+    if info["threshold"] is not None:
+        point = info["threshold"]["operating_point"].replace("far=", "FAR ")
+        console.print(f"match threshold {info['threshold']['score']:.4f} ({point}, calibrated on {info['calibration']['source']})", soft_wrap=True, highlight=False, markup=False)

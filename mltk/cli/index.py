@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.options import BatchSize, Device, IndexKind, Run, Workers, data_option, ef_search_option, nprobe_option, out_option
+from mltk.cli.options import BatchSize, Calibrate, Device, Far, IndexKind, Rerank, Run, Workers, data_option, ef_search_option, nprobe_option, out_option
 
 
 def index(
@@ -19,18 +19,22 @@ def index(
     pq_m: Annotated[Optional[int], typer.Option(help="With --kind ivfpq: bytes per vector; divides the dimension (default 64 where it does).")] = None,
     m: Annotated[Optional[int], typer.Option("--m", help="With --kind hnsw: graph links per vector (default 32).")] = None,
     ef_search: Annotated[Optional[int], ef_search_option("128")] = None,
+    calibrate: Calibrate = None,
+    far: Far = None,
     batch_size: BatchSize = 128,
     workers: Workers = 2,
     device: Device = None,
 ) -> None:
-    """Embed a gallery and write a self-contained index directory: index, paths, labels, the model."""
+    """Embed a gallery and write a self-contained index directory: index, paths, labels, the model, and with --calibrate
+    the threshold below which `mltk search` says "no match"."""
     from rich.markup import escape
 
     from mltk.cli.output import console, interrupted_means, phases, warn
     from mltk.display import shown
     from mltk.data import describe_files, load_data
     from mltk.errors import UsageError
-    from mltk.index import check_request, write_index_dir
+    from mltk.index import calibration_of, check_request, write_index_dir
+    from mltk.thresholds import describe, parse_far
     from mltk.model import load
 
     options = {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "m": m, "ef_search": ef_search}
@@ -39,16 +43,28 @@ def index(
     if set(given) - allowed:
         wrong = ", ".join("--" + k.replace("_", "-") for k in sorted(set(given) - allowed))
         raise UsageError(f"{wrong}: not an option of --kind {kind.value} (ivf: --nlist, --nprobe; ivfpq: those and --pq-m; hnsw: --m, --ef-search)")
+    if far is not None and calibrate is None:
+        raise UsageError("--far picks an operating point of --calibrate; give --calibrate EVAL_DIR_OR_DATA too")
+    far_value = parse_far(far) if far is not None else None
     check_request(out, kind.value, batch_size, workers, **given)  # before the model loads: a bad --out costs nothing
     model = load(run, device)
     gallery = load_data(data)
     kept = f"nothing was written to {str(out)!r} (an earlier index there is as it was)"
     with interrupted_means(kept), phases() as progress:
-        written, skipped = write_index_dir(model, gallery, out, kind.value, run=str(run.resolve()), batch_size=batch_size, workers=workers, progress=progress, **given)
+        written, skipped = write_index_dir(
+            model, gallery, out, kind.value, run=str(run.resolve()), batch_size=batch_size, workers=workers, progress=progress,
+            calibrate=calibrate, far=far_value, **given,
+        )
     if skipped:
         warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")
     params = ", ".join(f"{k} {v}" for k, v in written.meta["params"].items())
     console.print(f"indexed {written.meta['count']} images ({written.meta['dim']} dimensions): {kind.value} index{f' ({params})' if params else ''}")
+    calibrated = calibration_of(written.path, written.meta)
+    if calibrated is not None:
+        calibration, point = calibrated
+        console.print(f"match threshold at {describe(point, calibration.negatives)}; calibrated on {calibration.source}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("no match threshold: `mltk search` ranks without saying \"no match\" (add --calibrate RUN/eval)", markup=False, highlight=False)
     console.print(f"written to [bold]{escape(shown(out))}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
 
 
@@ -56,24 +72,35 @@ def search(
     index_dir: Annotated[Path, typer.Argument(help="Index directory written by `mltk index`.")],
     images: Annotated[list[Path], typer.Argument(help="Query image files.")],
     k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, neighbours: [{rank, path, label, class, score}]}].")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}]; match is null for an index without a threshold.")] = False,
+    far: Far = None,
+    rerank: Rerank = None,
     nprobe: Annotated[Optional[int], nprobe_option("the index's")] = None,
     ef_search: Annotated[Optional[int], ef_search_option("the index's")] = None,
     device: Device = None,
 ) -> None:
-    """The gallery images nearest to each query image, with their cosine similarity."""
+    """The gallery images nearest to each query image, with their cosine similarity; "no match" below the index's
+    calibrated threshold (`mltk index --calibrate`)."""
     from rich.table import Table
+    from rich.text import Text
 
     from mltk.cli.output import cell, console
     from mltk.index import search_images
+    from mltk.thresholds import parse_far
 
-    results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device)
+    results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device, far=parse_far(far) if far is not None else None, rerank=rerank)
     if as_json:
         print(json.dumps(results, indent=2))
         return
     for result in results:  # class names and paths come from the index's files: text, never markup
-        table = Table("rank", "score", "class", "path", title=cell(result["query"]), title_justify="left", header_style="bold")
+        calibrated = result["threshold"] is not None
+        title = cell(result["query"])
+        if calibrated:
+            verdict = "match" if result["match"] else "no match"
+            title.append(f"  {verdict}", style="bold green" if result["match"] else "bold red")
+            title.append(f" (threshold {result['threshold']['score']:.4f}, {result['threshold']['operating_point'].replace('far=', 'FAR ')})", style="dim")
+        table = Table("rank", "score", *(["match"] if calibrated else []), "class", "path", title=title, title_justify="left", header_style="bold")
         for n in result["neighbours"]:
-            table.add_row(str(n["rank"]), f"{n['score']:.4f}", cell(n["class"]), cell(n["path"]))
+            table.add_row(str(n["rank"]), f"{n['score']:.4f}", *(["yes" if n["match"] else "no"] if calibrated else []), cell(n["class"]), cell(n["path"]))
         console.print(table)
 

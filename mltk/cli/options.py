@@ -61,3 +61,24 @@ def nprobe_option(default: str) -> Any:
 def ef_search_option(default: str) -> Any:
     """``--ef-search`` of an hnsw index."""
     return typer.Option(help=f"hnsw index: candidates a query keeps (more: slower, closer to exact; default: {default}).")
+Rerank = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="NAME[:KEY=VALUE,...]",
+        help="Re-rank each query's nearest before they are shown or scored: k-reciprocal (k1, k2, lambda, candidates), qe "
+        "(n, alpha), dba (n, alpha), none; e.g. k-reciprocal:k1=20,k2=6,lambda=0.3. `mltk list rerankers`; a plugin can add one.",
+    ),
+]
+# Where a calibrated score threshold comes from, and which of its operating points to use.
+Calibrate = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="EVAL_DIR_OR_DATA",
+        help="Calibrate the match threshold: an `mltk evaluate` folder of this model (its thresholds.json), or images "
+        f"({IMAGES}) whose all-pairs scores give it.",
+    ),
+]
+Far = Annotated[
+    Optional[str],
+    typer.Option(help="False-accept rate of the threshold: 1e-1, 1e-2, 1e-3 (default), 1e-4, or eer. See docs/thresholds.md."),
+]

@@ -1,0 +1,53 @@
+"""Where a deployed model's match threshold comes from: an evaluation's thresholds.json, or images scored on the spot.
+
+``mltk index``, ``mltk export`` and ``mltk verify`` take ``--calibrate EVAL_DIR_OR_DATA --far F``. A
+threshold is only valid for the model whose scores it was read from, so a thresholds.json of another
+model (other weights or preprocessing: ``EmbeddingModel.fingerprint``) is refused, as is one measured
+on flip-averaged embeddings, which a search or a verification does not compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mltk import thresholds
+from mltk.errors import MltkError
+from mltk.model import EmbeddingModel
+from mltk.thresholds import Calibration, OperatingPoint
+
+
+def resolve(
+    model: EmbeddingModel, source: str | Path, far: float | str | None = None, *, batch_size: int = 128, workers: int = 2, progress=None,
+) -> tuple[Calibration, OperatingPoint]:
+    """The calibration of ``model`` that ``source`` gives, and its operating point at ``far`` (default 1e-3)."""
+    far = thresholds.DEFAULT_FAR if far is None else far
+    path = Path(source)
+    if path.is_file() or path.is_dir() and ((path / thresholds.FILE).is_file() or (path / "metrics.json").is_file()):
+        if path.is_dir() and not (path / thresholds.FILE).is_file():
+            raise MltkError(f"{str(source)!r} is an evaluation without {thresholds.FILE}: it scored no pairs of both kinds (a --metrics without the verification metrics?); evaluate again, or give images")
+        calibration = thresholds.read(path)
+        if calibration.model != model.fingerprint():
+            raise MltkError(f"{str(source)!r} was calibrated on another model (other weights or preprocessing); evaluate this one: mltk evaluate RUN --out DIR")
+        if calibration.flip_tta:
+            raise MltkError(f"{str(source)!r} was evaluated with --flip-tta; search and verify do not average flips, so its scores do not apply: evaluate without it")
+    else:
+        calibration = score(model, source, batch_size=batch_size, workers=workers, progress=progress)
+    point = calibration.at(far)
+    if point.threshold is None:
+        raise MltkError(f"at {'the EER' if far == 'eer' else f'FAR {far:g}'} no threshold exists on {calibration.source} (a different-identity pair scores highest); choose a higher --far")
+    return calibration, point
+
+
+def score(model: EmbeddingModel, data: str | Path, *, batch_size: int = 128, workers: int = 2, progress=None) -> Calibration:
+    """Embed ``data`` (a folder, CSV or dataset name; a dataset: its test split) and read the operating points off all its pairs."""
+    from mltk.data import load_data
+    from mltk.evaluate import evaluate
+
+    try:
+        images = load_data(str(data), "test")
+    except MltkError as exc:  # said as what it is: the calibration's data
+        raise type(exc)(f"--calibrate: {exc}") from None
+    result = evaluate(model, data=images, metrics=["tar_at_far", "eer"], batch_size=batch_size, workers=workers, progress=progress)
+    if result.calibration is None:
+        raise MltkError(f"--calibrate {str(data)!r}: its images give no pairs of both kinds (it needs two or more classes, one with two images or more)")
+    return result.calibration

@@ -1,0 +1,169 @@
+"""Score thresholds calibrated on an evaluation: the operating points at chosen false-accept rates, as thresholds.json.
+
+A verification system accepts a pair (or a search hit) when its cosine similarity is at least a
+threshold. The threshold that gives a false-accept rate (FAR) of, say, 1e-3 is read off the ROC
+curve of an evaluation's pairs: the lowest score at which at most 0.1% of the different-identity
+pairs are accepted. It holds only for the model that computed it, and for data like the pairs it
+was measured on; a FAR far below 1 / (negative pairs) was not measured at all. Each operating
+point says how many false accepts it rests on, and ``reliable`` applies Doddington's rule of 30
+(30 errors give the rate to within about ±30% with 90% confidence).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import reprlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mltk.errors import MltkError, UsageError
+
+FORMAT = "mltk-thresholds-1"
+FILE = "thresholds.json"
+FARS = (1e-1, 1e-2, 1e-3, 1e-4)  # the operating points an evaluation writes, with the EER
+DEFAULT_FAR = 1e-3
+RULE_OF_30 = 30  # false accepts behind a FAR before it counts as measured
+MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Accept a score >= ``threshold``: on the calibration pairs that accepted ``tar`` of the same-identity pairs and
+    ``far_measured`` of the others (``false_accepts`` pairs). ``threshold`` None: no score reaches ``far`` (the top
+    score belongs to a different-identity pair), so nothing is accepted there."""
+
+    name: str  # "far=0.001", or "eer"
+    far: float  # the false-accept rate asked for (the EER's: the EER)
+    threshold: float | None
+    tar: float
+    far_measured: float
+    false_accepts: int
+    reliable: bool
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The operating points of one model on one evaluation set: what thresholds.json holds."""
+
+    points: tuple[OperatingPoint, ...]
+    positives: int  # same-identity pairs scored
+    negatives: int  # different-identity pairs scored
+    model: str  # mltk.model.fingerprint of the embedder: a threshold is only valid for it
+    source: str  # what the pairs came from
+    flip_tta: bool = False  # scores of flip-averaged embeddings (search and verify do not average)
+
+    def at(self, far: float | str) -> OperatingPoint:
+        """The point for ``far`` (a number, or "eer"); one line naming the points there are when it is not one."""
+        name = "eer" if far == "eer" else f"far={float(far):g}"
+        for point in self.points:
+            if point.name == name:
+                return point
+        raise UsageError(f"no operating point at {name.replace('far=', 'FAR ')}; the calibration holds {', '.join(p.name.replace('far=', 'FAR ') for p in self.points)}")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **asdict(self), "points": [asdict(p) for p in self.points]}
+
+
+def parse_far(text: str) -> float | str:
+    """``--far``: a rate in (0, 1), or "eer"."""
+    if str(text).strip().lower() == "eer":
+        return "eer"
+    try:
+        far = float(text)
+    except ValueError:
+        far = math.nan
+    if not 0 < far < 1:
+        raise UsageError(f"--far {text!r}: give a false-accept rate between 0 and 1, such as 1e-3, or 'eer'")
+    return far
+
+
+def calibrate(roc, negatives: int, positives: int, model: str, source: str, fars=FARS, flip_tta: bool = False) -> Calibration:
+    """The operating points of a ROC curve (``mltk.metrics.roc_curve``, not thinned: every threshold) at ``fars`` and the EER."""
+    from mltk.metrics import equal_error
+
+    points = []
+    for far in fars:
+        i = int(np.searchsorted(roc.fpr, far, side="right")) - 1  # the last point with FPR <= far: the highest TAR there
+        points.append(_point(f"far={far:g}", far, roc, i, negatives))
+    rate, threshold = equal_error(roc)
+    i = int(np.flatnonzero(roc.thresholds == threshold)[0])
+    points.append(_point("eer", rate, roc, i, negatives))
+    return Calibration(tuple(points), int(positives), int(negatives), model, source, flip_tta)
+
+
+def _point(name: str, far: float, roc, i: int, negatives: int) -> OperatingPoint:
+    threshold = float(roc.thresholds[i])
+    false_accepts = int(round(float(roc.fpr[i]) * negatives))
+    return OperatingPoint(
+        name, float(far), threshold if math.isfinite(threshold) else None, float(roc.tpr[i]), float(roc.fpr[i]),
+        false_accepts, false_accepts >= RULE_OF_30,
+    )
+
+
+def write(calibration: Calibration, path: Path) -> None:
+    Path(path).write_text(json.dumps(calibration.to_json(), indent=2, allow_nan=False) + "\n")
+
+
+def read(path: str | Path) -> Calibration:
+    """thresholds.json (or a folder holding one), checked whole: anything wrong is one line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE
+    if not path.is_file():
+        raise MltkError(f"{str(path)!r} does not exist; `mltk evaluate` writes {FILE} into its output folder")
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_BYTES + 1)
+        data = json.loads(text) if len(text) <= MAX_BYTES else None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _bad(path, f"is not JSON ({(str(exc).splitlines() or [''])[0]})") from None
+    return from_json(data, lambda problem: _bad(path, problem))
+
+
+def from_json(data, bad=lambda problem: MltkError(f"calibration {problem}")) -> Calibration:
+    """A Calibration from its JSON form (thresholds.json, or an index's meta.json), every field checked."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise bad(f"is not an mltk calibration (format {FORMAT})")
+    fields = {"positives": int, "negatives": int, "model": str, "source": str, "flip_tta": bool, "points": list}
+    for key, kind in fields.items():
+        if not isinstance(data.get(key), kind) or (kind is int and isinstance(data.get(key), bool)):
+            raise bad(f"has {key}={reprlib.repr(data.get(key))}; expected {kind.__name__}")
+    if data["positives"] < 1 or data["negatives"] < 1 or not data["points"] or len(data["points"]) > 100:
+        raise bad("has no pairs or no operating points")
+    return Calibration(tuple(_read_point(p, bad) for p in data["points"]), data["positives"], data["negatives"], data["model"], data["source"], data["flip_tta"])
+
+
+def _read_point(point, bad) -> OperatingPoint:
+    if not isinstance(point, dict) or set(point) != set(OperatingPoint.__dataclass_fields__):
+        raise bad(f"has an operating point {reprlib.repr(point)}; expected the keys {', '.join(OperatingPoint.__dataclass_fields__)}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    threshold = point["threshold"]
+    checks = (
+        isinstance(point["name"], str) and (point["name"] == "eer" or point["name"].startswith("far=")),
+        all(number(point[key]) and 0 <= point[key] <= 1 for key in ("far", "tar", "far_measured")),
+        threshold is None or number(threshold) and -1.5 <= threshold <= 1.5,  # cosine, with float rounding to spare
+        isinstance(point["false_accepts"], int) and not isinstance(point["false_accepts"], bool) and point["false_accepts"] >= 0,
+        isinstance(point["reliable"], bool),
+    )
+    if not all(checks):
+        raise bad(f"has an operating point {reprlib.repr(point)} out of range")
+    return OperatingPoint(**point)
+
+
+def _bad(path: Path, problem: str) -> MltkError:
+    return MltkError(f"{str(path)!r} {problem}; write it again with `mltk evaluate`")
+
+
+def describe(point: OperatingPoint, negatives: int) -> str:
+    """One line for people: the threshold, what it accepted, and whether the FAR was measured."""
+    where = "EER" if point.name == "eer" else f"FAR {point.far:g}"
+    if point.threshold is None:
+        return f"{where}: no threshold reaches it (a different-identity pair scored highest); nothing is accepted"
+    line = f"{where}: threshold {point.threshold:.4f} (TAR {point.tar:.4f}, measured FAR {point.far_measured:.2g} on {negatives:,} negative pairs)"
+    if not point.reliable:
+        accepts = f"{point.false_accepts} false accept{'' if point.false_accepts == 1 else 's'}"
+        line += f"; it rests on {accepts}, fewer than {RULE_OF_30}: the true rate may be far off"
+    return line

@@ -1,0 +1,62 @@
+"""``mltk verify`` as a library: are two images of the same identity, at a calibrated threshold?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mltk.errors import MltkError, UsageError
+from mltk.thresholds import OperatingPoint
+
+
+@dataclass(frozen=True)
+class Verdict:
+    same: bool  # score >= point.threshold
+    score: float  # cosine similarity of the two embeddings
+    point: OperatingPoint  # the operating point whose threshold decided
+    calibrated_on: str  # what the threshold was measured on
+    negatives: int  # different-identity pairs behind it
+
+
+def verify(
+    image_a: str | Path, image_b: str | Path, *, run: str | Path | None = None, index_dir: str | Path | None = None,
+    calibrate: str | Path | None = None, far: float | str | None = None, device: str | None = None,
+) -> Verdict:
+    """Embed both images with the model of ``run`` or of ``index_dir`` and compare their score with a calibrated threshold.
+
+    The threshold comes from ``calibrate`` (``mltk.calibrate.resolve``), else from the index's meta.json, else from the
+    run's own evaluation (RUN/eval/thresholds.json); ``far`` picks its operating point (default: the index's, or 1e-3).
+    """
+    from mltk.calibrate import resolve
+    from mltk.data import check_image
+    from mltk.index import calibration_of, not_an_image, open_index_dir, operating_point
+    from mltk.model import load
+
+    if (run is None) == (index_dir is None):
+        raise UsageError("give --run RUN or --index DIR: the model that embeds the two images")
+    for image in (image_a, image_b):
+        problem = not_an_image(Path(image)) or check_image(image)
+        if problem:
+            raise MltkError(f"image {str(image)!r} cannot be read: {problem}")
+    if index_dir is not None:
+        opened = open_index_dir(index_dir)
+        model = load(opened.model_file, device)
+        if calibrate is None:
+            calibrated = calibration_of(opened.path, opened.meta)
+            if calibrated is None:
+                raise UsageError(f"index {str(index_dir)!r} has no calibrated threshold; give --calibrate EVAL_DIR_OR_DATA, or write it with `mltk index --calibrate`")
+            if calibrated[0].model != model.fingerprint():
+                raise MltkError(f"index directory {str(index_dir)!r} is damaged: model.pt is not the model its threshold was calibrated for")
+            calibration, point = calibrated[0], operating_point(opened, far)
+    else:
+        model = load(run, device)
+        if calibrate is None:
+            calibrate = Path(run) / "eval" if Path(run).is_dir() else None
+            if calibrate is None or not (calibrate / "thresholds.json").is_file():
+                raise UsageError(f"no calibrated threshold for {str(run)!r}: give --calibrate EVAL_DIR_OR_DATA, or run `mltk evaluate {run}` first (it writes RUN/eval/thresholds.json)")
+    if calibrate is not None:
+        calibration, point = resolve(model, calibrate, far)
+    a, b = model.embed([str(image_a), str(image_b)])
+    score = float(a @ b)
+    return Verdict(score >= point.threshold, score, point, calibration.source, calibration.negatives)
+

@@ -1,0 +1,214 @@
+"""Calibrated thresholds: operating points read off a ROC, thresholds.json, and how index, search, verify and export carry them."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import one_line_error
+from sklearn.metrics import roc_curve
+
+from mltk import thresholds
+from mltk.errors import MltkError, UsageError
+from mltk.metrics import Pairs, evaluate_embeddings
+
+
+def pair_calibration(scores, same, **kw):
+    result = evaluate_embeddings(None, pairs=Pairs(np.asarray(scores, np.float32), np.asarray(same, bool)), metrics=["tar_at_far"])
+    ev = result.evaluation
+    negatives = int((~np.asarray(same, bool)).sum())
+    return thresholds.calibrate(ev.roc(), negatives, len(same) - negatives, "sha256:x", "test pairs", **kw)
+
+
+def test_a_threshold_is_the_lowest_score_whose_false_accept_rate_is_at_most_the_far():
+    # 10 negatives and 5 positives, worked by hand: accepting >= 0.7 takes 1 negative (0.75) of 10: FAR 0.1, and
+    # the positives 0.9, 0.8, 0.7: TAR 0.6. Lower (0.6) would take a second negative: FAR 0.2 > 0.1.
+    neg = [0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2]
+    pos = [0.9, 0.8, 0.7, 0.55, 0.35]
+    cal = pair_calibration(neg + pos, [False] * 10 + [True] * 5, fars=(0.1, 0.01))
+    at_01 = cal.at(0.1)
+    assert at_01.threshold == pytest.approx(0.7) and at_01.tar == pytest.approx(0.6) and at_01.far_measured == pytest.approx(0.1)
+    assert at_01.false_accepts == 1 and not at_01.reliable  # one false accept: far below the rule of 30
+    at_001 = cal.at(0.01)  # no negative may pass: the threshold sits just above 0.75, at the highest positive's 0.8
+    assert at_001.threshold == pytest.approx(0.8) and at_001.tar == pytest.approx(0.4) and at_001.false_accepts == 0
+    eer = cal.at("eer")
+    assert eer.name == "eer" and 0 < eer.far < 0.5
+    with pytest.raises(UsageError, match=r"no operating point at FAR 0\.001; the calibration holds FAR 0\.1, FAR 0\.01, eer"):
+        cal.at(1e-3)
+
+
+def test_thresholds_agree_with_scikit_learn_on_random_pairs():
+    rng = np.random.default_rng(0)
+    same = rng.random(20000) < 0.1
+    scores = np.where(same, rng.normal(0.6, 0.15, same.shape), rng.normal(0.1, 0.15, same.shape)).astype(np.float32)
+    cal = pair_calibration(scores, same)
+    fpr, tpr, cut = roc_curve(same, scores, drop_intermediate=False)
+    for far in thresholds.FARS:
+        point = cal.at(far)
+        best = np.flatnonzero(fpr <= far)[-1]  # scikit-learn's last point within the FAR: the most accepted
+        assert point.threshold == pytest.approx(cut[best]) and point.tar == pytest.approx(tpr[best]), far
+        accepted = scores >= point.threshold
+        assert (accepted & ~same).sum() == point.false_accepts and (accepted & ~same).mean() / (~same).mean() <= far
+    assert cal.at(1e-1).reliable and not cal.at(1e-4).reliable  # 18,000 negatives: 1,800 false accepts, and 1 or 2
+
+
+def test_thresholds_json_is_read_back_and_checked_whole(tmp_path):
+    cal = pair_calibration([0.9, 0.1, 0.8, 0.2], [True, False, True, False])
+    thresholds.write(cal, tmp_path / "thresholds.json")
+    assert thresholds.read(tmp_path) == cal
+    good = json.loads((tmp_path / "thresholds.json").read_text())
+    broken = {
+        "format": ({**good, "format": "other"}, "is not an mltk calibration"),
+        "threshold": ({**good, "points": [{**good["points"][0], "threshold": 7.0}]}, "out of range"),
+        "bool count": ({**good, "negatives": True}, "negatives=True; expected int"),
+        "extra key": ({**good, "points": [{**good["points"][0], "x": 1}]}, "expected the keys"),
+        "no points": ({**good, "points": []}, "no operating points"),
+    }
+    for name, (data, message) in broken.items():
+        (tmp_path / "thresholds.json").write_text(json.dumps(data))
+        with pytest.raises(MltkError, match=message):
+            thresholds.read(tmp_path)
+    (tmp_path / "thresholds.json").write_text("{not json")
+    with pytest.raises(MltkError, match=r"thresholds.json' is not JSON"):
+        thresholds.read(tmp_path / "thresholds.json")
+
+
+@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("0.1", 0.1), ("EER", "eer")])
+def test_far_is_a_rate_or_eer(text, expected):
+    assert thresholds.parse_far(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "1", "2", "-1e-3", "often", "nan"])
+def test_a_far_out_of_range_is_refused(text):
+    with pytest.raises(UsageError, match="give a false-accept rate between 0 and 1"):
+        thresholds.parse_far(text)
+
+
+# ---- carried from an evaluation to an index, a search, a verification and an export --------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    """The tiny run, evaluated on all 10 classes (thresholds.json), and an index of it calibrated from that evaluation."""
+    from conftest import run_mltk
+
+    run, folder = trained_run
+    root = tmp_path_factory.mktemp("calibrated")
+    done = run_mltk("evaluate", run, "--data", folder, "--out", root / "eval", "--no-report", "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    done = run_mltk("index", run, "--data", folder, "--out", root / "index", "--calibrate", root / "eval", "--far", "1e-1", "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    assert "match threshold at FAR 0.1: threshold" in done.stdout
+    return run, folder, root
+
+
+def test_evaluate_writes_every_operating_point_of_its_pairs(evaluated):
+    run, folder, root = evaluated
+    cal = thresholds.read(root / "eval")
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert [p.name for p in cal.points] == ["far=0.1", "far=0.01", "far=0.001", "far=0.0001", "eer"]
+    assert cal.positives + cal.negatives == metrics["pairs"] and cal.positives == metrics["pairs_positive"]
+    assert cal.at(1e-1).tar == pytest.approx(metrics["tar@far=0.1"]) and cal.at("eer").far == pytest.approx(metrics["eer"])
+    from mltk import load
+
+    assert cal.model == load(run).fingerprint() and not cal.flip_tta
+    assert cal.source.startswith("all pairs of")
+
+
+def test_search_marks_hits_below_the_threshold_as_no_match(evaluated, mltk_main):
+    run, folder, root = evaluated
+    meta = json.loads((root / "index" / "meta.json").read_text())
+    threshold = thresholds.from_json(meta["calibration"]).at(1e-1).threshold
+    assert meta["operating_point"] == "far=0.1"
+    queries = sorted(folder.glob("class_0*/*.png"))[:6]
+    code, out, err = mltk_main("search", root / "index", *queries, "--k", "3", "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    for result in results:
+        assert result["threshold"] == {"score": pytest.approx(threshold), "operating_point": "far=0.1"}
+        assert [n["match"] for n in result["neighbours"]] == [n["score"] >= threshold for n in result["neighbours"]]
+        assert result["match"] == any(n["match"] for n in result["neighbours"])
+    # Another operating point of the same calibration: a stricter threshold marks fewer hits as matches.
+    code, out, _ = mltk_main("search", root / "index", *queries, "--k", "3", "--json", "--far", "1e-4")
+    strict = json.loads(out)
+    assert strict[0]["threshold"]["operating_point"] == "far=0.0001" and strict[0]["threshold"]["score"] >= threshold
+    code, out, _ = mltk_main("search", root / "index", queries[0], "--k", "2")
+    header = next(line for line in out.splitlines() if "rank" in line)
+    assert code == 0 and ("  match (threshold" in out or "  no match (threshold" in out) and "match" in header
+
+
+def test_verify_answers_same_or_different_with_the_score_and_threshold(evaluated, mltk_main):
+    run, folder, root = evaluated
+    from mltk import load
+
+    model = load(run)
+    a, b, c = sorted(folder.glob("class_00/*.png"))[0], sorted(folder.glob("class_00/*.png"))[1], sorted(folder.glob("class_05/*.png"))[0]
+    threshold = thresholds.read(root / "eval").at(1e-3).threshold
+    for other in (b, c):
+        score = float(model.embed([a])[0] @ model.embed([other])[0])
+        code, out, err = mltk_main("verify", a, other, "--run", run, "--calibrate", root / "eval", "--json")
+        assert code == 0, err
+        verdict = json.loads(out)
+        assert verdict["score"] == pytest.approx(score, abs=1e-5) and verdict["threshold"] == pytest.approx(threshold)
+        assert verdict["same"] == (score >= threshold) and verdict["operating_point"] == "far=0.001"
+    code, out, _ = mltk_main("verify", a, b, "--index", root / "index")  # the index's model and threshold (FAR 0.1)
+    assert code == 0 and out.startswith(("same: score", "different: score")) and "at FAR 0.1, calibrated on all pairs of" in out
+
+
+def test_export_carries_the_threshold_in_its_sidecar(evaluated, tmp_path, mltk_main):
+    run, folder, root = evaluated
+    code, out, err = mltk_main("export", run, "--format", "torchscript", "--out", tmp_path / "m.pt", "--calibrate", root / "eval", "--far", "eer")
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "m.pt.json").read_text())
+    eer = thresholds.read(root / "eval").at("eer")
+    assert sidecar["threshold"] == {"score": eer.threshold, "operating_point": "eer"}
+    assert thresholds.from_json(sidecar["calibration"]).at("eer") == eer
+    assert "match threshold" in out
+
+
+def test_calibration_from_images_equals_the_evaluation_of_them(evaluated, tmp_path, mltk_main):
+    run, folder, root = evaluated
+    code, _, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "index", "--calibrate", folder, "--workers", "0")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    assert thresholds.from_json(meta["calibration"]) == thresholds.read(root / "eval")  # the same pairs, the same points
+    assert meta["operating_point"] == "far=0.001"
+
+
+def test_wrong_calibrations_are_one_line_and_write_nothing(evaluated, tmp_path, mltk_main, trained_run):
+    run, folder, root = evaluated
+    other = tmp_path / "other"
+    other.mkdir()
+    cal = json.loads((root / "eval" / "thresholds.json").read_text())
+    (other / "thresholds.json").write_text(json.dumps({**cal, "model": "sha256:0000"}))
+    cases = [
+        (["index", run, "--data", folder, "--out", tmp_path / "i1", "--calibrate", other], "was calibrated on another model"),
+        (["index", run, "--data", folder, "--out", tmp_path / "i2", "--far", "1e-3"], "--far picks an operating point of --calibrate"),
+        (["index", run, "--data", folder, "--out", tmp_path / "i3", "--calibrate", root / "eval", "--far", "5e-3"], "no operating point at FAR 0.005"),
+        (["index", run, "--data", folder, "--out", tmp_path / "i4", "--calibrate", root / "eval", "--far", "2"], "give a false-accept rate between 0 and 1"),
+        (["verify", folder / "class_00" / "0.png", folder / "class_00" / "1.png"], "give --run RUN or --index DIR"),
+        (["verify", folder / "class_00" / "0.png", folder / "nothere.png", "--index", root / "index"], "nothere.png' cannot be read: does not exist"),
+        (["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt", "--calibrate", other], "was calibrated on another model"),
+    ]
+    for args, message in cases:
+        line = one_line_error(mltk_main(*args))
+        assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    # An index without a threshold: search has no --far to choose, verify no threshold to use.
+    code, _, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "plain", "--workers", "0")
+    assert code == 0, err
+    assert "has no calibrated threshold, so --far" in one_line_error(mltk_main("search", tmp_path / "plain", folder / "class_00" / "0.png", "--far", "1e-3"))
+    assert "has no calibrated threshold; give --calibrate" in one_line_error(mltk_main("verify", folder / "class_00" / "0.png", folder / "class_00" / "1.png", "--index", tmp_path / "plain"))
+    code, out, _ = mltk_main("search", tmp_path / "plain", folder / "class_00" / "0.png", "--json")
+    assert code == 0 and json.loads(out)[0]["match"] is None and json.loads(out)[0]["neighbours"][0]["match"] is None
+
+
+def test_a_tampered_threshold_in_meta_json_is_refused(evaluated, tmp_path, mltk_main):
+    import shutil
+
+    run, folder, root = evaluated
+    shutil.copytree(root / "index", tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    for bad, message in (({"operating_point": "far=0.5"}, "operating_point='far=0.5', not a point"), ({"calibration": {"format": "x"}}, "has a calibration that is not an mltk calibration")):
+        (tmp_path / "index" / "meta.json").write_text(json.dumps({**meta, **bad}))
+        line = one_line_error(mltk_main("search", tmp_path / "index", folder / "class_00" / "0.png"))
+        assert "is damaged: meta.json" in line and message in line, line
