@@ -417,6 +417,8 @@ class ImageDataset:
 
     def __init__(self, data: LabelledImages, transform, mode: str = "RGB", stand_in: bool = False):
         self.data, self.transform, self.mode, self.stand_in = data, transform, mode, stand_in
+        self.decoded: list[Image.Image | None] | None = None  # every image decoded once (keep_decoded), None for a file that fails
+        self.decoded_bytes = 0
         self.by_class: dict[int, list[int]] = {}
         for i, y in enumerate(data.labels):
             self.by_class.setdefault(y, []).append(i)
@@ -426,12 +428,42 @@ class ImageDataset:
 
     def __getitem__(self, i: int):
         for j in self.tries(i):
-            try:
-                image = open_image(self.data.sources[j], self.mode)
-            except Exception:  # a decoding error of one file; the transform's errors are bugs and propagate
-                continue
+            if self.decoded is not None:
+                image = self.decoded[j]
+                if image is None:
+                    continue
+            else:
+                try:
+                    image = open_image(self.data.sources[j], self.mode)
+                except Exception:  # a decoding error of one file; the transform's errors are bugs and propagate
+                    continue
             return self.transform(image), self.data.labels[i], -1 if j == i else i
         return self.transform(Image.new(self.mode, (8, 8))), self.data.labels[i], i
+
+    def keep_decoded(self, budget: int, threads: int = 2) -> int:
+        """Decode every image once and keep it in memory (uint8, as decoded), when all of them take at most ``budget``
+        bytes: the epochs then transform them without reading or decoding a file. Returns the bytes kept, 0 when the
+        images would not fit (estimated from a sample of their headers, then counted while decoding) and stream instead."""
+        if not len(self.data) or decoded_estimate(self.data, self.mode) > budget:
+            return 0
+
+        def decode(source):
+            try:
+                image = open_image(source, self.mode)
+                image.load()
+                return image
+            except Exception:  # read again (and failed again) by __getitem__'s stand-in rule: the same outcome as streaming
+                return None
+
+        kept, total = [], 0
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes without the GIL
+            for image in pool.map(decode, self.data.sources):
+                kept.append(image)
+                total += 0 if image is None else image.width * image.height * len(image.getbands())
+                if total > budget:  # the sample misjudged the sizes: stream after all
+                    return 0
+        self.decoded, self.decoded_bytes = kept, total
+        return total
 
     def tries(self, i: int) -> Iterator[int]:
         """``i``, then with ``stand_in`` the other images of its class, in order after it."""
@@ -440,6 +472,27 @@ class ImageDataset:
             same = self.by_class[self.data.labels[i]]
             k = same.index(i)
             yield from same[k + 1 :] + same[:k]
+
+
+def decoded_estimate(data: LabelledImages, mode: str, sample: int = 32, seed: int = 0) -> int:
+    """Bytes the images take decoded in ``mode``, estimated from the headers of a seeded sample of them."""
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(data)), min(sample, len(data)))
+    sizes = []
+    for i in picked:
+        source = data.sources[i]
+        try:
+            if isinstance(source, Image.Image):
+                width, height = source.size
+            elif isinstance(source, CroppedImage):
+                width, height = source.box[2] - source.box[0], source.box[3] - source.box[1]
+            else:
+                with Image.open(source) as image:
+                    width, height = image.size
+        except Exception:
+            continue
+        sizes.append(width * height * len(mode))
+    return int(sum(sizes) / len(sizes) * len(data)) if sizes else 0
 
 
 def data_config(model, image_size: int | None) -> dict:

@@ -18,7 +18,6 @@ allocates. ``parse_spec`` reads ``NAME[:KEY=VALUE,...]``, the form ``--rerank`` 
 from __future__ import annotations
 
 import numbers
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -27,6 +26,7 @@ import scipy.sparse as sp
 
 from mltk import knn
 from mltk.errors import MltkError, UsageError
+from mltk.memory import available as available_memory
 
 BLOCK = 4096  # gallery rows or queries at a time
 SCRATCH = 256 << 20  # bytes a block's temporaries may take
@@ -150,21 +150,6 @@ def _value(text: str) -> int | float | bool | None:
         except ValueError:
             pass
     return {"true": True, "false": False}.get(text.lower())
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now: MemAvailable of /proc/meminfo, else the free physical pages; None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_memory(needed_bytes: int, what: str, advice: str = "use --rerank none") -> None:

@@ -129,6 +129,8 @@ def render_summary(result) -> None:
 
     table = Table("", "", box=None, show_header=False)
     table.add_row("train images / classes", f"{result.train_images} / {result.train_classes}")
+    if result.in_memory:
+        table.add_row("train images", f"decoded once, kept in memory ({result.in_memory / 2**20:.1f} MiB)")
     if result.val_images:
         table.add_row("validation images / classes", f"{result.val_images} / {result.val_classes}")
     if result.history:
