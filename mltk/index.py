@@ -369,8 +369,8 @@ def search_images(
     """
     from mltk.data import LabelledImages, check_image
     from mltk.embedding import embed
-    from mltk.rerank import create as create_reranker
     from mltk.model import load
+    from mltk.rerank import create as create_reranker
 
     opened = open_index_dir(index_dir)
     if not 1 <= k <= opened.index.ntotal:
