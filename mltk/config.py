@@ -136,6 +136,7 @@ class RunConfig:
     # run
     seed: int = 0
     workers: int = 2
+    in_memory: bool = True  # decode the training images once and keep them in memory when they fit (mltk.train.IN_MEMORY)
     device: str = "auto"
     out: str | None = None
     log: list = field(default_factory=list)  # loggers that follow the run (--log): tensorboard, and those plugins add

@@ -155,7 +155,7 @@ class RunDirectory:
             raise MltkError(f"cannot use --out {str(self.path)!r}: {exc.strerror or exc}") from None
 
 
-RESUMABLE = ("epochs", "workers", "device", "out", "log", "early_stop")  # how a run proceeds, not what it learns: a resume may change these
+RESUMABLE = ("epochs", "workers", "in_memory", "device", "out", "log", "early_stop")  # how a run proceeds, not what it learns: a resume may change these
 LEFT_OPEN = ("image_size", "m_per_class", "amp")  # None means not chosen: a resume takes the run's own
 
 
@@ -170,7 +170,7 @@ def resumed_config(cfg: RunConfig, state: dict, path: Path) -> RunConfig:
     if differ:
         shown = ", ".join(f"{k} {given[k]!r} (the run has {own[k]!r})" for k in differ)
         raise UsageError(
-            f"cannot resume {str(path.parent)!r} with {shown}: a resumed run keeps its settings, only epochs, workers, "
+            f"cannot resume {str(path.parent)!r} with {shown}: a resumed run keeps its settings, only epochs, workers, in_memory, "
             f"device, log and early_stop may change; leave the others out, or start a new run in another --out"
         )
     if cfg.epochs < state["epoch"]:

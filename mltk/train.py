@@ -210,11 +210,11 @@ def building(cfg: RunConfig):
 def make_datasets(model: Embedder, cfg: RunConfig, train_data: LabelledImages, val_data: LabelledImages | None):
     """The backbone's preprocessing (``data_config``) and the train (augmented; a bad image's classmate stands in)
     and validation datasets that apply it. The training images are decoded once and kept in memory when they fit
-    (``IN_MEMORY``): the epochs then neither read nor decode a file."""
+    (``IN_MEMORY``) and ``in_memory`` is on: the epochs then neither read nor decode a file."""
     pre = data_config(model.backbone, cfg.image_size)
     mode = "L" if pre["input_size"][0] == 1 else "RGB"
     train_set = ImageDataset(train_data, make_transform(pre, cfg.augment, cfg.augment_options), mode, stand_in=True)
-    if cfg.epochs:
+    if cfg.epochs and cfg.in_memory:
         train_set.keep_decoded(in_memory_budget(), threads=max(cfg.workers, os.cpu_count() or 1))
     val_set = ImageDataset(val_data, make_transform(pre, False), mode) if val_data else None
     return pre, train_set, val_set

@@ -194,7 +194,7 @@ def test_a_second_process_on_a_run_that_is_going_is_refused_and_touches_nothing(
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs /proc/PID/task/PID/children")
 def test_data_loading_workers_do_not_keep_a_killed_run_s_folder(tmp_path):
     folder, run, log = make_image_folder(tmp_path / "images", per_class=8), tmp_path / "run", tmp_path / "first.log"
-    first = run_start_process(folder, run, 1000, "--workers", "2", log=log)
+    first = run_start_process(folder, run, 1000, "--workers", "2", "--no-in-memory", log=log)
     try:
         children = Path(f"/proc/{first.pid}/task/{first.pid}/children")
         run_wait_for(first, lambda: (run / "last.pt").is_file() and children.read_text().split(), log)  # workers loading
@@ -257,7 +257,7 @@ def test_resume_with_another_setting_is_refused_and_changes_nothing(option, show
     before = snapshot(run)
     line = one_line_error(mltk_main("run", "--out", run, "--resume", *option), code=2)
     assert line == (
-        f"error: cannot resume {str(run)!r} with {shown}: a resumed run keeps its settings, only epochs, workers, device, "
+        f"error: cannot resume {str(run)!r} with {shown}: a resumed run keeps its settings, only epochs, workers, in_memory, device, "
         f"log and early_stop may change; leave the others out, or start a new run in another --out"
     )
     assert snapshot(run) == before
@@ -1842,7 +1842,7 @@ def test_an_error_with_newlines_and_escapes_is_still_one_plain_line(mltk_main, m
 def test_a_run_directory_with_markup_is_printed_as_it_is(capsys):
     from mltk.cli.run import render_summary
 
-    result = SimpleNamespace(train_images=4, train_classes=2, val_images=0, history=[], best=None, stopped="", run_dir=Path("runs/[red]x[/red]\x1b[2J"))
+    result = SimpleNamespace(train_images=4, train_classes=2, val_images=0, in_memory=0, history=[], best=None, stopped="", run_dir=Path("runs/[red]x[/red]\x1b[2J"))
     render_summary(result)
     out = capsys.readouterr().out
     assert "runs/[red]x[/red]" in out and "\x1b" not in out
@@ -1852,7 +1852,7 @@ def test_a_plugins_reason_to_stop_is_printed_as_it_is(capsys, tmp_path):
     from mltk.cli.run import render_summary
 
     reason = "[bold]plateau[/bold]\x1b[2J"  # what a plugin's epoch_ended returned
-    render_summary(SimpleNamespace(train_images=4, train_classes=2, val_images=0, history=[], best=None, stopped=reason, run_dir=tmp_path))
+    render_summary(SimpleNamespace(train_images=4, train_classes=2, val_images=0, in_memory=0, history=[], best=None, stopped=reason, run_dir=tmp_path))
     out = capsys.readouterr().out
     assert "[bold]plateau[/bold]" in out and "\x1b" not in out
 

@@ -62,16 +62,16 @@ def test_run_passes_every_option_to_the_config(mltk_main, monkeypatch, tmp_path)
         "weights": "w.pt", "early_stop": 3, "seed": 7, "workers": 0, "device": "cpu",
     }
     flags = [x for key, value in args.items() for x in ("--" + key.replace("_", "-"), str(value))]
-    switches = ("--augment", "--no-pretrained", "--freeze-backbone", "--freeze-bn", "--no-amp")
+    switches = ("--augment", "--no-pretrained", "--freeze-backbone", "--freeze-bn", "--no-amp", "--no-in-memory")
     logs = ("--log", "tensorboard,mlflow", "--log", "tensorboard", "--log", "other")  # repeatable, comma-separated, each once
     code, _, err = mltk_main("run", *flags, "--classes", "a*", "--classes", "b?", *switches, *logs, "--out", tmp_path / "run")
     assert (code, err) == (2, "error: stop here\n")
     assert given == {
         **args, "data_classes": ["a*", "b?"], "augment": True, "pretrained": False, "freeze_backbone": True, "freeze_bn": True, "amp": False,
-        "log": ["tensorboard", "mlflow", "other"],
+        "in_memory": False, "log": ["tensorboard", "mlflow", "other"],
     }
 
     given.clear()
     mltk_main("run")
-    assert set(given) == set(args) | {"data_classes", "augment", "pretrained", "freeze_backbone", "freeze_bn", "amp", "log"}
+    assert set(given) == set(args) | {"data_classes", "augment", "pretrained", "freeze_backbone", "freeze_bn", "amp", "in_memory", "log"}
     assert all(value is None for value in given.values())  # not given: the config file's value or the default stands

@@ -88,3 +88,14 @@ def test_channels_last_gives_the_gradients_and_fused_adamw_the_steps_of_the_plai
             optimizer.step()
         steps.append(torch.cat([w.detach() for w in weights]))
     assert torch.allclose(steps[0], steps[1], atol=1e-6)
+
+
+def test_a_run_whose_images_are_in_memory_goes_on_when_the_files_go_away(tmp_path):
+    import shutil
+
+    from mltk.config import make_config
+    from mltk.train import train
+
+    folder = make_image_folder(tmp_path / "images")
+    result = train(make_config({**TINY, "data": str(folder), "epochs": 3}), tmp_path / "run", on_epoch=lambda record: shutil.rmtree(folder, ignore_errors=True))
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.in_memory > 0 and not folder.exists()

@@ -121,7 +121,7 @@ def test_data_that_goes_away_mid_run_stops_with_a_clear_error(tmp_path):
 
     folder = make_image_folder(tmp_path / "images")
     with pytest.raises(MltkError, match=r"no image of batch 1 in epoch 2 can be read \(.*\.png: .*No such file.*\); is the data still there\? last.pt keeps epoch 1$"):
-        train(tiny_config(folder, epochs=3), tmp_path / "run", on_epoch=lambda record: shutil.rmtree(folder))
+        train(tiny_config(folder, epochs=3, in_memory=False), tmp_path / "run", on_epoch=lambda record: shutil.rmtree(folder))
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
@@ -367,7 +367,7 @@ def test_resume_with_another_architecture_names_the_keys_and_changes_nothing(ima
     cfg, run = tiny_config(image_folder, epochs=1), tmp_path / "run"
     train(cfg, run)
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "last.pt")}
-    with pytest.raises(MltkError, match=r"^cannot resume '.*run' with dim 8 \(the run has 16\): a resumed run keeps its settings, only epochs, workers, device, log and early_stop may change; leave the others out, or start a new run in another --out$"):
+    with pytest.raises(MltkError, match=r"^cannot resume '.*run' with dim 8 \(the run has 16\): a resumed run keeps its settings, only epochs, workers, in_memory, device, log and early_stop may change; leave the others out, or start a new run in another --out$"):
         train(replace(cfg, dim=8, epochs=2), run, resume=True)
     assert before == {name: (run / name).read_bytes() for name in before}
     state = load_checkpoint(run / "last.pt")

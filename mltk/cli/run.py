@@ -37,12 +37,13 @@ def run(
     early_stop: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better best epoch (validation recall@1, else training loss).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Workers = None,
+    in_memory: Annotated[Optional[bool], typer.Option("--in-memory/--no-in-memory", help="Decode the training images once and keep them in memory when they take at most a quarter of the free memory (default: on).")] = None,
     device: Device = None,
     out: Annotated[Optional[Path], out_option("Run directory; one that already holds a run needs --resume or --overwrite", "a new runs/<time>")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
     log: Annotated[Optional[list[str]], typer.Option(help="Follow the run in a logger: tensorboard (RUN/tensorboard), mlflow (plugin), ...; repeatable or comma-separated (`mltk list loggers`).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no line per epoch: warnings and the summary only.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --device, --log, --early-stop may change).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --in-memory, --device, --log, --early-stop may change).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out over: deletes its config.yaml, metrics.jsonl, last.pt, best.pt, skipped_images.txt and tensorboard/, nothing else.")] = False,
 ) -> None:
     """Train an embedding model: backbone + neck, weighted losses, m-per-class batches.
@@ -59,7 +60,7 @@ def run(
         data=data, data_classes=classes, val_data=val_data, val_classes=val_classes, backbone=backbone, loss=loss, dim=dim, miner=miner, augment=augment,
         epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, loss_lr=loss_lr, image_size=image_size,
         pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, amp=amp,
-        early_stop=early_stop, seed=seed, workers=workers, device=device, log=split_names(log),
+        early_stop=early_stop, seed=seed, workers=workers, in_memory=in_memory, device=device, log=split_names(log),
     )
     if resume:
         if out is None or not (out / "last.pt").is_file():
