@@ -159,9 +159,9 @@ def calibration(result, model: EmbeddingModel, source: str, flip_tta: bool) -> C
     from mltk import thresholds
 
     ev = result.evaluation
-    counts = ev._counts
-    if counts is None or not counts.positive.sum() or not counts.negative.sum():
+    if not ev.pairs_scored:
         return None
+    counts = ev.pair_counts()  # already counted: pairs_scored
     positives, negatives = int(counts.positive.sum()), int(counts.negative.sum())
     return thresholds.calibrate(ev.roc(), negatives, positives, model.fingerprint(), source, flip_tta=flip_tta)
 

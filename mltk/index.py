@@ -367,9 +367,8 @@ def search_images(
     points), and a query when one of its hits does; without a calibration both are None. ``rerank`` (a re-ranker
     spec, ``mltk.rerank``) re-orders each query's nearest; the scores stay the cosine similarities.
     """
-    from mltk.data import LabelledImages, check_image
+    from mltk.data import LabelledImages
     from mltk.embedding import embed
-    from mltk.model import load
     from mltk.rerank import create as create_reranker
 
     opened = open_index_dir(index_dir)
@@ -378,15 +377,8 @@ def search_images(
     configure(opened.index, nprobe, ef_search)
     reranker = create_reranker(rerank)  # a misspelt re-ranker or parameter fails before any work
     threshold = operating_point(opened, far)
-    for image in images:
-        problem = not_an_image(Path(image)) or check_image(image)
-        if problem:
-            raise MltkError(f"query image {str(image)!r} cannot be read: {problem}")
-    model = load(opened.model_file, device)
-    if model.embedder.dim != opened.meta["dim"]:
-        raise _damaged(opened.path, "model.pt", f"embeds in {model.embedder.dim} dimensions; the index holds {opened.meta['dim']}")
-    if threshold is not None and opened.meta["calibration"]["model"] != model.fingerprint():
-        raise _damaged(opened.path, "model.pt", "is not the model its threshold was calibrated for")
+    check_images(images, "query image")
+    model = load_model(opened, device)
     vectors = embed(model, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers)
     sims, positions = _searched(opened, vectors, k, reranker)
     results = []
@@ -402,6 +394,29 @@ def search_images(
         shown = None if threshold is None else {"score": threshold.threshold, "operating_point": threshold.name}
         results.append({"query": str(image), "match": match, "threshold": shown, "neighbours": neighbours_})
     return results
+
+
+def check_images(images: list[str | Path], what: str) -> None:
+    """Each image file exists and decodes, before any model loads; else one line naming it."""
+    from mltk.data import check_image
+
+    for image in images:
+        problem = _not_an_image(Path(image)) or check_image(image)
+        if problem:
+            raise MltkError(f"{what} {str(image)!r} cannot be read: {problem}")
+
+
+def load_model(opened: IndexDir, device: str | None = None):
+    """The index's model.pt, checked against the index: its dimensions, and the model its threshold was calibrated for."""
+    from mltk.model import load
+
+    model = load(opened.model_file, device)
+    if model.embedder.dim != opened.meta["dim"]:
+        raise _damaged(opened.path, "model.pt", f"embeds in {model.embedder.dim} dimensions; the index holds {opened.meta['dim']}")
+    calibrated = calibration_of(opened.path, opened.meta)
+    if calibrated is not None and calibrated[0].model != model.fingerprint():
+        raise _damaged(opened.path, "model.pt", "is not the model its threshold was calibrated for")
+    return model
 
 
 def operating_point(opened: IndexDir, far: float | str | None) -> OperatingPoint | None:
@@ -433,7 +448,7 @@ def _searched(opened: IndexDir, vectors: np.ndarray, k: int, reranker) -> tuple[
     return sims[:, :k], positions[:, :k]
 
 
-def not_an_image(path: Path) -> str | None:
+def _not_an_image(path: Path) -> str | None:
     if path.is_dir():
         return "it is a folder, not an image file"
     if not path.exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mltk.errors import MltkError, UsageError
+from mltk.errors import UsageError
 from mltk.thresholds import OperatingPoint
 
 
@@ -28,25 +28,19 @@ def verify(
     run's own evaluation (RUN/eval/thresholds.json); ``far`` picks its operating point (default: the index's, or 1e-3).
     """
     from mltk.calibrate import resolve
-    from mltk.data import check_image
-    from mltk.index import calibration_of, not_an_image, open_index_dir, operating_point
+    from mltk.index import calibration_of, check_images, load_model, open_index_dir, operating_point
     from mltk.model import load
 
     if (run is None) == (index_dir is None):
         raise UsageError("give --run RUN or --index DIR: the model that embeds the two images")
-    for image in (image_a, image_b):
-        problem = not_an_image(Path(image)) or check_image(image)
-        if problem:
-            raise MltkError(f"image {str(image)!r} cannot be read: {problem}")
+    check_images([image_a, image_b], "image")
     if index_dir is not None:
         opened = open_index_dir(index_dir)
-        model = load(opened.model_file, device)
+        model = load_model(opened, device)  # checked against the index's calibration, if it has one
         if calibrate is None:
             calibrated = calibration_of(opened.path, opened.meta)
             if calibrated is None:
                 raise UsageError(f"index {str(index_dir)!r} has no calibrated threshold; give --calibrate EVAL_DIR_OR_DATA, or write it with `mltk index --calibrate`")
-            if calibrated[0].model != model.fingerprint():
-                raise MltkError(f"index directory {str(index_dir)!r} is damaged: model.pt is not the model its threshold was calibrated for")
             calibration, point = calibrated[0], operating_point(opened, far)
     else:
         model = load(run, device)
