@@ -36,7 +36,6 @@ Embeddings are float32 and L2-normalised; scores are cosine similarities. The ru
 
 from __future__ import annotations
 
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -54,6 +53,7 @@ BINS = 1 << 20
 MERGED = 1e-4  # the most of the positive or of the negative pairs one bin of distinct scores may hold
 SPLIT = BINS // 4  # bins a pass that splits heavy bins may use, over all of them
 BLOCK = 4096
+GPU_BLOCK = 16384  # rows a block of the pass on a GPU at least: 1 GiB of float32 similarities, fewer launches and syncs
 EXACT_ENGINES = ("blocks", "flat")  # mltk's own blockwise pass; faiss's exact index
 APPROXIMATE_ENGINES = knn.APPROXIMATE  # faiss's IVF, IVF-PQ and HNSW indexes
 ENGINES = ("blocks",) + knn.KINDS  # "blocks", then the index kinds of mltk.knn, by the same names
@@ -393,132 +393,11 @@ def _row_dots(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, chunk:
 # ---- the blockwise pass: torch matmul, numba kernels consume each block ----------------------------
 
 
-@functools.cache
 def _kernels():
-    """Compile the kernels that consume a block of similarities (numba, GIL released).
+    """The kernels that consume a block of similarities (``mltk.metrics_kernels``: numba, GIL released)."""
+    from mltk import metrics_kernels as k
 
-    Each query keeps a heap of its k best (similarity, gallery index) with the worst at the root;
-    "worse" is a lower similarity, or an equal one with a higher index, which makes the kept set
-    exactly that of a stable sort. Compiled on first use so importing mltk.metrics stays light.
-    """
-    import numba
-
-    jit = numba.njit(nogil=True)
-    chunk = 32
-
-    @jit
-    def worse(v1, i1, v2, i2):
-        return v1 < v2 or (v1 == v2 and i1 > i2)
-
-    @jit
-    def sift_down(hv, hi, n, v, g):  # put (v, g) at the root of heap[:n] and restore the heap
-        pos = 0
-        while True:
-            child = 2 * pos + 1
-            if child >= n:
-                break
-            if child + 1 < n and worse(hv[child + 1], hi[child + 1], hv[child], hi[child]):
-                child += 1
-            if not worse(hv[child], hi[child], v, g):
-                break
-            hv[pos], hi[pos] = hv[child], hi[child]
-            pos = child
-        hv[pos], hi[pos] = v, g
-
-    @numba.njit(nogil=True, fastmath=True)
-    def chunk_max(row, lo, hi_):  # vectorised: most chunks hold nothing better than the root
-        m = row[lo]
-        for j in range(lo + 1, hi_):
-            m = max(m, row[j])
-        return m
-
-    @jit
-    def offer(row, lo, hi_, c0, hv, hi):  # row[lo:hi_] are gallery items c0+lo.. for one query
-        for c in range(lo, hi_, chunk):
-            end = min(c + chunk, hi_)
-            if chunk_max(row, c, end) >= hv[0]:
-                for j in range(c, end):
-                    if row[j] >= hv[0] and not worse(row[j], c0 + j, hv[0], hi[0]):
-                        sift_down(hv, hi, hv.shape[0], row[j], c0 + j)
-
-    @jit
-    def count(row, lo, c0, label, glab, fine):  # histogram row[lo:] into fine[same?, bin]
-        nbins = fine.shape[1]
-        half = nbins / 2
-        for c in range(lo, row.shape[0]):
-            b = min(max(int((row[c] + 1.0) * half), 0), nbins - 1)
-            fine[1 if glab[c0 + c] == label else 0, b] += 1
-
-    @jit
-    def rows(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine):
-        n = S.shape[1]
-        for r in range(lo, hi_):
-            q = r0 + r
-            if knn and diagonal:  # leave the query itself out
-                offer(S[r], 0, r, c0, hv[q], hi[q])
-                offer(S[r], r + 1, n, c0, hv[q], hi[q])
-            elif knn:
-                offer(S[r], 0, n, c0, hv[q], hi[q])
-            if hist:  # on the diagonal block, only the pairs r < c
-                count(S[r], r + 1 if diagonal else 0, c0, qlab[q], glab, fine)
-
-    @numba.njit(nogil=True, fastmath=True)
-    def chunk_hits(row, thr, lo, hi_):
-        n = 0
-        for j in range(lo, hi_):
-            n += row[j] >= thr[j]
-        return n
-
-    @jit
-    def cols(S, lo, hi_, r0, c0, hv, hi, thr):  # the transposed block: columns are the queries
-        for r in range(S.shape[0]):
-            row, g = S[r], r0 + r
-            for c in range(lo, hi_, chunk):
-                end = min(c + chunk, hi_)
-                if chunk_hits(row, thr, c, end):
-                    for j in range(c, end):
-                        q = c0 + j
-                        if row[j] >= thr[j] and not worse(row[j], g, hv[q, 0], hi[q, 0]):
-                            sift_down(hv[q], hi[q], hv.shape[1], row[j], g)
-                            thr[j] = hv[q, 0]
-
-    @jit
-    def sort_heaps(hv, hi):  # heapsort in place: best first
-        for q in range(hv.shape[0]):
-            for end in range(hv.shape[1] - 1, 0, -1):
-                v, g = hv[q, end], hi[q, end]
-                hv[q, end], hi[q, end] = hv[q, 0], hi[q, 0]
-                sift_down(hv[q], hi[q], end, v, g)
-
-    @jit
-    def recount(S, K, lo, hi_, r0, c0, diagonal, qlab, glab, first, cell_lo, cell_hi, pieces, offset, fine, low, high):
-        # rows lo..hi_: a pair whose key K falls in a range [cell_lo, cell_hi) of its first-pass bin
-        # (those of bin b: first[b] to first[b + 1]) is counted in fine[same?, p], p = offset + its
-        # piece, and its key kept in low[p] if lower, high[p] if higher
-        nbins = first.shape[0] - 1
-        half = nbins / 2
-        for r in range(lo, hi_):
-            label = qlab[r0 + r]
-            for c in range(r + 1 if diagonal else 0, S.shape[1]):
-                b = min(max(int((S[r, c] + 1.0) * half), 0), nbins - 1)  # as count bins it
-                a, z = first[b], first[b + 1]
-                if a == z:
-                    continue
-                bits = K[r, c]
-                key = bits if bits >= 0 else -(bits & 0x7FFFFFFF)
-                while z - a > 1:  # the last range of the bin that starts at or below key
-                    m = (a + z) // 2
-                    if cell_lo[m] <= key:
-                        a = m
-                    else:
-                        z = m
-                if cell_lo[a] <= key < cell_hi[a]:
-                    p = offset[a] + (key - cell_lo[a]) * pieces[a] // (cell_hi[a] - cell_lo[a])
-                    fine[1 if glab[c0 + c] == label else 0, p] += 1
-                    low[p] = min(low[p], key)
-                    high[p] = max(high[p], key)
-
-    return rows, cols, sort_heaps, recount
+    return k.rows, k.cols, k.sort_heaps, k.recount
 
 
 def _fold_blocks(n: int, loo: bool, folds: int, block: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -542,58 +421,158 @@ def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
     queries' heaps. The gallery is offered to each query in index order, so a tie never displaces
     an earlier item. Bins too heavy to merge are counted again after (``_resolve``).
     """
+    qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
+    if _torch_pass():  # the blocks are consumed where they are computed (mltk.gpu_pass): none comes to the host
+        from mltk.gpu_pass import BlockConsumer
+
+        consumer = BlockConsumer(qlab, glab, k=k, knn=knn, hist=hist, folds=ev.folds, loo=ev.loo, bins=BINS, empty=_WORST, device=_device(), compile=True)
+        _sweep(ev, 1, consumer.consume, consumer.fold_done if hist else None, on_device=True)
+        heaps, by_fold = consumer.result()
+        consumer = None  # its device memory, before a pass that splits heavy bins
+        used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
+        return heaps, (_resolve(ev, used, by_fold[:, :, used]) if hist else None)
     rows_kernel, cols_kernel, sort_heaps, _ = _kernels()
     threads = _threads()
-    qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
+    by_label = np.argsort(glab, kind="stable")  # gallery positions, class by class, in order
+    label_start = np.searchsorted(glab[by_label], np.arange(ev.labels.max() + 2))
     hv = np.full((len(ev.query), k if knn else 1), _WORST, np.float32)
     hi = np.full(hv.shape, np.iinfo(np.int64).max, np.int64)
-    fine = np.zeros((threads, 2, BINS if hist else 1), np.int64)
-    by_fold = np.zeros((ev.folds, 2, BINS if hist else 1), np.int64)
+    counts = _FoldCounts(ev.folds, threads, BINS if hist else 1, ev.block)
 
     def consume(S, r0, c0, diagonal, split):
-        split(len(S), lambda lo, hi_, t: rows_kernel(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, glab, fine[t]))
+        split(len(S), lambda lo, hi_, t: rows_kernel(S, lo, hi_, r0, c0, diagonal, knn, hv, hi, hist, qlab, by_label, label_start, counts.every[t], counts.same[t]))
+        counts.counted(S.size)
         if knn and ev.loo and not diagonal:
             thr = hv[c0 : c0 + S.shape[1], 0].copy()
             split(S.shape[1], lambda lo, hi_, t: cols_kernel(S, lo, hi_, r0, c0, hv, hi, thr))
 
-    _sweep(ev, threads, consume, _flush(fine, by_fold) if hist else None)
+    _sweep(ev, threads, consume, counts.fold_done if hist else None)
     if knn:
         sort_heaps(hv, hi)
+    by_fold = counts.by_fold
     used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
-    counts = by_fold[:, :, used]
-    fine = by_fold = None  # the full-size histograms: freed before any pass that splits heavy bins
-    return (hv, hi), (_resolve(ev, used, counts) if hist else None)
+    result = by_fold[:, :, used]
+    counts = by_fold = None  # the full-size histograms: freed before any pass that splits heavy bins
+    return (hv, hi), (_resolve(ev, used, result) if hist else None)
 
 
-def _sweep(ev: Evaluation, threads: int, consume, fold_done=None) -> None:
+def _int32_room(block: int) -> int:
+    """Pairs int32 counts may hold and still take one more block of ``block`` rows; 0 where a block could overflow them
+    alone (more than 32,768 rows), and int64 counts are kept instead."""
+    return 2**31 - 1 - block * block if block * block <= 2**30 else 0
+
+
+class _FoldCounts:
+    """The first pass's histograms. The threads count every pair in int32 (the hot loop is one increment, no label
+    test) and the pairs of one class apart in int64; both are added into the fold's int64 (negative, positive)
+    counts when the fold is done, and the int32 ones before one more block could overflow them."""
+
+    def __init__(self, folds: int, threads: int, bins: int, block: int):
+        self.limit = _int32_room(block)
+        self.every = np.zeros((threads, bins), np.int32 if self.limit else np.int64)
+        self.same = np.zeros((threads, bins), np.int64)
+        self.pending = np.zeros(bins, np.int64)  # every pair of the fold so far, from the int32 counts
+        self.by_fold = np.zeros((folds, 2, bins), np.int64)
+        self.since = 0  # pairs counted into ``every`` since it was last emptied (at most, on one thread)
+
+    def counted(self, pairs: int) -> None:
+        self.since += pairs
+        if self.limit and self.since > self.limit:
+            self._empty()
+
+    def _empty(self) -> None:
+        self.pending += self.every.sum(0, dtype=np.int64)
+        self.every[:] = 0
+        self.since = 0
+
+    def fold_done(self, f: int) -> None:
+        self._empty()
+        same = self.same.sum(0)
+        self.by_fold[f, 0] += self.pending - same
+        self.by_fold[f, 1] += same
+        self.pending[:] = 0
+        self.same[:] = 0
+
+
+def _sweep(ev: Evaluation, threads: int, consume, fold_done=None, on_device: bool = False) -> None:
     """Every block of similarities, ``consume(S, r0, c0, diagonal, split)``, the row blocks in fold order.
 
     ``split(n, work)`` runs ``work(lo, hi, thread)`` over ``threads`` slices of range(n) at once;
     ``fold_done(f)`` is called once the rows of fold f are all consumed. Leave-one-out computes
-    only the blocks on and above the diagonal (the matrix is symmetric).
+    only the blocks on and above the diagonal (the matrix is symmetric). S is a numpy array, or with
+    ``on_device`` a torch tensor on the GPU, in blocks of at least ``GPU_BLOCK`` rows there.
     """
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tq = _tensor(_rows(ev.embeddings, ev.query), device)
-    tg = tq if ev.loo else _tensor(_rows(ev.embeddings, ev.gallery), device)
     ng = len(ev.gallery)
-    row_blocks, fold_of = _fold_blocks(len(ev.query), ev.loo, ev.folds, ev.block)
-    col_blocks = row_blocks if ev.loo else [(c, min(c + ev.block, ng)) for c in range(0, ng, ev.block)]
-    buffer = torch.empty(ev.block * ev.block, device=device)  # reused: fresh pages cost page faults
+    block = max(ev.block, GPU_BLOCK) if on_device else ev.block
+    row_blocks, fold_of = _fold_blocks(len(ev.query), ev.loo, ev.folds, block)
+    col_blocks = row_blocks if ev.loo else [(c, min(c + block, ng)) for c in range(0, ng, block)]
 
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads) as pool, _one_blas_thread():
 
         def split(n, work):
             edges = np.linspace(0, n, threads + 1).astype(int)
             list(pool.map(lambda t: work(edges[t], edges[t + 1], t), range(threads)))
 
+        product = _products(ev, _device(), block, on_device, split)
+
         for b, (r0, r1) in enumerate(row_blocks):
             for c0, c1 in col_blocks[b:] if ev.loo else col_blocks:
-                S = torch.mm(tq(r0, r1), tg(c0, c1).T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-                consume(S.cpu().numpy(), r0, c0, ev.loo and r0 == c0, split)
+                consume(product(r0, r1, c0, c1), r0, c0, ev.loo and r0 == c0, split)
             if fold_done and (b + 1 == len(row_blocks) or fold_of[b + 1] != fold_of[b]):
                 fold_done(fold_of[b])
+
+
+def _products(ev: Evaluation, device: str, block: int, on_device: bool, split):
+    """The block of similarities of query rows [r0, r1) and gallery rows [c0, c1), as a function of (r0, r1, c0, c1):
+    a float32 numpy array, or with ``on_device`` a torch tensor on ``device``; a buffer reused by the next call
+    (fresh pages cost page faults).
+
+    On the CPU numpy's BLAS computes it, each of ``split``'s threads its share of the rows with one BLAS thread
+    (``_one_blas_thread``): BLAS's own worker threads would keep spinning after each product, on the cores the
+    kernels that consume the block need. On a GPU torch computes it, in float32 (TF32 as torch's settings allow).
+    """
+    import torch
+
+    q = _rows(ev.embeddings, ev.query)
+    g = q if ev.loo else _rows(ev.embeddings, ev.gallery)
+    if device == "cpu":
+        buffer = np.empty(block * block, np.float32)
+
+        def matmul(r0, r1, c0, c1):
+            S = buffer[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+            split(r1 - r0, lambda lo, hi, t: np.matmul(q[r0 + lo : r0 + hi], g[c0:c1].T, out=S[lo:hi]))
+            return S
+
+        return (lambda *rows: torch.from_numpy(matmul(*rows))) if on_device else matmul
+    tq = _tensor(q, device)
+    tg = tq if ev.loo else _tensor(g, device)
+    buffer = torch.empty(block * block, device=device)
+
+    def product(r0, r1, c0, c1):
+        S = torch.mm(tq(r0, r1), tg(c0, c1).T, out=buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+        return S if on_device else S.cpu().numpy()
+
+    return product
+
+
+def _one_blas_thread():
+    """BLAS limited to one thread inside the block (threadpoolctl): the pass runs its products in its own threads."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
+def _device() -> str:
+    """Where the blockwise pass runs: the GPU when torch sees one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_pass() -> bool:
+    """Whether the blocks are consumed with torch where they are (mltk.gpu_pass), rather than by the numba kernels on
+    the CPU: on a GPU, where the kernels would need every block copied to the host (2 TB at N = 1,000,000)."""
+    return _device() != "cpu"
 
 
 def _threads() -> int:
@@ -615,9 +594,8 @@ def _flush(fine: np.ndarray, by_fold: np.ndarray):
 def _tensor(x: np.ndarray, device: str):
     """Rows [a, b) of ``x`` as a torch tensor on ``device``, as a function of (a, b).
 
-    On the CPU the tensor shares the array's memory (a read-only memmap too: nothing writes to it).
-    On a GPU the whole array is copied there when it takes at most half the free memory; a bigger
-    one is copied block by block as the pass reaches it.
+    The whole array is copied to the GPU when it takes at most half its free memory; a bigger one is
+    copied block by block as the pass reaches it (on the CPU the tensor shares the array's memory).
     """
     import warnings
 
@@ -667,24 +645,32 @@ def _recount(ev: Evaluation, bins: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     """One more pass over all pairs: the ranges of keys [lo, hi) (within the first pass's ``bins``, sorted by bin then
     key) each split into at most ``SPLIT // len(lo)`` equal ranges. Returns those that hold pairs as (bins, lo, hi,
     counts (folds, same?, range)), each narrowed to the keys it holds: [its least, its greatest + 1)."""
-    *_, recount_kernel = _kernels()
-    threads = _threads()
     pieces = np.minimum(hi - lo, max(2, SPLIT // len(lo)))
     offset = np.concatenate([[0], np.cumsum(pieces)])
     first = np.searchsorted(bins, np.arange(BINS + 1))  # the ranges in bin b: first[b] to first[b + 1]
     qlab, glab = ev.labels[ev.query], ev.labels[ev.gallery]
-    fine = np.zeros((threads, 2, offset[-1]), np.int64)
-    by_fold = np.zeros((ev.folds, 2, offset[-1]), np.int64)
-    low, high = np.full((threads, offset[-1]), np.iinfo(np.int64).max), np.full((threads, offset[-1]), np.iinfo(np.int64).min)
+    if _torch_pass():  # on the GPU, where the blocks are (mltk.gpu_pass)
+        from mltk.gpu_pass import RecountConsumer
 
-    def consume(S, r0, c0, diagonal, split):
-        K = S.view(np.int32)
-        split(len(S), lambda a, z, t: recount_kernel(S, K, a, z, r0, c0, diagonal, qlab, glab, first, lo, hi, pieces, offset, fine[t], low[t], high[t]))
+        consumer = RecountConsumer(qlab, glab, folds=ev.folds, loo=ev.loo, first=first, lo=lo, hi=hi, pieces=pieces, offset=offset, device=_device())
+        _sweep(ev, 1, consumer.consume, consumer.fold_done, on_device=True)
+        by_fold, low, high = consumer.result()
+    else:
+        *_, recount_kernel = _kernels()
+        threads = _threads()
+        fine = np.zeros((threads, 2, offset[-1]), np.int64)
+        by_fold = np.zeros((ev.folds, 2, offset[-1]), np.int64)
+        low, high = np.full((threads, offset[-1]), np.iinfo(np.int64).max), np.full((threads, offset[-1]), np.iinfo(np.int64).min)
 
-    _sweep(ev, threads, consume, _flush(fine, by_fold))
+        def consume(S, r0, c0, diagonal, split):
+            K = S.view(np.int32)
+            split(len(S), lambda a, z, t: recount_kernel(S, K, a, z, r0, c0, diagonal, qlab, glab, first, lo, hi, pieces, offset, fine[t], low[t], high[t]))
+
+        _sweep(ev, threads, consume, _flush(fine, by_fold))
+        low, high = low.min(0), high.max(0)
     used = by_fold.sum(axis=(0, 1)) > 0
     cell = np.repeat(np.arange(len(lo)), pieces)[used]
-    return bins[cell], low.min(0)[used], high.max(0)[used] + 1, by_fold[:, :, used]
+    return bins[cell], low[used], high[used] + 1, by_fold[:, :, used]
 
 
 def _key_value(key: np.ndarray) -> np.ndarray:

@@ -12,6 +12,21 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (tests/test_gpu.py, run with ``pytest -m gpu``) are skipped without a CUDA GPU,
+    unless MLTK_GPU_TEST_DEVICE=cpu asks for their CPU dry run (see tests/test_gpu.py)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests or os.environ.get("MLTK_GPU_TEST_DEVICE", "cuda") == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False (MLTK_GPU_TEST_DEVICE=cpu runs a CPU dry run)")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 def run_mltk(*args: str, env: dict | None = None, cwd: str | Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m mltk ARGS`` in a fresh process; plugin loading follows ``env`` (None unsets)."""
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}

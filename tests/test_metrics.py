@@ -438,3 +438,21 @@ def test_concentrated_scores_take_no_more_memory_than_spread_ones():
     evaluate_embeddings(*near_one(n=50), metrics=VERIFICATION)  # numba compiles its kernels outside the measurement
     spread = peak(*clustered(n=600, classes=60))
     assert peak(*near_one(n=600)) <= 1.05 * spread and peak(*near_zero(n=600)) <= 1.05 * spread  # the bins split are counted in a smaller histogram
+
+
+def test_the_int32_pair_counts_are_emptied_before_they_could_overflow(monkeypatch):
+    counts = metrics._FoldCounts(folds=1, threads=2, bins=4, block=4096)
+    counts.every[0, 2] = counts.every[1, 2] = 2**31 - 2**20  # two threads, each near the int32 limit
+    counts.counted(2**31 - 2**20)
+    assert counts.every.sum() == 0 and counts.pending[2] == 2 * (2**31 - 2**20)  # moved into int64, not wrapped
+    counts.every[0, 1] = 5
+    counts.same[1, 1] = 2
+    counts.fold_done(0)
+    assert counts.by_fold[0].tolist() == [[0, 3, 2 * (2**31 - 2**20), 0], [0, 2, 0, 0]]  # (negative, positive) per bin
+    assert metrics._int32_room(4096) == 2**31 - 1 - 4096**2 and metrics._int32_room(40_000) == 0
+
+    # a pass that empties its int32 counts after every block gives the same histogram as one that never needs to
+    x, labels = clustered(n=500)
+    expected = evaluate_embeddings(x, labels, metrics=VERIFICATION, block=64).values
+    monkeypatch.setattr(metrics, "_int32_room", lambda block: 1)
+    assert evaluate_embeddings(x, labels, metrics=VERIFICATION, block=64).values == expected
