@@ -2,7 +2,8 @@
 
 torchrun starts one process per GPU (or per CPU worker) and tells each its place through the
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables
-mltk runs as a single process and nothing here does any communication.
+mltk runs as a single process and nothing here does any communication; with them it joins the process
+group, even a group of one (``--nproc-per-node 1``).
 """
 
 import os
@@ -21,6 +22,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # by torchrun: a process group even of one process (--nproc-per-node 1 on one GPU)
 
     @property
     def is_main(self) -> bool:
@@ -29,7 +31,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.size > 1 or self.launched
 
 
 def from_environment() -> World:
@@ -40,7 +42,7 @@ def from_environment() -> World:
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as exc:
         raise MltkError(f"bad torch.distributed environment (RANK / WORLD_SIZE / LOCAL_RANK): {exc}") from None
-    return World(rank, size, local)
+    return World(rank, size, local, launched="WORLD_SIZE" in os.environ)
 
 
 def device_for(world: World, requested: str) -> torch.device:

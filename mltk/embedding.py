@@ -2,7 +2,9 @@
 ``mltk index`` and ``EmbeddingModel.embed``.
 
 Precision, chosen here once: embeddings are computed in float32 with autocast off, whatever
-precision training used (``amp`` speeds up the training steps only). So the validation recall@1 in
+precision training used (``amp`` speeds up the training steps only), and on a GPU with cuDNN's
+TF32 convolutions off (PyTorch's default lets them round inputs to 10 bits of mantissa, so that a
+GPU's embeddings would differ from the CPU's by about 1e-3). So the validation recall@1 in
 metrics.jsonl and ``mltk evaluate``'s recall@1 of the same checkpoint are one computation on the
 same vectors. The model is put in eval mode first (BatchNorm's running statistics, no dropout).
 """
@@ -24,6 +26,12 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @torch.no_grad()
+def float32_convolutions():
+    """cuDNN's convolutions in full float32 inside the block (no TF32), its other settings as they are."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+
+
 def embed_dataset(
     embedder: torch.nn.Module, dataset, device: torch.device, batch_size: int = 128, workers: int = 2, flip_tta: bool = False,
     progress: Progress | None = None, into: np.ndarray | None = None, world: World = World(),
@@ -45,7 +53,7 @@ def embed_dataset(
     kept, failed, done = [], [], 0  # kept: this process's vectors, gathered at the end across processes
     for images, _, bad in loader:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False), float32_convolutions():
             vectors = embedder.embed(images)
             if flip_tta:
                 vectors = torch.nn.functional.normalize(vectors + embedder.embed(images.flip(-1)), dim=1)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import collections
 import math
 import os
 import random
@@ -394,6 +395,34 @@ def epoch_loader(train_set: ImageDataset, sampler: MPerClassSampler, cfg: RunCon
     )
 
 
+class StepValues:
+    """The values each step logs, read without making the step wait for them. On a GPU a step's values are copied to
+    the host while it runs and read one step later, once the next step's work is queued: reading them at once would
+    stall the GPU every step. On the CPU they are read at once."""
+
+    def __init__(self, device: torch.device):
+        self.lag = 1 if device.type == "cuda" else 0
+        self.queue: collections.deque = collections.deque()
+
+    def put(self, values: torch.Tensor, **context) -> None:
+        """A step's values (a 1-d tensor), with what ``readable`` gives back beside them."""
+        ready = None
+        if self.lag:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.queue.append((values, ready, context))
+
+    def readable(self, all: bool = False):
+        """(values as floats, context) of the steps whose values are in, oldest first; ``all`` waits for the last too."""
+        while len(self.queue) > (0 if all else self.lag):
+            values, ready, context = self.queue.popleft()
+            if ready is not None:
+                ready.synchronize()
+            yield values.tolist(), context
+
+
 def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, lrs: list[float], seen: int, elapsed: float, world) -> dict:
     """An epoch's metrics.jsonl line: each loss term averaged over the steps, the learning rates of its last step
     (``lrs``, one per parameter group), throughput, seconds."""
@@ -531,6 +560,24 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
 
     # Plugins and loggers follow the run from here (rank 0 only): run_started, then run_ended with what ended it.
     hooks = Lifecycle(loggers, warn) if main else Silent()
+
+    def log_step(values: list[float], epoch: int, sums: dict, started: float, step: int, names: list[str], lrs: list[float], seen: int) -> None:
+        """A step's losses: checked (a loss gone NaN stops the run), added to the epoch's ``sums``, and handed to the
+        plugins and the progress bar."""
+        checked, *values = values
+        if not math.isfinite(checked):
+            raise MltkError(
+                f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
+                f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
+            )
+        terms = {name if name == "loss" else f"loss/{name}": value for name, value in zip(names, values)}  # as metrics.jsonl names them
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + value
+        logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
+        hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
+        if on_step:
+            on_step(epoch, step + 1, steps_per_epoch, logs)
+
     with hooks.running(cfg, run_dir, result):
         # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
         done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
@@ -542,6 +589,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                 loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
                 set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
                 sums: dict[str, float] = {}
+                steps = StepValues(device)
                 unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
                 seen, started = 0, time.perf_counter()
                 for step, (images, labels, failed) in enumerate(loader):
@@ -562,13 +610,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     indices = miner(embeddings, labels) if miner is not None else None
                     total, parts = objective(embeddings, labels, indices)
                     # What is logged and checked: the mean over processes, so every process takes the same decision.
-                    checked, *values = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world).tolist()
-                    shown = dict(zip(["loss", *parts], values))
-                    if not math.isfinite(checked):
-                        raise MltkError(
-                            f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
-                            f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
-                        )
+                    logged = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(total).backward()
                     if cfg.grad_clip:
@@ -579,13 +621,11 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
                     scheduler.step()
                     seen += len(labels) * world.size  # every process's images (equal batches)
-                    terms = {name if name == "loss" else f"loss/{name}": value for name, value in shown.items()}  # as metrics.jsonl names them
-                    for key, value in terms.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
-                    hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
-                    if on_step:
-                        on_step(epoch, step + 1, steps_per_epoch, logs)
+                    steps.put(logged, step=step, names=["loss", *parts], lrs=lrs, seen=seen)
+                    for values, context in steps.readable():
+                        log_step(values, epoch, sums, started, **context)
+                for values, context in steps.readable(all=True):  # the epoch's last step, on a GPU
+                    log_step(values, epoch, sums, started, **context)
                 elapsed = time.perf_counter() - started
 
                 # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
