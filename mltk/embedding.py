@@ -25,13 +25,13 @@ from mltk.outputs import temporary
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-@torch.no_grad()
 def float32_convolutions():
     """cuDNN's convolutions in full float32 inside the block (no TF32), its other settings as they are."""
     cudnn = torch.backends.cudnn
     return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
 
 
+@torch.no_grad()
 def embed_dataset(
     embedder: torch.nn.Module, dataset, device: torch.device, batch_size: int = 128, workers: int = 2, flip_tta: bool = False,
     progress: Progress | None = None, into: np.ndarray | None = None, world: World = World(),
