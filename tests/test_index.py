@@ -167,8 +167,9 @@ def test_a_memmap_gives_the_same_metrics_and_is_never_copied(tmp_path):
     in_ram = evaluate_embeddings(x, labels, metrics=RETRIEVAL + ["roc_auc"]).values
     values = evaluate_embeddings(mm, labels, metrics=RETRIEVAL + ["roc_auc"]).values
     assert values == in_ram
-    # The kNN pass alone (max_pairs=0: no pair histogram, whose 1M bins a fold do not depend on N).
-    retrieval = dict(metrics=RETRIEVAL, max_pairs=0)
+    # The kNN pass alone (max_pairs=0: no pair histogram, whose 1M bins a fold do not depend on N), in blocks of 512
+    # rows: the pass's one block of similarities (block² floats, 1 MiB here) counts too, and does not depend on N.
+    retrieval = dict(metrics=RETRIEVAL, max_pairs=0, block=512)
     full = peak_allocation(lambda: evaluate_embeddings(mm, labels, **retrieval))
     assert full < mm.nbytes / 4, f"{full} bytes allocated for {mm.nbytes} bytes of embeddings"
     half = len(x) // 2  # a query/gallery split in two contiguous ranges, as `mltk evaluate --query --gallery` has it
