@@ -127,7 +127,7 @@ class Evaluation:
     ``query``/``gallery`` (indices or boolean masks into ``embeddings``) split the items; without
     them every item is a query against all the others (leave-one-out). ``pairs`` replaces the
     all-pairs verification with an explicit pair list. ``engine`` picks the kNN pass: "blocks"
-    (torch matmul in blocks, one pass that also fills the pair histogram), "flat" (faiss, exact), or an
+    (matrix products in blocks, one pass that also fills the pair histogram), "flat" (faiss, exact), or an
     approximate faiss index, "ivf", "ivfpq" or "hnsw", built with ``index_options`` (``mltk.index.build``:
     nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries. ``rerank``
     (``mltk.rerank``) re-orders each query's ``rerank.candidates`` nearest before the retrieval metrics
@@ -390,7 +390,7 @@ def _row_dots(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, chunk:
     return out
 
 
-# ---- the blockwise pass: torch matmul, numba kernels consume each block ----------------------------
+# ---- the blockwise pass: BLAS products; numba kernels (or, on a GPU, torch) consume each block ---------
 
 
 def _kernels():
@@ -428,9 +428,17 @@ def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
         consumer = BlockConsumer(qlab, glab, k=k, knn=knn, hist=hist, folds=ev.folds, loo=ev.loo, bins=BINS, empty=_WORST, device=_device(), compile=True)
         _sweep(ev, 1, consumer.consume, consumer.fold_done if hist else None, on_device=True)
         heaps, by_fold = consumer.result()
-        consumer = None  # its device memory, before a pass that splits heavy bins
-        used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
-        return heaps, (_resolve(ev, used, by_fold[:, :, used]) if hist else None)
+        consumer = None  # its device memory
+    else:
+        heaps, by_fold = _numba_pass(ev, k, knn, hist, qlab, glab)
+    used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
+    counts = by_fold[:, :, used]
+    by_fold = None  # the full-size histograms: freed before any pass that splits heavy bins
+    return heaps, (_resolve(ev, used, counts) if hist else None)
+
+
+def _numba_pass(ev: Evaluation, k: int, knn: bool, hist: bool, qlab: np.ndarray, glab: np.ndarray):
+    """``_block_pass`` on the CPU, by the numba kernels: ((similarities, indices) best first, counts (folds, same?, bin))."""
     rows_kernel, cols_kernel, sort_heaps, _ = _kernels()
     threads = _threads()
     by_label = np.argsort(glab, kind="stable")  # gallery positions, class by class, in order
@@ -449,11 +457,7 @@ def _block_pass(ev: Evaluation, k: int, knn: bool, hist: bool):
     _sweep(ev, threads, consume, counts.fold_done if hist else None)
     if knn:
         sort_heaps(hv, hi)
-    by_fold = counts.by_fold
-    used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
-    result = by_fold[:, :, used]
-    counts = by_fold = None  # the full-size histograms: freed before any pass that splits heavy bins
-    return (hv, hi), (_resolve(ev, used, result) if hist else None)
+    return (hv, hi), counts.by_fold
 
 
 def _int32_room(block: int) -> int:

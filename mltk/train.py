@@ -1,8 +1,8 @@
 """The training loop, top to bottom: data, model, losses, optimiser, epochs, checkpoints."""
 
+import collections
 import json
 import logging
-import collections
 import math
 import os
 import random
@@ -414,9 +414,10 @@ class StepValues:
             ready.record()
         self.queue.append((values, ready, context))
 
-    def readable(self, all: bool = False):
-        """(values as floats, context) of the steps whose values are in, oldest first; ``all`` waits for the last too."""
-        while len(self.queue) > (0 if all else self.lag):
+    def readable(self, last: bool = False):
+        """(values as floats, context) of the steps whose values are in, oldest first; ``last``: the last step's too
+        (waiting for it)."""
+        while len(self.queue) > (0 if last else self.lag):
             values, ready, context = self.queue.popleft()
             if ready is not None:
                 ready.synchronize()
@@ -624,7 +625,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
                     steps.put(logged, step=step, names=["loss", *parts], lrs=lrs, seen=seen)
                     for values, context in steps.readable():
                         log_step(values, epoch, sums, started, **context)
-                for values, context in steps.readable(all=True):  # the epoch's last step, on a GPU
+                for values, context in steps.readable(last=True):  # the epoch's last step, on a GPU
                     log_step(values, epoch, sums, started, **context)
                 elapsed = time.perf_counter() - started
 
