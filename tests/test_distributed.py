@@ -159,3 +159,15 @@ def test_torchrun_trains_with_two_processes_and_the_checkpoint_loads_in_one(tmp_
     vectors = model.embed(sorted(images.glob("class_00/*.png")))
     assert vectors.shape == (8, 16)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(8))
+
+
+def test_torchrun_of_one_process_is_a_process_group_and_a_plain_run_is_not(monkeypatch):
+    from mltk.distributed import from_environment
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not from_environment().distributed  # `mltk run`: no process group, no communication
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    world = from_environment()
+    assert world.distributed and world.size == 1 and world.is_main  # `torchrun --nproc-per-node 1`: a group of one (NCCL on one GPU)
