@@ -162,6 +162,8 @@ def image_inside(base: Path, rel: str, where: str, folder: str, name_folder: boo
     except OSError as exc:  # a name too long for the file system, a loop of links
         raise MltkError(f"{where}: image {_short(rel)} cannot be opened ({exc.strerror or exc})") from None
     if not found:
+        if full.is_dir():
+            raise MltkError(f"{where}: {_short(rel)} is a folder, not an image file")
         raise MltkError(f"{where}: image {_short(rel)} does not exist" + (f" in {folder}" if name_folder else ""))
     return full
 
@@ -316,17 +318,18 @@ def open_image(source: Source, mode: str) -> Image.Image:
         if reason:
             raise Image.DecompressionBombError(reason)
         if isinstance(source, CroppedImage):
-            return crop(image, source.box).convert(mode)
+            return image.crop(clipped(source.box, image.size)).convert(mode)
         return image.convert(mode)
 
 
-def crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-    """``image`` cut to ``box``, clipped to the image (annotated boxes may pass its edge by a pixel or two)."""
-    width, height = image.size
+def clipped(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` clipped to an image of ``size`` (annotated boxes may pass its edge by a pixel or two); a ValueError
+    when nothing of it is inside."""
+    width, height = size
     left, top, right, bottom = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
     if right <= left or bottom <= top:
-        raise ValueError(f"box {box} lies outside the {width} x {height} image")
-    return image.crop((left, top, right, bottom))
+        raise ValueError(f"crop box {box} lies outside the {width} x {height} image")
+    return left, top, right, bottom
 
 
 def too_large(image: Image.Image) -> str | None:
@@ -339,7 +342,8 @@ def too_large(image: Image.Image) -> str | None:
 
 
 def check_image(path: str | Path) -> str | None:
-    """Why an image file cannot be read, or None if it can.
+    """Why an image file cannot be read, or None if it can; a CroppedImage whose box misses the image (its size
+    from the header) cannot either.
 
     Cheap enough to run over a dataset before training (5,000 photos: about 1.5 s on one core):
     a JPEG is decoded at 1/8 scale, which still reads every byte (~0.3 ms), and a PNG's chunk
@@ -350,6 +354,8 @@ def check_image(path: str | Path) -> str | None:
             reason = too_large(image)
             if reason:
                 return reason
+            if isinstance(path, CroppedImage):
+                clipped(path.box, image.size)  # its ValueError is the reason, returned below
             if image.format == "PNG":
                 image.verify()
             else:

@@ -2,12 +2,13 @@
 papers' class-disjoint splits: CUB-200-2011, Cars196, Stanford Online Products and In-Shop (docs/benchmarks.md).
 
 Every file is untrusted: each is read whole and checked before any image is used; a problem is one line
-naming the file and the line (a .mat file: the annotation), and an image path stays inside the root.
+naming the file and the line (a .mat file: the annotation), and an image path stays inside the root and is listed once.
 """
 
 import math
+import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from mltk.data import _CONTROL, MAX_CSV_LINE, CroppedImage, LabelledImages, _sho
 from mltk.errors import MltkError, UsageError
 
 TRAIN_TEST = ("train", "test")
+MAX_EDGE = 2**31 - 1  # pixels: PIL's image sides are C ints, so a box edge past this is past every image
 
 
 # -- Checks shared by the readers: the root, the files in it, their lines, numbers and image paths.
@@ -28,16 +30,23 @@ def check_split(name: str, split: str, splits: tuple[str, ...] = TRAIN_TEST) -> 
 def folder(name: str, root: str | Path, hint: str) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise MltkError(f"{name}: {root} is not a folder; {hint}")
+        raise MltkError(f"{name}: {root} {'is not a folder' if root.exists() else 'does not exist'}; {hint}")
     return root
 
 
 def need(name: str, root: Path, rel: str, hint: str) -> Path:
     """``root/rel``, a file the dataset cannot do without."""
     path = root / rel
-    if not path.is_file():
+    if not present(path):
         raise MltkError(f"{name}: {root} has no {rel}; {hint}")
     return path
+
+
+def present(path: Path) -> bool:
+    """Whether the file ``path`` is there; a folder of its name is an error, not a file missing."""
+    if path.is_dir():
+        raise MltkError(f"{str(path)!r} is a folder, not a file; give the dataset's folder as its archive unpacks")
+    return path.is_file()
 
 
 def lines(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -106,6 +115,18 @@ def read_ids(path: Path, columns: str) -> dict[int, tuple[int, list[str]]]:
     return found
 
 
+def listed_once(listing: Path, entries: Iterable[tuple[str, str]]) -> None:
+    """Each image once in ``listing``, its path normalised (``a/./b.jpg`` is ``a/b.jpg``): an image listed twice is
+    found as its own nearest neighbour, and retrieval looks better than it is. ``entries``: (the path as listed,
+    the entry: 'line 7 (image_id 7)', 'annotation 3')."""
+    first: dict[str, str] = {}
+    for rel, entry in entries:
+        key = os.path.normpath(rel)
+        if key in first:
+            raise MltkError(f"{str(listing)!r} {entry}: image {_short(rel)} is listed already, as {first[key]}; list each image once")
+        first[key] = entry
+
+
 def image(base: Path, rel: str, where: str) -> Path:
     """The image ``rel`` names: a relative path that stays inside ``base`` (links inside it are followed)."""
     return image_inside(base, rel, where, str(base))
@@ -140,6 +161,7 @@ def cub200(root: str | Path, split: str = "train", crop: bool = False) -> Labell
         for key, (line, _) in found.items():
             if key not in paths:
                 raise MltkError(f"{str(other)!r} line {line}: image {key} is not in images.txt")
+    listed_once(files["images.txt"], ((rel, f"line {line} (image_id {key})") for key, (line, (rel,)) in paths.items()))
     rows = []
     for key, (line, (rel,)) in paths.items():
         where = f"{str(files['images.txt'])!r} line {line}"
@@ -164,6 +186,8 @@ def cub_box(path: Path, key: int, boxes: dict, where: str) -> tuple[int, int, in
     x, y, w, h = (number(v, f"{str(path)!r} line {line}", what) for v, what in zip(fields, ("x", "y", "width", "height")))
     if round(w) < 1 or round(h) < 1:
         raise MltkError(f"{str(path)!r} line {line}: the box of image {key} is empty ({w:g} x {h:g})")
+    if max(x + w, y + h) > MAX_EDGE:  # an infinite sum too
+        raise MltkError(f"{str(path)!r} line {line}: the box of image {key} ends past any image (x + width {x + w:g}, y + height {y + h:g})")
     return round(x), round(y), round(x + w), round(y + h)
 
 
@@ -172,6 +196,7 @@ def cub_box(path: Path, key: int, boxes: dict, where: str) -> tuple[int, int, in
 
 CARS_HINT = "give the folder holding cars_train/, cars_test/ and devkit/ (from car_devkit.tgz), or the one holding cars_annos.mat and car_ims/"
 BOX = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+UNLABELLED = "this is the devkit's unlabelled test file: add cars_test_annos_withlabels.mat beside it"
 
 
 def cars196(root: str | Path, split: str = "train", crop: bool = False) -> LabelledImages:
@@ -179,7 +204,7 @@ def cars196(root: str | Path, split: str = "train", crop: bool = False) -> Label
     each image cut to its bounding box."""
     check_split("cars196", split)
     root = folder("cars196", root, CARS_HINT)
-    records, class_names, listing = cars_combined(root) if (root / "cars_annos.mat").is_file() else cars_devkit(root)
+    records, class_names, listing = cars_combined(root) if present(root / "cars_annos.mat") else cars_devkit(root)
     rows = [(CroppedImage(path, box) if crop else path, c) for path, c, box in records if (c <= 98) == (split == "train")]
     return labelled(f"cars196-{split}", rows, dict(enumerate(class_names, 1)), listing, "1-98" if split == "train" else "99-196")
 
@@ -190,30 +215,31 @@ def cars_combined(root: Path) -> tuple[list, list[str], Path]:
     path = root / "cars_annos.mat"
     mat = read_mat(path)
     names = mat_names(path, mat)
-    records = [
-        (image(root, mat_text(a["relative_im_path"], where, "relative_im_path"), where), c, box)
-        for where, a, c, box in annotations(path, mat, ("relative_im_path", *BOX, "class"), len(names))
-    ]
-    return records, names, path
+    hint = "the combined release's cars_annos.mat gives each image of car_ims/ its box and class: fetch it again"
+    found = [(mat_text(a["relative_im_path"], where, "relative_im_path"), where, c, box)
+             for where, a, c, box in annotations(path, mat, ("relative_im_path", *BOX, "class"), len(names), hint)]
+    listed_once(path, ((rel, f"annotation {i}") for i, (rel, *_) in enumerate(found, 1)))
+    return [(image(root, rel, where), c, box) for rel, where, c, box in found], names, path
 
 
 def cars_devkit(root: Path) -> tuple[list, list[str], Path]:
     """devkit/cars_meta.mat (class_names), cars_train_annos.mat and the labelled test annotations: fname under
     cars_train/ or cars_test/, box and class."""
-    devkit = next((d for d in (root / "devkit", root) if (d / "cars_meta.mat").is_file()), None)
+    devkit = next((d for d in (root / "devkit", root) if present(d / "cars_meta.mat")), None)
     if devkit is None:
         raise MltkError(f"cars196: {root} has no devkit/cars_meta.mat (nor cars_annos.mat); {CARS_HINT}")
     names = mat_names(devkit / "cars_meta.mat", read_mat(devkit / "cars_meta.mat"))
     records = []
     # The devkit's first cars_test_annos.mat has no classes; cars_test_annos_withlabels.mat, released later, has.
     for images, choices in (("cars_train", ("cars_train_annos.mat",)), ("cars_test", ("cars_test_annos_withlabels.mat", "cars_test_annos.mat"))):
-        path = next((devkit / n for n in choices if (devkit / n).is_file()), None)
+        path = next((devkit / n for n in choices if present(devkit / n)), None)
         if path is None:
             raise MltkError(f"cars196: {root} has no {(devkit / choices[-1]).relative_to(root)}; {CARS_HINT}")
-        mat = read_mat(path)
-        fields = ("fname", *BOX, "class")
-        for where, a, c, box in annotations(path, mat, fields, len(names)):
-            records.append((image(root / images, mat_text(a["fname"], where, "fname"), where), c, box))
+        hint = UNLABELLED if path.name == "cars_test_annos.mat" else "fetch car_devkit.tgz again"
+        found = [(mat_text(a["fname"], where, "fname"), where, c, box)
+                 for where, a, c, box in annotations(path, read_mat(path), ("fname", *BOX, "class"), len(names), hint)]
+        listed_once(path, ((fname, f"annotation {i}") for i, (fname, *_) in enumerate(found, 1)))
+        records += [(image(root / images, fname, where), c, box) for fname, where, c, box in found]
     return records, names, devkit / "cars_train_annos.mat"
 
 
@@ -236,17 +262,16 @@ def mat_names(path: Path, mat: dict) -> list[str]:
     return [str(v) for v in items]
 
 
-def annotations(path: Path, mat: dict, fields: tuple[str, ...], classes: int) -> Iterator[tuple[str, dict, int, tuple]]:
+def annotations(path: Path, mat: dict, fields: tuple[str, ...], classes: int, hint: str) -> Iterator[tuple[str, dict, int, tuple]]:
     """(where, the annotation, its class, its box) of each entry of the struct array ``annotations``; the class in
-    1..``classes`` and the box non-empty, all checked before the first is given."""
+    1..``classes`` and the box non-empty, all checked before the first is given. ``hint``: what to do when fields are missing."""
     value = mat.get("annotations")
     names = getattr(getattr(value, "dtype", None), "names", None)
     if names is None:
         raise MltkError(f"{str(path)!r} has no struct array 'annotations'")
     missing = [f for f in fields if f not in names]
     if missing:
-        extra = " (this is the devkit's unlabelled test file: add cars_test_annos_withlabels.mat beside it)" if missing == ["class"] else ""
-        raise MltkError(f"{str(path)!r}: annotations lack the field{'s' if len(missing) > 1 else ''} {', '.join(missing)}{extra}")
+        raise MltkError(f"{str(path)!r}: annotations lack the field{'s' if len(missing) > 1 else ''} {', '.join(missing)}; {hint}")
     found = []
     for i, record in enumerate(np.atleast_1d(value), 1):
         where = f"{str(path)!r} annotation {i}"
@@ -254,7 +279,7 @@ def annotations(path: Path, mat: dict, fields: tuple[str, ...], classes: int) ->
         c = mat_whole(entry["class"], where, "class")
         if c > classes:
             raise MltkError(f"{where}: class {c} is not one of the {classes} in class_names")
-        x1, y1, x2, y2 = (mat_whole(entry[f], where, f, low=0) for f in BOX)
+        x1, y1, x2, y2 = (mat_whole(entry[f], where, f, low=0, high=MAX_EDGE) for f in BOX)
         if x2 <= x1 or y2 <= y1:
             raise MltkError(f"{where}: the box ({x1}, {y1}, {x2}, {y2}) is empty")
         found.append((where, entry, c, (x1, y1, x2, y2)))
@@ -263,11 +288,12 @@ def annotations(path: Path, mat: dict, fields: tuple[str, ...], classes: int) ->
     return iter(found)
 
 
-def mat_whole(value, where: str, what: str, low: int = 1) -> int:
+def mat_whole(value, where: str, what: str, low: int = 1, high: float = math.inf) -> int:
     array = np.asarray(value)
     x = array.item() if array.size == 1 and array.dtype.kind in "iuf" else None
-    if x is None or not math.isfinite(x) or x != int(x) or x < low:
-        raise MltkError(f"{where}: {what} must be a whole number >= {low}, got {_short(str(value))}")
+    if x is None or not math.isfinite(x) or x != int(x) or not low <= x <= high:
+        within = f">= {low}" if high == math.inf else f"from {low} to {high}"
+        raise MltkError(f"{where}: {what} must be a whole number {within}, got {_short(str(value))}")
     return int(x)
 
 
@@ -297,12 +323,13 @@ def sop(root: str | Path, split: str = "train") -> LabelledImages:
                 raise MltkError(f"{where}: expected the header '{SOP_COLUMNS}', got {_short(' '.join(fields))}")
             header = True
             continue
-        _, class_id, super_id, rel = expect(path, line, fields, SOP_COLUMNS)
+        image_id, class_id, super_id, rel = expect(path, line, fields, SOP_COLUMNS)
         whole(super_id, where, "super_class_id")
-        rows.append((rel, where, whole(class_id, where, "class_id")))
+        rows.append((rel, where, whole(class_id, where, "class_id"), f"line {line} (image_id {whole(image_id, where, 'image_id')})"))
     if not rows:
         raise MltkError(f"{str(path)!r} lists no images; expected '{SOP_COLUMNS}' lines after the header")
-    sources = [(image(root, rel, where), c) for rel, where, c in rows]
+    listed_once(path, ((rel, entry) for rel, _, _, entry in rows))
+    sources = [(image(root, rel, where), c) for rel, where, c, _ in rows]
     return labelled(f"sop-{split}", sources, {c: str(c) for _, c in sources}, path)
 
 
@@ -318,11 +345,12 @@ def inshop(root: str | Path, split: str = "train") -> LabelledImages | dict[str,
     """In-Shop: train (3,997 items); test is query against gallery (3,985 other items), ``{"query": ..., "gallery": ...}``."""
     check_split("inshop", split, INSHOP_SPLITS)
     root = folder("inshop", root, INSHOP_HINT)
-    path = next((root / rel for rel in ("list_eval_partition.txt", "Eval/list_eval_partition.txt") if (root / rel).is_file()), None)
+    path = next((root / rel for rel in ("list_eval_partition.txt", "Eval/list_eval_partition.txt") if present(root / rel)), None)
     if path is None:
         raise MltkError(f"inshop: {root} has no list_eval_partition.txt (nor Eval/list_eval_partition.txt); {INSHOP_HINT}")
     base = root / "Img" if not (root / "img").is_dir() and (root / "Img").is_dir() else root  # image names start img/
     rows: dict[str, list] = {"train": [], "query": [], "gallery": []}
+    listed: list[tuple[str, str]] = []  # every image, whatever its status: one in the query and the gallery is one listed twice
     count = header = None
     for line, fields in lines(path):
         where = f"{str(path)!r} line {line}"
@@ -337,11 +365,12 @@ def inshop(root: str | Path, split: str = "train") -> LabelledImages | dict[str,
             if status not in rows:
                 raise MltkError(f"{where}: evaluation_status {_short(status)} is not train, query or gallery")
             rows[status].append((rel, where, item))
-    listed = sum(map(len, rows.values()))
+            listed.append((rel, f"line {line}"))
     if header is None:
         raise MltkError(f"{str(path)!r} lacks its first two lines: the count of images, then '{INSHOP_COLUMNS}'")
-    if count != listed:
-        raise MltkError(f"{str(path)!r} line 1: says {count} images, the file lists {listed}")
+    if count != len(listed):
+        raise MltkError(f"{str(path)!r} line 1: says {count} images, the file lists {len(listed)}")
+    listed_once(path, listed)
 
     def part(status: str) -> LabelledImages:
         items = sorted({item for _, _, item in rows[status]})

@@ -29,6 +29,9 @@ def test_csv_errors_name_the_problem(image_folder):
     (image_folder / "missing.csv").write_text("path,label\nclass_00/0.png,a\nnope.png,a\n")
     with pytest.raises(MltkError, match="line 3: image 'nope.png' does not exist"):
         load_data(str(image_folder / "missing.csv"))
+    (image_folder / "folder.csv").write_text("path,label\nclass_00/0.png,a\nclass_01,b\n")
+    with pytest.raises(MltkError, match="line 3: 'class_01' is a folder, not an image file$"):
+        load_data(str(image_folder / "folder.csv"))
 
 
 def test_missing_data_and_unknown_dataset(tmp_path):
@@ -115,6 +118,18 @@ def test_scan_leaves_out_unreadable_files_and_keeps_labels(image_folder):
     assert [path for path, _ in skipped] == bad and skipped[1][1] == "not an image"
     assert len(kept) == 30 and kept.classes == data.classes
     assert all(data.labels[data.sources.index(s)] == y for s, y in zip(kept.sources, kept.labels))
+
+
+def test_scan_leaves_out_a_crop_box_outside_its_image_with_the_reason(image_folder):
+    from mltk.data import CroppedImage, check_image, drop_unreadable
+
+    data = load_data(str(image_folder))  # 24 x 24 images
+    past_the_edge, outside = CroppedImage(data.sources[0], (20, 20, 40, 40)), CroppedImage(data.sources[1], (30, 0, 40, 10))
+    data.sources[:2] = [past_the_edge, outside]
+    kept, skipped = drop_unreadable(data)
+    assert skipped == [(outside, "crop box (30, 0, 40, 10) lies outside the 24 x 24 image")]
+    assert len(kept) == 31 and kept.sources[0] is past_the_edge  # clipped to the image when read
+    assert check_image(outside) == skipped[0][1]  # what a file that fails later is reported with, too
 
 
 def test_scan_with_nothing_readable_is_a_clear_error(tmp_path):

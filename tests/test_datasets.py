@@ -310,6 +310,9 @@ def rewrite(path: Path, line: int, text: str) -> None:
     ("classes.txt", 7, "7\n", "line 7: expected 'class_id class_name', got '7'"),
     ("bounding_boxes.txt", 2, "2 1.0 2.0 nan 4.0\n", "line 2: width 'nan' is not a number >= 0"),
     ("bounding_boxes.txt", 2, "2 1.0 2.0 0.0 4.0\n", "line 2: the box of image 2 is empty"),
+    ("bounding_boxes.txt", 2, "2 1e308 0 1e308 10\n", "line 2: the box of image 2 ends past any image (x + width inf, y + height 10)"),
+    ("bounding_boxes.txt", 2, "2 0 1e300 10 1\n", "line 2: the box of image 2 ends past any image (x + width 10, y + height 1e+300)"),
+    ("images.txt", 5, "5 001.Black_footed_Albatross\n", "line 5: '001.Black_footed_Albatross' is a folder, not an image file"),
 ])
 def test_a_malformed_cub_line_names_the_file_and_line(cub, file, line, text, expected):
     rewrite(cub / file, line, text)
@@ -355,7 +358,7 @@ def test_a_bad_mat_file_names_the_file_and_annotation(cars_devkit, cars_combined
     for i, r in enumerate(unlabelled):
         array[0, i] = tuple(r.values())
     savemat(annos, {"annotations": array})  # the devkit's first test file: no classes
-    with pytest.raises(MltkError, match="annotations lack the field class .*cars_test_annos_withlabels.mat"):
+    with pytest.raises(MltkError, match="annotations lack the field class; this is the devkit's unlabelled test file: add cars_test_annos_withlabels.mat"):
         load_data(f"cars196:{cars_devkit}:test")
     (cars_combined / "cars_annos.mat").write_bytes(b"not a mat file")
     with pytest.raises(MltkError, match=f"^{str(cars_combined / 'cars_annos.mat')!r} is not a readable .mat file"):
@@ -391,3 +394,98 @@ def test_a_root_holding_a_colon_stays_whole(cub, tmp_path):
     odd = tmp_path / "birds:v1"
     cub.rename(odd)
     assert len(load_data(f"cub200:{odd}:test")) == 8
+
+
+def rewrite_mat(path: Path, annotation: int, **fields) -> None:
+    """Set ``fields`` of annotation ``annotation`` (from 1) of the .mat file ``path``, its other variables kept."""
+    from scipy.io import loadmat, savemat
+
+    mat = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+    for name, value in fields.items():
+        mat["annotations"][name][0, annotation - 1] = np.array([value])
+    savemat(path, mat)
+
+
+# -- An image listed twice would be found as its own nearest neighbour: every reader refuses it, naming both entries.
+
+DUPLICATES = {
+    "cub": ("images.txt", lambda root: rewrite(root / "images.txt", 4, "4 001.Black_footed_Albatross/./Black_footed_Albatross_0002_1002.jpg\n"),
+            "line 4 (image_id 4): image '001.Black_footed_Albatross/./Black_footed_Albatross_0002_100'... is listed already, as line 2 (image_id 2); list each image once"),
+    "sop": ("Ebay_train.txt", lambda root: rewrite(root / "Ebay_train.txt", 3, "2 1 1 bicycle_final//10000_0.JPG\n"),
+            "line 3 (image_id 2): image 'bicycle_final//10000_0.JPG' is listed already, as line 2 (image_id 1); list each image once"),
+    "inshop": ("list_eval_partition.txt",  # a query image that is also in the gallery
+               lambda root: rewrite(root / "list_eval_partition.txt", 12, "img/WOMEN/Dresses/id_00000005/01_1_front.jpg id_00000005 gallery\n"),
+               "line 12: image 'img/WOMEN/Dresses/id_00000005/01_1_front.jpg' is listed already, as line 11; list each image once"),
+    "cars_combined": ("cars_annos.mat", lambda root: rewrite_mat(root / "cars_annos.mat", 3, relative_im_path="car_ims/../car_ims/000001.jpg"),
+                      "annotation 3: image 'car_ims/../car_ims/000001.jpg' is listed already, as annotation 1; list each image once"),
+    "cars_devkit": ("devkit/cars_test_annos.mat", lambda root: rewrite_mat(root / "devkit" / "cars_test_annos.mat", 2, fname="00001.jpg"),
+                    "annotation 2: image '00001.jpg' is listed already, as annotation 1; list each image once"),
+}
+
+
+@pytest.mark.parametrize("layout", DUPLICATES)
+def test_an_image_listed_twice_is_refused_naming_both_entries(layout, request):
+    root = request.getfixturevalue(layout)
+    listing, spoil, expected = DUPLICATES[layout]
+    spoil(root)
+    name = {"cub": "cub200", "cars_combined": "cars196", "cars_devkit": "cars196"}.get(layout, layout)
+    for split in ("train",) if layout == "sop" else ("train", "test"):  # one file of both splits: either is refused
+        with pytest.raises(MltkError) as raised:
+            load_data(f"{name}:{root}:{split}")
+        assert str(raised.value) == f"{str(root / listing)!r} {expected}"
+
+
+def test_evaluate_refuses_a_listing_with_an_image_twice_before_any_output(cub, mltk_main, tmp_path):
+    rewrite(cub / "images.txt", 10, "10 101.White_Pelican/White_Pelican_0009_1009.jpg\n")  # image 9 again, as image 10
+    line = one_line_error(mltk_main("evaluate", *EVAL_ARGS, "--data", f"cub200:{cub}", "--out", tmp_path / "e"), code=1)
+    assert line.endswith("line 10 (image_id 10): image '101.White_Pelican/White_Pelican_0009_1009.jpg' is listed already, as line 9 (image_id 9); list each image once")
+    assert not (tmp_path / "e").exists()
+
+
+# -- A folder where a file is wanted is named a folder, not a missing file.
+
+
+def test_a_folder_listed_as_an_image_or_given_as_a_file_is_called_a_folder(cub, cars_combined, cars_devkit, tmp_path):
+    rewrite_mat(cars_combined / "cars_annos.mat", 3, relative_im_path="car_ims")
+    with pytest.raises(MltkError, match=f"^{str(cars_combined / 'cars_annos.mat')!r} annotation 3: 'car_ims' is a folder, not an image file$"):
+        load_data(f"cars196:{cars_combined}")
+    (cub / "classes.txt").unlink()
+    (cub / "classes.txt").mkdir()
+    with pytest.raises(MltkError, match=f"^{str(cub / 'classes.txt')!r} is a folder, not a file"):
+        load_data(f"cub200:{cub}")
+    (cars_devkit / "devkit" / "cars_meta.mat").unlink()
+    (cars_devkit / "devkit" / "cars_meta.mat").mkdir()
+    with pytest.raises(MltkError, match=f"^{str(cars_devkit / 'devkit' / 'cars_meta.mat')!r} is a folder, not a file"):
+        load_data(f"cars196:{cars_devkit}")
+    with pytest.raises(MltkError, match=f"^sop: {tmp_path / 'nowhere'} does not exist; give the Stanford_Online_Products folder"):
+        load_data(f"sop:{tmp_path / 'nowhere'}")
+    with pytest.raises(MltkError, match=f"^sop: {cub / 'images.txt'} is not a folder"):
+        load_data(f"sop:{cub / 'images.txt'}")
+
+
+def test_a_combined_cars_annos_mat_without_classes_gets_the_combined_hint(cars_combined):
+    from scipy.io import loadmat, savemat
+
+    mat = loadmat(cars_combined / "cars_annos.mat")
+    rows = [{k: v for k, v in zip(mat["annotations"].dtype.names, r) if k != "class"} for r in mat["annotations"][0]]
+    array = np.zeros((1, len(rows)), dtype=[(f, "O") for f in rows[0]])
+    for i, r in enumerate(rows):
+        array[0, i] = tuple(r.values())
+    savemat(cars_combined / "cars_annos.mat", {"annotations": array, "class_names": mat["class_names"]})
+    with pytest.raises(MltkError) as raised:
+        load_data(f"cars196:{cars_combined}")
+    assert str(raised.value) == (f"{str(cars_combined / 'cars_annos.mat')!r}: annotations lack the field class; "
+                                 "the combined release's cars_annos.mat gives each image of car_ims/ its box and class: fetch it again")
+
+
+# -- A crop box outside its image: the scan leaves the image out, saying why.
+
+
+def test_a_crop_box_outside_its_image_is_left_out_by_the_scan_with_the_reason(cub, mltk_main, tmp_path):
+    rewrite(cub / "bounding_boxes.txt", 9, "9 60.0 2.0 10.0 12.0\n")  # image 9 is 49 x 30
+    code, _, err = mltk_main("evaluate", *EVAL_ARGS, "--data", f"cub200:{cub}:crop", "--out", tmp_path / "e")
+    assert code == 0, err
+    reason = "crop box (60, 2, 70, 14) lies outside the 49 x 30 image"
+    assert f"1 unreadable images were left out: {cub / 'images' / '101.White_Pelican' / 'White_Pelican_0009_1009.jpg'} ({reason})" in " ".join(err.split())
+    path, why = (tmp_path / "e" / "skipped_images.txt").read_text().splitlines()[0].split("\t")
+    assert why == reason and len((tmp_path / "e" / "paths.txt").read_text().splitlines()) == 7
