@@ -333,6 +333,23 @@ def check_together(cfg: RunConfig, source: str) -> RunConfig:
     return dataclasses.replace(cfg, **named_options(cfg, source))
 
 
+def check_training(cfg: RunConfig, resumed: bool = False) -> None:
+    """Options that contradict each other in a run that trains (a checkpoint's config, read for inference, is not
+    held to them): settings of how the backbone learns beside --freeze-backbone, and a freeze that outlasts the run.
+    A resumed run keeps the settings it started with; only its --epochs, which may change, is checked again."""
+    if cfg.freeze_backbone and not resumed:
+        moot = {"backbone_lr": cfg.backbone_lr, "layer_decay": cfg.layer_decay, "freeze_backbone_epochs": cfg.freeze_backbone_epochs or None}
+        for key, value in moot.items():
+            if value is not None:
+                raise UsageError(f"--freeze-backbone keeps the backbone from learning in every epoch, so {named(key, FLAGS)} {value} has nothing to set; leave one of them out")
+    if not cfg.freeze_backbone and 0 < cfg.epochs <= cfg.freeze_backbone_epochs:
+        instead = "" if resumed else ", or --freeze-backbone to train only the neck and the losses"
+        raise UsageError(
+            f"--freeze-backbone-epochs {cfg.freeze_backbone_epochs} covers every epoch of the run (--epochs {cfg.epochs}), so the backbone "
+            f"would never learn; give --epochs {cfg.freeze_backbone_epochs + 1} or more{instead}"
+        )
+
+
 # -- The options of the backbone, losses and miner a config names: the keyword parameters their
 # -- builders declare (inspect.signature), looked up in the registry only when options are given.
 

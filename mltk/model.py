@@ -26,16 +26,55 @@ class HybridBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cnn(x), self.transformer(x)], dim=1)
 
+    def group_matcher(self, coarse: bool = False):
+        """timm's layers (what --layer-decay reads) for two towers side by side, not one above the other: a parameter
+        ranks by how far below its own tower's last layer it sits, so each tower's last layer learns at the full rate."""
+        from timm.models import group_parameters
+
+        below = {}
+        for prefix, tower in (("cnn.", self.cnn), ("transformer.", self.transformer)):
+            layers = group_parameters(tower, tower.group_matcher(coarse), reverse=True) if hasattr(tower, "group_matcher") else {}
+            top = max(layers.values(), default=0)
+            below.update({prefix + name: top - layer for name, layer in layers.items()})
+        return lambda name: -below.get(name, 0)
+
 
 def check_weights_file(path: str | Path) -> Path:
+    """``path``, a file; a folder or a path that is not there is one line saying which."""
     path = Path(path)
     if not path.is_file():
-        raise MltkError(f"weights file {str(path)!r} does not exist; give the path of a .pt/.pth/.safetensors file")
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise MltkError(f"weights file {str(path)!r} {problem}; give the path of a .pt/.pth/.safetensors file")
     return path
 
 
+#: what to give instead of a TorchScript file, by what was expected
+INSTEAD_OF_TORCHSCRIPT = {
+    "checkpoint": "give the run directory it was exported from, or its best.pt",
+    "weights file": "give a state dict of the backbone's weights (.pt/.pth/.safetensors)",
+}
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``, ``mltk export --format torchscript``): a zip
+    whose folder holds constants.pkl, as torch.load tells them apart from a saved state."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def safe_load(path: Path, what: str):
-    """``torch.load(weights_only=True)``: tensors and plain containers only; a pickle that would run code is refused."""
+    """``torch.load(weights_only=True)``: tensors and plain containers only; a pickle that would run code is refused.
+
+    A TorchScript file is named as one before torch sees it: torch.load would warn, then advise weights_only=False,
+    advice mltk never relays (it could run code)."""
+    if is_torchscript(path):
+        instead = INSTEAD_OF_TORCHSCRIPT.get(what, f"give a {what}")
+        raise MltkError(f"{str(path)!r} is a TorchScript file (an mltk export), not a {what}; {instead}")
     try:
         with warnings.catch_warnings():  # a refused file needs one line, not torch's note on pickle protocols too
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -48,12 +87,13 @@ def safe_load(path: Path, what: str):
                 f"refused to load {str(path)!r}: it holds more than tensors and plain values, and unpickling it could run code "
                 f"({found or 'see torch.load'}); mltk reads {what}s with torch.load(weights_only=True) only"
             ) from None
-        first = (text.strip().splitlines() or [type(exc).__name__])[0]
-        raise MltkError(f"{str(path)!r} is not a {what} torch can read ({type(exc).__name__}: {first})") from None
+        first = (text.strip().splitlines() or [""])[0].split(". ")[0]  # torch's reason, without its advice
+        reason = f"{type(exc).__name__}: {first}" if first and "weights_only" not in first else type(exc).__name__
+        raise MltkError(f"{str(path)!r} is not a {what} torch can read ({reason})") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local file, never unpickling code (``weights_only=True``)."""
+    """A state dict from a local file, never unpickling code (``weights_only=True``), every float in it finite."""
     path = check_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -69,7 +109,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MltkError(f"{str(path)!r} holds no state dict of tensors")
+    check_finite(state, f"weights file {str(path)!r}")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Every floating-point tensor of ``state`` finite: a NaN weight makes every embedding NaN, and the run would
+    stop at its first step blaming the learning rate."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+                raise MltkError(f"{source} holds {bad} values in {_show(name)}; the file is damaged, or was saved from a run that diverged: give another")
 
 
 def state_mismatch(own: dict, state: dict, shapes: bool = True) -> str:

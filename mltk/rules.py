@@ -14,12 +14,15 @@ from typing import Any
 from mltk.errors import UsageError
 
 FLAGS = "options"  # the source name of values given as command-line flags: messages name them --like-this
+FLAG_NAMES = {"data_classes": "classes"}  # keys whose flag is not the key's name: ``mltk run --classes`` sets data_classes
 
 
 def named(path: str, source: str) -> str:
-    """How a message names an option: ``--image-size`` given on the command line, else ``image_size in c.yaml``."""
-    if source == FLAGS and path.isidentifier():  # a top-level option given as a flag
-        return "--" + path.replace("_", "-")
+    """How a message names an option: ``--image-size`` given on the command line, else ``image_size in c.yaml``;
+    an item of a list (``data_classes[0]``) by the flag that gave it (``--classes``, one per item)."""
+    key = path.split("[", 1)[0]
+    if source == FLAGS and key.isidentifier():  # an option given as a flag
+        return "--" + FLAG_NAMES.get(key, key).replace("_", "-")
     return f"{path} in {source}"
 
 

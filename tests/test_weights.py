@@ -97,3 +97,49 @@ def test_the_filter_is_the_one_timm_passes_for_the_architecture():
     assert timm_filter("densenet121", {}, {})[1] is densenet._filter_torchvision_pretrained
     skeleton, convert = timm_filter("resnet18", {}, {})
     assert convert is None and skeleton.conv1.weight.is_meta
+
+
+def test_weights_of_nans_are_refused_by_name_before_the_run_folder_is_made(mltk_main, image_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    state = timm.create_model("test_resnet", num_classes=0).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(MltkError, match=r"^weights file '.*nan.pt' holds NaN values in 'layer1.0.conv1.weight'; the file is damaged"):
+        read_state_dict(tmp_path / "nan.pt")
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("-inf")
+    save_file(state, tmp_path / "inf.safetensors")
+    with pytest.raises(MltkError, match=r"holds infinite values in 'layer1.0.conv1.weight'"):
+        read_state_dict(tmp_path / "inf.safetensors")
+    args = ("run", "--data", image_folder, "--backbone", "test_resnet", "--image-size", "32", "--batch-size", "8", "--m-per-class", "2", "--workers", "0", "--out", tmp_path / "run")
+    code, _, err = mltk_main(*args, "--weights", tmp_path / "nan.pt")
+    assert code == 1 and err == f"error: weights file {str(tmp_path / 'nan.pt')!r} holds NaN values in 'layer1.0.conv1.weight'; " \
+        "the file is damaged, or was saved from a run that diverged: give another\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_given_as_weights_is_called_a_folder(tmp_path):
+    with pytest.raises(MltkError, match=r"^weights file '.*' is a folder; give the path of a .pt/.pth/.safetensors file$"):
+        read_state_dict(tmp_path)
+    with pytest.raises(MltkError, match=r"^weights file '.*nowhere.pt' does not exist; give the path"):
+        read_state_dict(tmp_path / "nowhere.pt")
+
+
+def test_a_torchscript_file_is_named_as_one_with_no_warning_and_no_advice_to_unpickle(mltk_main, image_folder, tmp_path):
+    import warnings
+
+    import mltk
+
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; mltk export still writes it
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(3, 2), torch.randn(1, 3)), str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MltkError, match=r"^'.*model.pt' is a TorchScript file \(an mltk export\), not a checkpoint; give the run directory"):
+            mltk.load(path)
+        with pytest.raises(MltkError, match=r"^'.*model.pt' is a TorchScript file \(an mltk export\), not a weights file; give a state dict"):
+            read_state_dict(path)
+    assert [str(w.message) for w in caught] == []
+    code, out, err = mltk_main("evaluate", path, "--data", image_folder, "--workers", "0")
+    assert code == 1 and err.count("\n") == 1 and "TorchScript file" in err and "weights_only" not in err + out
