@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from mltk import thresholds
 from mltk.errors import MltkError
 from mltk.model import EmbeddingModel
@@ -22,8 +24,8 @@ def resolve(
     """The calibration of ``model`` that ``source`` gives, and its operating point at ``far`` (default 1e-3)."""
     far = thresholds.DEFAULT_FAR if far is None else far
     path = Path(source)
-    if path.is_file() or path.is_dir() and ((path / thresholds.FILE).is_file() or (path / "metrics.json").is_file()):
-        if path.is_dir() and not (path / thresholds.FILE).is_file():
+    if _is_evaluation(path):
+        if path.is_dir() and path.name != thresholds.FILE and not (path / thresholds.FILE).exists():
             raise MltkError(f"{str(source)!r} is an evaluation without {thresholds.FILE}: it scored no pairs of both kinds (a --metrics without the verification metrics?); evaluate again, or give images")
         calibration = thresholds.read(path)
         if calibration.model != model.fingerprint():
@@ -38,16 +40,40 @@ def resolve(
     return calibration, point
 
 
+def _is_evaluation(path: Path) -> bool:
+    """``path`` names a thresholds.json (any .json, or a file that is no .csv) or an evaluation's folder (one holding
+    thresholds.json or metrics.json), not images to score: a folder of classes, a CSV list, a dataset, as --data takes them."""
+    if path.name == thresholds.FILE or path.suffix.lower() == ".json":
+        return True
+    if path.is_dir():
+        return any((path / name).exists() for name in (thresholds.FILE, "metrics.json"))
+    return path.is_file() and path.suffix.lower() != ".csv"
+
+
 def score(model: EmbeddingModel, data: str | Path, *, batch_size: int = 128, workers: int = 2, progress=None) -> Calibration:
     """Embed ``data`` (a folder, CSV or dataset name; a dataset: its test split) and read the operating points off all its pairs."""
     from mltk.data import load_data
     from mltk.evaluate import evaluate
+    from mltk.metrics import NotApplicable
 
     try:
         images = load_data(str(data), "test")
     except MltkError as exc:  # said as what it is: the calibration's data
         raise type(exc)(f"--calibrate: {exc}") from None
-    result = evaluate(model, data=images, metrics=["tar_at_far", "eer"], batch_size=batch_size, workers=workers, progress=progress)
+    sizes = np.bincount(np.asarray(images.labels, np.int64))
+    if np.count_nonzero(sizes) < 2 or sizes.max() < 2:  # before any image is embedded
+        raise _one_kind(data)
+    try:
+        result = evaluate(model, data=images, metrics=["tar_at_far", "eer"], batch_size=batch_size, workers=workers, progress=progress)
+    except NotApplicable:  # the unreadable images left out took every pair of one kind
+        raise _one_kind(data) from None
     if result.calibration is None:
-        raise MltkError(f"--calibrate {str(data)!r}: its images give no pairs of both kinds (it needs two or more classes, one with two images or more)")
+        raise _one_kind(data)
     return result.calibration
+
+
+def _one_kind(data: str | Path) -> MltkError:
+    return MltkError(
+        f"--calibrate {str(data)!r}: the calibration images need at least two classes, one of them with two images or more: "
+        "a threshold is read off matched pairs (two images of a class) and mismatched pairs (images of two classes)"
+    )

@@ -27,6 +27,7 @@ FARS = (1e-1, 1e-2, 1e-3, 1e-4)  # the operating points an evaluation writes, wi
 DEFAULT_FAR = 1e-3
 RULE_OF_30 = 30  # false accepts behind a FAR before it counts as measured
 MAX_BYTES = 1 << 20
+COSINE_ROUNDING = 1e-3  # a threshold is a dot product of unit float32 vectors: in [-1, 1], give or take rounding
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,22 @@ def write(calibration: Calibration, path: Path) -> None:
 def read(path: str | Path) -> Calibration:
     """thresholds.json (or a folder holding one), checked whole: anything wrong is one line naming the file."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != FILE:
         path = path / FILE
-    if not path.is_file():
+    if not path.exists():
         raise MltkError(f"{str(path)!r} does not exist; `mltk evaluate` writes {FILE} into its output folder")
+    if not path.is_file():
+        raise MltkError(f"{str(path)!r} is {'a folder' if path.is_dir() else 'not a regular file'}, not a {FILE}; give the {FILE} that `mltk evaluate` writes, or its output folder")
     try:
         with open(path, "rb") as f:
             text = f.read(MAX_BYTES + 1)
-        data = json.loads(text) if len(text) <= MAX_BYTES else None
-    except (OSError, ValueError, RecursionError) as exc:
+    except OSError as exc:
+        raise MltkError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if len(text) > MAX_BYTES:
+        raise _bad(path, f"is larger than {MAX_BYTES >> 20} MiB, and a {FILE} holds a few kilobytes")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise _bad(path, f"is not JSON ({(str(exc).splitlines() or [''])[0]})") from None
     return from_json(data, lambda problem: _bad(path, problem))
 
@@ -133,7 +141,12 @@ def from_json(data, bad=lambda problem: MltkError(f"calibration {problem}")) -> 
             raise bad(f"has {key}={reprlib.repr(data.get(key))}; expected {kind.__name__}")
     if data["positives"] < 1 or data["negatives"] < 1 or not data["points"] or len(data["points"]) > 100:
         raise bad("has no pairs or no operating points")
-    return Calibration(tuple(_read_point(p, bad) for p in data["points"]), data["positives"], data["negatives"], data["model"], data["source"], data["flip_tta"])
+    points = tuple(_read_point(p, bad) for p in data["points"])
+    names = [p.name for p in points]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:  # ``at`` would take the first: a second one is a forgery or a broken file, never a choice
+        raise bad(f"has two operating points named {twice!r}")
+    return Calibration(points, data["positives"], data["negatives"], data["model"], data["source"], data["flip_tta"])
 
 
 def _read_point(point, bad) -> OperatingPoint:
@@ -141,15 +154,17 @@ def _read_point(point, bad) -> OperatingPoint:
         raise bad(f"has an operating point {reprlib.repr(point)}; expected the keys {', '.join(OperatingPoint.__dataclass_fields__)}")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
     threshold = point["threshold"]
-    checks = (
-        isinstance(point["name"], str) and (point["name"] == "eer" or point["name"].startswith("far=")),
-        all(number(point[key]) and 0 <= point[key] <= 1 for key in ("far", "tar", "far_measured")),
-        threshold is None or number(threshold) and -1.5 <= threshold <= 1.5,  # cosine, with float rounding to spare
-        isinstance(point["false_accepts"], int) and not isinstance(point["false_accepts"], bool) and point["false_accepts"] >= 0,
-        isinstance(point["reliable"], bool),
-    )
-    if not all(checks):
-        raise bad(f"has an operating point {reprlib.repr(point)} out of range")
+    expected = {
+        "far, tar and far_measured rates in [0, 1]": all(number(point[key]) and 0 <= point[key] <= 1 for key in ("far", "tar", "far_measured")),
+        "the name 'eer' or 'far=' and its far": point["name"] == "eer" or number(point["far"]) and point["name"] == f"far={point['far']:g}",
+        "the threshold a cosine score, from -1 to 1, or null": threshold is None or number(threshold) and abs(threshold) <= 1 + COSINE_ROUNDING,
+        "false_accepts a count": isinstance(point["false_accepts"], int) and not isinstance(point["false_accepts"], bool) and point["false_accepts"] >= 0,
+        "reliable true or false": isinstance(point["reliable"], bool),
+    }
+    wrong = next((what for what, holds in expected.items() if not holds), None)
+    if wrong is not None:
+        shown = {key: point[key] for key in ("name", "far", "threshold")}
+        raise bad(f"has an operating point {reprlib.repr(shown)} out of range: expected {wrong}")
     return OperatingPoint(**point)
 
 

@@ -43,14 +43,27 @@ def verify(
                 raise UsageError(f"index {str(index_dir)!r} has no calibrated threshold; give --calibrate EVAL_DIR_OR_DATA, or write it with `mltk index --calibrate`")
             calibration, point = calibrated[0], operating_point(opened, far)
     else:
-        model = load(run, device)
-        if calibrate is None:
-            calibrate = Path(run) / "eval" if Path(run).is_dir() else None
-            if calibrate is None or not (calibrate / "thresholds.json").is_file():
-                raise UsageError(f"no calibrated threshold for {str(run)!r}: give --calibrate EVAL_DIR_OR_DATA, or run `mltk evaluate {run}` first (it writes RUN/eval/thresholds.json)")
+        model = load(run, device)  # first: a wrong --run is said as such
+        calibrate = own_evaluation(run) if calibrate is None else calibrate
     if calibrate is not None:
         calibration, point = resolve(model, calibrate, far)
     a, b = model.embed([str(image_a), str(image_b)])
     score = float(a @ b)
     return Verdict(score >= point.threshold, score, point, calibration.source, calibration.negatives)
 
+
+def own_evaluation(run: str | Path) -> Path:
+    """RUN/eval, what ``mltk evaluate RUN`` writes, of the run directory ``run`` is or whose best.pt / last.pt it is; one
+    line naming the file verify reads when it is not there."""
+    from mltk.run_dir import run_of
+    from mltk.thresholds import FILE
+
+    folder = Path(run) if Path(run).is_dir() else run_of(run)
+    if folder is None:  # a checkpoint outside a run directory: `mltk evaluate` writes eval-NAME, which verify does not look for
+        raise UsageError(f"no calibrated threshold for checkpoint {str(run)!r}: give --calibrate EVAL_DIR_OR_DATA (images of known identities, or the folder `mltk evaluate` wrote for it)")
+    if not (folder / "eval" / FILE).is_file():
+        raise UsageError(
+            f"no calibrated threshold for {str(run)!r}: {str(folder / 'eval' / FILE)!r} does not exist; give --calibrate EVAL_DIR_OR_DATA, "
+            f"or run `mltk evaluate` on the run directory {str(folder)!r} first: it writes that file"
+        )
+    return folder / "eval"

@@ -58,7 +58,7 @@ def test_thresholds_json_is_read_back_and_checked_whole(tmp_path):
     good = json.loads((tmp_path / "thresholds.json").read_text())
     broken = {
         "format": ({**good, "format": "other"}, "is not an mltk calibration"),
-        "threshold": ({**good, "points": [{**good["points"][0], "threshold": 7.0}]}, "out of range"),
+        "threshold": ({**good, "points": [{**good["points"][0], "threshold": 7.0}]}, "'threshold': 7.0} out of range"),
         "bool count": ({**good, "negatives": True}, "negatives=True; expected int"),
         "extra key": ({**good, "points": [{**good["points"][0], "x": 1}]}, "expected the keys"),
         "no points": ({**good, "points": []}, "no operating points"),
@@ -212,3 +212,91 @@ def test_a_tampered_threshold_in_meta_json_is_refused(evaluated, tmp_path, mltk_
         (tmp_path / "index" / "meta.json").write_text(json.dumps({**meta, **bad}))
         line = one_line_error(mltk_main("search", tmp_path / "index", folder / "class_00" / "0.png"))
         assert "is damaged: meta.json" in line and message in line, line
+
+
+def test_a_forged_or_implausible_operating_point_is_refused(tmp_path):
+    cal = pair_calibration([0.9, 0.1, 0.8, 0.2], [True, False, True, False])
+    thresholds.write(cal, tmp_path / "thresholds.json")
+    good = json.loads((tmp_path / "thresholds.json").read_text())
+    point = next(p for p in good["points"] if p["name"] == "far=0.001")
+    forged = {**point, "threshold": -1.0, "tar": 1.0}  # a threshold of -1 would make every hit a match
+    broken = {
+        "a second point of one name": ({**good, "points": [forged, *good["points"]]}, "has two operating points named 'far=0.001'"),
+        "a threshold above any cosine": ({**good, "points": [{**point, "threshold": 1.01}]}, "expected the threshold a cosine score, from -1 to 1, or null"),
+        "a threshold below any cosine": ({**good, "points": [{**point, "threshold": -1.5}]}, "'threshold': -1.5} out of range"),
+        "a name that is not its far": ({**good, "points": [{**point, "name": "far=0.1"}]}, "expected the name 'eer' or 'far=' and its far"),
+    }
+    for name, (data, message) in broken.items():
+        (tmp_path / "thresholds.json").write_text(json.dumps(data))
+        with pytest.raises(MltkError, match=message):
+            thresholds.read(tmp_path)
+    # A cosine of unit float32 vectors may pass 1 or -1 by rounding: still a threshold.
+    (tmp_path / "thresholds.json").write_text(json.dumps({**good, "points": [{**point, "threshold": 1.0000001}, {**point, "name": "eer", "threshold": -1.0}]}))
+    assert [p.threshold for p in thresholds.read(tmp_path).points] == [1.0000001, -1.0]
+
+
+def test_a_thresholds_json_that_is_a_folder_or_too_large_is_said_as_such(tmp_path):
+    (tmp_path / "eval" / "thresholds.json").mkdir(parents=True)
+    for given in (tmp_path / "eval", tmp_path / "eval" / "thresholds.json"):
+        with pytest.raises(MltkError, match=r"thresholds.json' is a folder, not a thresholds.json; give the thresholds.json that `mltk evaluate` writes"):
+            thresholds.read(given)
+    (tmp_path / "big.json").write_text(" " * thresholds.MAX_BYTES + "{}")
+    with pytest.raises(MltkError, match=r"big.json' is larger than 1 MiB, and a thresholds.json holds a few kilobytes"):
+        thresholds.read(tmp_path / "big.json")
+
+
+def image_list(folder, tmp_path, classes):
+    """A CSV path,label list of the images of ``classes``, copied beside it (a CSV names images inside its folder)."""
+    import shutil
+
+    rows = ["path,label"]
+    for name in classes:
+        shutil.copytree(folder / name, tmp_path / "images" / name)
+        rows += [f"images/{name}/{image.name},{name}" for image in sorted((tmp_path / "images" / name).glob("*.png"))]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "list.csv"
+
+
+def test_calibrate_takes_a_csv_list_of_images_as_data_does(evaluated, tmp_path, mltk_main):
+    run, folder, root = evaluated
+    listed = image_list(folder, tmp_path, sorted(p.name for p in folder.iterdir() if p.is_dir()))
+    code, out, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "index", "--calibrate", listed, "--workers", "0")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "index" / "meta.json").read_text())
+    assert thresholds.from_json(meta["calibration"]).points == thresholds.read(root / "eval").points  # the same images, the same points
+    a, b = folder / "class_00" / "0.png", folder / "class_00" / "1.png"
+    code, out, err = mltk_main("verify", a, b, "--run", run, "--calibrate", listed, "--json")
+    assert code == 0 and json.loads(out)["calibrated_on"] == "all pairs of list", err
+    code, out, err = mltk_main("export", run, "--format", "torchscript", "--out", tmp_path / "m.pt", "--calibrate", listed)
+    assert code == 0 and json.loads((tmp_path / "m.pt.json").read_text())["calibration"]["source"] == "all pairs of list", err
+
+
+def test_calibration_images_of_one_class_are_refused_naming_calibrate(evaluated, tmp_path, mltk_main):
+    run, folder, root = evaluated
+    listed = image_list(folder, tmp_path, ["class_03"])
+    message = "the calibration images need at least two classes, one of them with two images or more: a threshold is read off matched pairs"
+    for source in (listed, tmp_path / "images"):
+        line = one_line_error(mltk_main("index", run, "--data", folder, "--out", tmp_path / "index", "--calibrate", source, "--workers", "0"), 1)
+        assert line.startswith(f"error: --calibrate {str(source)!r}: ") and message in line and "tar_at_far" not in line, line
+    line = one_line_error(mltk_main("verify", folder / "class_00" / "0.png", folder / "class_00" / "1.png", "--run", run, "--calibrate", listed), 1)
+    assert message in line, line
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_full_disk_while_writing_thresholds_json_keeps_the_earlier_evaluation(evaluated, tmp_path, mltk_main, monkeypatch):
+    import errno
+
+    run, folder, root = evaluated
+    code, _, err = mltk_main("evaluate", run, "--data", folder, "--out", tmp_path / "eval", "--no-report", "--workers", "0", "--metrics", "tar_at_far")
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()}
+
+    def full(calibration, path):
+        path.write_text('{"format": "mltk-thr')  # part of it, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(thresholds, "write", full)
+    line = one_line_error(mltk_main("evaluate", run, "--data", folder, "--out", tmp_path / "eval", "--no-report", "--workers", "0", "--metrics", "tar_at_far,eer"), 1)
+    assert line.startswith("error: no space left on device writing ") and "is as it was" in line, line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary left beside it

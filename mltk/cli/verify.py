@@ -12,7 +12,7 @@ from mltk.cli.options import Calibrate, Device, Far
 def verify(
     image_a: Annotated[Path, typer.Argument(help="An image file.")],
     image_b: Annotated[Path, typer.Argument(help="Another image file.")],
-    run: Annotated[Optional[Path], typer.Option(help="Run directory or checkpoint whose model embeds the images (threshold: --calibrate, else RUN/eval/thresholds.json).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run directory or checkpoint whose model embeds the images (threshold: --calibrate, else the run directory's eval/thresholds.json, which `mltk evaluate RUN` writes).")] = None,
     index: Annotated[Optional[Path], typer.Option("--index", help="Index directory of `mltk index --calibrate`: its model and threshold.")] = None,
     calibrate: Calibrate = None,
     far: Far = None,
