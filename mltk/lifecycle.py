@@ -2,13 +2,24 @@
 
 pluggy calls a hook's implementations in one go and stops at the first that raises. A run calls each
 implementation itself instead, so that one that fails is reported once, with its plugin's name, and left
-out for the rest of the run, while the others and the run go on.
+out for the rest of the run, while the others and the run go on. Ctrl-C still stops the run, and so does a
+plugin that exits (``sys.exit``): that one is said, as ``PluginExit``, rather than ending mltk without a word.
 """
 
 from contextlib import contextmanager
 from typing import Any, Callable
 
+from mltk.errors import Interrupted, MltkError
 from mltk.plugins import load_plugins, pm
+
+
+class PluginExit(MltkError):
+    """A plugin exited (SystemExit) in a run hook: the run stops with the plugin's exit code (1 when it gave none, or 0)."""
+
+    def __init__(self, plugin: str, hook: str, code: object):
+        self.exit_code = code if isinstance(code, int) and code else 1
+        how = "exited" if code is None else f"exited with code {code}" if isinstance(code, int) else f"exited saying {str(code)!r}"
+        super().__init__(f"plugin {plugin!r} stopped the run in {hook}: it {how}")
 
 
 class Lifecycle:
@@ -33,6 +44,8 @@ class Lifecycle:
                 self.disabled.add(impl.plugin_name)
                 self.warn(f"plugin {impl.plugin_name!r} failed in {hook}: {type(exc).__name__}: {exc}; it is left out for the rest of this run")
                 continue
+            except SystemExit as exc:
+                raise PluginExit(impl.plugin_name, hook, exc.code) from None
             if value is not None:
                 results.append(value)
         return results
@@ -46,8 +59,8 @@ class Lifecycle:
 
     @contextmanager
     def running(self, config, run_dir, result):
-        """``run_started`` now, ``run_ended`` with the error that ends the run (or None) at the end; the loggers
-        are plugins only in between."""
+        """``run_started`` now, ``run_ended`` with the error that ends the run (or None) at the end, even one in
+        ``run_started`` (a logger that started its own record closes it); the loggers are plugins only in between."""
         load_plugins()
         names = []
         try:
@@ -58,11 +71,12 @@ class Lifecycle:
                     self.warn(f"logger {name!r} cannot follow this run: {type(exc).__name__}: {exc}")
                     continue
                 names.append(f"log:{name}")
-            self.call("run_started", config=config, run_dir=run_dir)
             try:
+                self.call("run_started", config=config, run_dir=run_dir)
                 yield self
             except BaseException as exc:
-                self.call("run_ended", result=result, error=exc)
+                ctrl_c = isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted)
+                self.call("run_ended", result=result, error=Interrupted("interrupted") if ctrl_c else exc)  # as the hook says: Ctrl-C is Interrupted
                 raise
             self.call("run_ended", result=result, error=None)
         finally:

@@ -2,11 +2,13 @@
 
 The protocol. A re-ranker is any object with an int attribute ``candidates`` (how many of each
 query's nearest it wants to see and re-orders; 0: it needs none) that is called on a
-``Candidates`` and returns ``(similarities, positions)``, each (nq, K'), K' normally the K it was
-given, in the new order (a method that re-orders its first ``candidates`` leaves the rest in
-place). The similarities are always the plain cosine of the original query to the
-returned gallery item, never a re-ranking distance, so a calibrated score threshold keeps its
-meaning. In leave-one-out (``Candidates.own``) a query's own gallery row never appears in its list.
+``Candidates`` and returns ``(similarities, positions)``, each (nq, K) as the lists it was given,
+in the new order (a method that re-orders its first ``candidates`` leaves the rest in place; one
+with ``candidates`` 0 re-orders nothing, and a search need not call it). The similarities are always
+the plain cosine of the original query to the returned gallery item, never a re-ranking distance, so
+a calibrated score threshold keeps its meaning. Each gallery item appears once in a list, and in
+leave-one-out (``Candidates.own``) a query's own gallery row never does. ``create`` wraps a plugin's
+re-ranker in ``Checked``, which holds it to this.
 
 Built here: ``NoRerank``; ``KReciprocal`` (Zhong et al., CVPR 2017); ``QueryExpansion`` (α-QE of
 Radenović et al., TPAMI 2018, and with ``dba=True`` database-side augmentation first, Arandjelović
@@ -18,6 +20,8 @@ allocates. ``parse_spec`` reads ``NAME[:KEY=VALUE,...]``, the form ``--rerank`` 
 from __future__ import annotations
 
 import numbers
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -27,6 +31,7 @@ import scipy.sparse as sp
 from mltk import knn
 from mltk.errors import MltkError, UsageError
 from mltk.memory import available as available_memory
+from mltk.rules import show
 
 BLOCK = 4096  # gallery rows or queries at a time
 SCRATCH = 256 << 20  # bytes a block's temporaries may take
@@ -133,14 +138,87 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
-def create(spec: str | None) -> Reranker | None:
-    """The re-ranker a spec names ("k-reciprocal:k1=20,k2=6"), built by the plugin that registers it; None for None."""
+def create(spec: str | None) -> Checked | None:
+    """The re-ranker a spec names ("k-reciprocal:k1=20,k2=6"), built by the plugin that registers it; None for None.
+
+    It comes wrapped in ``Checked``: evaluate and search call every re-ranker through it.
+    """
     from mltk import registry
 
     if spec is None:
         return None
     name, params = parse_spec(spec)
-    return registry.create_reranker(name, **params)
+    entry = registry.get("rerankers", name)
+    return Checked(entry.name, entry.plugin, lambda: entry.factory(**params))
+
+
+class Checked:
+    """A plugin's re-ranker as evaluate and search call it: what it returns is checked before a metric or a hit reads it.
+
+    A plugin's bug must not pass for a result: positions outside the gallery (-1 would wrap to its last item),
+    fewer neighbours than asked, a gallery item listed twice or a query's own row, scores that are not finite
+    numbers. Any of these, or an exception it raises, is one MltkError naming the re-ranker and its plugin;
+    an MltkError of its own (a lack of memory) goes on as it is.
+    """
+
+    def __init__(self, name: str, plugin: str, build: Callable[[], Reranker]):
+        self.name, self.plugin = name, plugin
+        with self.blamed():
+            self.method = build()
+            candidates = getattr(self.method, "candidates", None)
+        if not callable(self.method):
+            raise self.failed(f"its builder returned a {type(self.method).__name__}, not something to call")
+        if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 0:
+            raise self.failed(f"its candidates (how many nearest it re-orders) is {show(candidates)}, not a whole number from 0")
+        self.candidates = int(candidates)
+
+    def __call__(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
+        with self.blamed():
+            out = self.method(c)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            got = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+            raise self.failed(f"it returned {got}, not (similarities, positions)")
+        with self.blamed():  # a ragged list is no array
+            sims, positions = np.asarray(out[0]), np.asarray(out[1])
+        self.check(sims, positions, c)
+        return sims.astype(np.float32, copy=False), positions.astype(np.int64, copy=False)
+
+    def check(self, sims: np.ndarray, positions: np.ndarray, c: Candidates) -> None:
+        """The protocol: both (nq, K) as given, integer positions of distinct gallery rows (never a query's own), finite scores."""
+        given, ng = c.positions.shape, len(c.gallery)
+        for what, values in (("similarities", sims), ("positions", positions)):
+            if values.shape != given:
+                raise self.failed(f"it returned {what} of shape {values.shape}; it was given lists of shape {given} and returns lists as long")
+        if positions.dtype.kind not in "iu":
+            raise self.failed(f"it returned positions of type {positions.dtype}, not whole numbers")
+        if sims.dtype.kind not in "fiu":
+            raise self.failed(f"it returned similarities of type {sims.dtype}, not numbers")
+        outside = (positions < 0) | (positions >= ng)
+        if outside.any():
+            raise self.failed(f"it returned position {positions[outside][0]}, outside the gallery's {ng} (0 to {ng - 1})")
+        ordered = np.sort(positions, axis=1)
+        twice = ordered[:, 1:] == ordered[:, :-1]
+        if twice.any():
+            query, column = np.argwhere(twice)[0]
+            raise self.failed(f"it listed gallery item {ordered[query, column]} twice for query {query}")
+        mine = positions == np.asarray(c.own)[:, None] if c.own is not None else np.zeros(1, bool)
+        if mine.any():
+            raise self.failed(f"it listed query {np.argwhere(mine)[0][0]}'s own row (leave-one-out)")
+        if not np.isfinite(sims).all():
+            raise self.failed(f"it returned the similarity {sims[~np.isfinite(sims)][0]}; a score is a finite cosine")
+
+    def failed(self, why: str) -> MltkError:
+        return MltkError(f"re-ranker {self.name!r} (plugin {self.plugin!r}) failed: {why}")
+
+    @contextmanager
+    def blamed(self):
+        """An exception in the plugin's code becomes ``failed``; mltk's own errors, and Ctrl-C, go on as they are."""
+        try:
+            yield
+        except MltkError:
+            raise
+        except Exception as exc:
+            raise self.failed(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _value(text: str) -> int | float | bool | None:
@@ -166,11 +244,15 @@ def _size(n: int) -> str:
 def _checked(method: str, name: str, value, low, high=None, span: str | None = None, whole: bool = True):
     """A parameter as an int (``whole``) or float from ``low`` to ``high``, or a UsageError naming it."""
     kind = "a whole number" if whole else "a number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (whole and not float(value).is_integer()):
-        raise UsageError(f"{method}: {name}={value!r}; it is {kind}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (whole and not _whole(value)):
+        raise UsageError(f"{method}: {name}={show(value)}; it is {kind}")
     if not (low <= value and (high is None or value <= high)):
-        raise UsageError(f"{method}: {name}={value!r}; it is {span or f'at least {low}'}")
-    return int(value) if whole else float(value)
+        raise UsageError(f"{method}: {name}={show(value)}; it is {span or f'at least {low}'}")
+    return int(value) if whole else float(min(value, sys.float_info.max))  # an int past float's range (1e400 in digits): the largest float
+
+
+def _whole(value: numbers.Real) -> bool:
+    return isinstance(value, numbers.Integral) or float(value).is_integer()
 
 
 class NoRerank:
@@ -213,8 +295,9 @@ def expanded_sets(positions: np.ndarray, k1: int) -> sp.csr_matrix:
 
 
 def half_of(k1: int) -> int:
-    """round(k1 / 2) as the original rounds it (numpy's: halves to even)."""
-    return int(np.around(k1 / 2))
+    """round(k1 / 2) as the original rounds it (numpy's: halves to even), in whole numbers (k1 may pass any float)."""
+    half, odd = divmod(k1, 2)
+    return half + (odd and half % 2)
 
 
 def _expand(sets: np.ndarray, half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -313,17 +396,22 @@ class KReciprocal:
 
     def __init__(self, k1: int = 20, k2: int = 6, lam: float = 0.3, candidates: int = 100):
         self.k1 = _checked("k-reciprocal", "k1", k1, 1)
-        self.k2 = _checked("k-reciprocal", "k2", k2, 1, self.k1 + 1, f"1 to k1+1 (k1={self.k1})")
+        self.k2 = _checked("k-reciprocal", "k2", k2, 1, self.k1 + 1, f"1 to k1+1 (k1={show(self.k1)})")
         self.lam = _checked("k-reciprocal", "lambda", lam, 0, 1, "0 to 1", whole=False)
         self.candidates = _checked("k-reciprocal", "candidates", candidates, 1)
 
     def memory(self, c: Candidates) -> int:
-        """Bytes it will need, about ng (k1+1) (32 + 16 (1 + k2)) + nq k1 12 + a block's scratch (+ the gallery, to index it)."""
-        ng, nq, w1, w2 = len(c.gallery), len(c.queries), self.k1 + 1, half_of(self.k1) + 1
+        """Bytes it will need, about ng (k1+1) (32 + 16 (1 + k2)) + nq k1 12 + a block's scratch (+ the gallery, to index it).
+
+        Each list is as long as the gallery allows: a k1 or k2 beyond it counts as the gallery's size, as in the call.
+        """
+        ng, nq = len(c.gallery), len(c.queries)
+        w1, w2 = min(self.k1 + 1, ng), min(half_of(self.k1) + 1, ng)  # a gallery row's lists: itself and its k1 (k1/2) nearest
+        k1, k2 = w1 - 1, min(self.k2, w1)
         expanded = 2 * w1  # a typical R*: R(g, k1) and as much again from the 2/3 rule
-        gallery = ng * (w1 * 12 + (w1 + w2) * 13 + expanded * 8 * (1 + self.k2))  # lists, sets (and their padded copies), V and V^qe
-        searched = c._index is None and c.search is None and not (c.from_lists(self.k1 + 1) and c.positions.shape[1] >= self.k1)
-        return gallery + nq * self.k1 * 12 + SCRATCH + (c.gallery.nbytes if searched else 0)
+        gallery = ng * (w1 * 12 + (w1 + w2) * 13 + expanded * 8 * (1 + k2))  # lists, sets (and their padded copies), V and V^qe
+        searched = c._index is None and c.search is None and not (c.from_lists(w1) and c.positions.shape[1] >= k1)
+        return gallery + nq * min(self.k1, ng) * 12 + SCRATCH + (c.gallery.nbytes if searched else 0)
 
     def __call__(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
         ng, kr = len(c.gallery), min(c.positions.shape[1], self.candidates)
@@ -416,22 +504,22 @@ class QueryExpansion:
     def memory(self, c: Candidates) -> int:
         """Bytes it will need, about: the gallery's exact index (unless ``search`` is given), DBA's index and lists, a block's scratch."""
         indexed = c._index is None and c.search is None and not (self.dba and c.from_lists(self.n + 1))
-        dba = c.gallery.nbytes + len(c.gallery) * (self.n + 1) * 12 if self.dba else 0
+        dba = c.gallery.nbytes + len(c.gallery) * min(self.n + 1, len(c.gallery)) * 12 if self.dba else 0  # n beyond the gallery: all of it
         return (c.gallery.nbytes if indexed else 0) + dba + SCRATCH
 
     def __call__(self, c: Candidates) -> tuple[np.ndarray, np.ndarray]:
         ng, dim = c.gallery.shape
-        k = min(c.positions.shape[1], ng - (c.own is not None))
+        k, n = min(c.positions.shape[1], ng - (c.own is not None)), min(self.n, ng)  # n beyond the gallery: all of it
         if k < 1:
             return c.similarities, c.positions
         check_memory(self.memory(c), f"{'dba' if self.dba else 'qe'} over {ng:,} gallery images", "use --rerank none")
         if self.dba:
-            index = augmented_index(c, self.n, self.alpha)
+            index = augmented_index(c, n, self.alpha)
             search = lambda vectors, kk: knn.search(index, vectors, kk)  # noqa: E731
-            first = search_without(search, c.queries, min(self.n, k), c.own)
+            first = search_without(search, c.queries, min(n, k), c.own)
         else:
-            search, first = c.search_gallery, c.nearest(self.n)
-        step = max(1, SCRATCH // (4 * dim * (max(self.n, k) + 1)))
+            search, first = c.search_gallery, c.nearest(n)
+        step = max(1, SCRATCH // (4 * dim * (max(n, k) + 1)))
         out_s, out_p = np.empty((len(c.queries), k), np.float32), np.empty((len(c.queries), k), np.int64)
         for r0 in range(0, len(c.queries), step):
             b = slice(r0, r0 + step)

@@ -254,3 +254,61 @@ def test_lifecycle_calls_each_hook_on_its_own_and_leaves_out_what_fails(tmp_path
     from mltk.plugins import pm
 
     assert not pm.has_plugin("log:good")  # the run's loggers are plugins only while it runs
+
+
+
+RESUME = "last.pt keeps epoch {kept}: `mltk run --out {run} --resume` goes on from there"
+
+
+@pytest.mark.parametrize("hook, thrown, code, kept, line", [
+    ("logger", KeyboardInterrupt(), 130, None, "interrupted before the run started; nothing was written"),  # Ctrl-C while a logger connects
+    ("run_started", KeyboardInterrupt(), 130, 0, "interrupted; " + RESUME),
+    ("step_logged", SystemExit(), 1, 0, "error: plugin 'stopper' stopped the run in step_logged: it exited; " + RESUME),
+    ("epoch_ended", SystemExit(7), 7, 1, "error: plugin 'stopper' stopped the run in epoch_ended: it exited with code 7; " + RESUME),
+    ("epoch_ended", SystemExit("bye"), 1, 1, "error: plugin 'stopper' stopped the run in epoch_ended: it exited saying 'bye'; " + RESUME),
+    ("run_ended", KeyboardInterrupt(), 130, 2, "interrupted; the run is complete: last.pt keeps its last epoch, 2"),
+    ("run_ended", SystemExit(3), 3, 2, "error: plugin 'stopper' stopped the run in run_ended: it exited with code 3; the run is complete: last.pt keeps its last epoch, 2"),
+])
+def test_ctrl_c_or_an_exit_in_a_hook_is_one_line_saying_what_last_pt_keeps(hook, thrown, code, kept, line, images, tmp_path, plugin, mltk_main):
+    ended = []
+
+    def stop(where):
+        if where == hook:
+            raise thrown
+
+    class Stopper:
+        @mltk.hookimpl
+        def register_loggers(self, register):
+            register("stopper", lambda config, run_dir: stop("logger"))
+
+        @mltk.hookimpl
+        def run_started(self, config, run_dir):
+            stop("run_started")
+
+        @mltk.hookimpl
+        def step_logged(self, epoch, step, steps, logs):
+            if step == 1:
+                stop("step_logged")
+
+        @mltk.hookimpl
+        def epoch_ended(self, record, run_dir):
+            if record["epoch"] == 1:
+                stop("epoch_ended")
+
+        @mltk.hookimpl
+        def run_ended(self, result, error):
+            ended.append(type(error).__name__)
+            stop("run_ended")
+
+    plugin(Stopper(), "stopper")
+    run = tmp_path / "run"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "epochs"]
+    got = mltk_main("run", "--data", images, *flags, "--epochs", "2", "--out", run, "--quiet", *(["--log", "stopper"] if hook == "logger" else []))
+    assert got[0] == code and got[2].splitlines() == [line.format(kept=kept, run=run)], got
+    if kept is None:
+        assert not run.exists() and ended == []
+        return
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == kept
+    assert [r["epoch"] for r in read_history(run)] == list(range(1, kept + 1))
+    heard = {"run_started": "Interrupted", "step_logged": "PluginExit", "epoch_ended": "PluginExit", "run_ended": "NoneType"}[hook]
+    assert ended == [heard]  # run_ended comes, even after run_started failed: a logger closes what it opened

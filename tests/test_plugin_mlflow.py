@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 pytest.importorskip("mlflow")
 
@@ -22,7 +23,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from conftest import REPO, TINY, make_image_folder, snapshot  # noqa: E402
 from mltk.config import make_config  # noqa: E402
-from mltk.errors import Interrupted, UsageError  # noqa: E402
+from mltk.errors import Interrupted, MltkError, UsageError  # noqa: E402
 from mltk.registry import create_logger, list_loggers  # noqa: E402
 from mltk.run_dir import read_history  # noqa: E402
 from mltk.train import RunResult, train  # noqa: E402
@@ -38,6 +39,14 @@ def mlflow_plugin(plugin, monkeypatch):
     import mltk_mlflow
 
     return plugin(mltk_mlflow, "mlflow")
+
+
+@pytest.fixture(autouse=True)
+def http_settings(monkeypatch):
+    """MLflow's retry and timeout variables, which the plugin sets where they are unset: as they were, after each test."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "")  # remembered, so that monkeypatch restores it
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +226,60 @@ def test_a_real_run_is_logged(mlflow_plugin, store, images, tmp_path):
     train(tiny_config(images, epochs=2, val_classes=0.3), tmp_path / "run", on_warning=warnings.append)
     assert warnings == []  # a logger that raised would be a warning, and left out
     check_logged(store, only_run(store), tmp_path / "run")
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on: a connection is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_args(images, out):
+    return ["run", "--data", images, "--out", out, "--log", "mlflow", "--quiet", *(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items())]
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_the_run_folder_and_waits_are_bounded(mlflow_plugin, images, tmp_path, monkeypatch, mltk_main):
+    from conftest import one_line_error
+
+    port = closed_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://me:secret@127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    error = one_line_error(mltk_main(*run_args(images, tmp_path / "run")), 1)
+    assert error == (f"error: --log mlflow: the tracking server 'http://127.0.0.1:{port}' (MLFLOW_TRACKING_URI) cannot be reached: "
+                     "Connection refused; start it, or unset MLFLOW_TRACKING_URI to log to ./mlruns")  # the password is not shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, no mlruns
+    # MLflow's own retries, bounded where the user set none: a server that goes away costs seconds, not 4 minutes.
+    assert (os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) == ("2", "20")
+    started = time.monotonic()
+    with pytest.raises(MlflowException):
+        MlflowClient(tracking_uri=f"http://127.0.0.1:{port}").get_experiment_by_name("mltk")
+    assert time.monotonic() - started < 30
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")  # the user's own setting stays
+    with pytest.raises(MltkError, match="cannot be reached"):
+        create_logger("mlflow", tiny_config(), tmp_path / "run")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
+
+
+def test_ctrl_c_while_mlflow_connects_is_one_line_and_the_mlflow_run_is_killed(mlflow_plugin, store, images, tmp_path, monkeypatch, mltk_main):
+    import mltk_mlflow.logger
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:  # the check before the run folder
+        m.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+        m.setattr(mltk_mlflow.logger.socket, "create_connection", ctrl_c)
+        assert mltk_main(*run_args(images, run)) == (130, "", "interrupted before the run started; nothing was written\n")
+    assert not run.exists()
+
+    with monkeypatch.context() as m:  # the params, sent once the run has started
+        m.setattr(MlflowClient, "log_batch", ctrl_c)
+        code, out, err = mltk_main(*run_args(images, run))
+    assert (code, err) == (130, f"interrupted; last.pt keeps epoch 0: `mltk run --out {run} --resume` goes on from there\n")
+    assert only_run(store).info.status == "KILLED"  # not left RUNNING
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0
 
 
 @pytest.fixture(scope="module")

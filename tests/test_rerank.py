@@ -1,6 +1,8 @@
 """Re-ranking of retrieval lists (mltk.rerank): hand-worked k-reciprocal sets, agreement with a dense
 reference of the original algorithm, query expansion and DBA worked out on paper, specs, limits."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -401,6 +403,141 @@ def test_a_plugins_reranker_reorders_what_the_retrieval_metrics_read(plugin):
         rerank.create("reversd")
 
 
+class Misbehaving:
+    """A plugin's re-ranker that does ``what`` to its lists (or raises, or returns something else)."""
+
+    def __init__(self, what, candidates=4):
+        self.what, self.candidates = what, candidates
+
+    def __call__(self, c):
+        return self.what(c.similarities.copy(), c.positions.copy())
+
+
+def _with(sims, positions, row=(0, 0), sim=None, position=None):
+    """The lists with one entry changed."""
+    if sim is not None:
+        sims[row] = sim
+    if position is not None:
+        positions[row] = position
+    return sims, positions
+
+
+def _raise(error):
+    raise error
+
+
+def misbehaving(plugin, what, candidates=4):
+    """The re-ranker 'bad' of plugin 'misbehaving', registered for one test."""
+    import mltk
+
+    class Plugin:
+        @mltk.hookimpl
+        def register_rerankers(self, register):
+            register("bad", lambda **params: Misbehaving(what, candidates))
+
+    plugin(Plugin(), "misbehaving")
+
+
+FAILED = "re-ranker 'bad' (plugin 'misbehaving') failed: "
+
+
+@pytest.mark.parametrize("what, why", [
+    (lambda s, p: _with(s, p, position=8), "it returned position 8, outside the gallery's 8 (0 to 7)"),
+    (lambda s, p: _with(s, p, position=-1), "it returned position -1, outside the gallery's 8 (0 to 7)"),  # not the last item
+    (lambda s, p: (s[:, :2], p[:, :2]), "it returned similarities of shape (8, 2); it was given lists of shape (8, 4) and returns lists as long"),
+    (lambda s, p: (s, p[:5]), "it returned positions of shape (5, 4); it was given lists of shape (8, 4)"),
+    (lambda s, p: _with(s, p, row=(3, 1), sim=np.nan), "it returned the similarity nan; a score is a finite cosine"),
+    (lambda s, p: _with(s, p, sim=np.inf), "it returned the similarity inf"),
+    (lambda s, p: (s, p.astype(np.float64)), "it returned positions of type float64, not whole numbers"),
+    (lambda s, p: (s.astype(str), p), "it returned similarities of type <U"),
+    (lambda s, p: _with(s, p, row=(2, 1), position=p[2, 0]), "it listed gallery item"),
+    (lambda s, p: _with(s, p, row=(6, 3), position=6), "it listed query 6's own row (leave-one-out)"),
+    (lambda s, p: None, "it returned a NoneType, not (similarities, positions)"),
+    (lambda s, p: (s, p, p), "it returned a tuple of 3, not (similarities, positions)"),
+    (lambda s, p: ([[0.5], [0.1, 0.2]], p), "ValueError: "),  # ragged lists
+    (lambda s, p: _raise(ValueError("no lists today")), "ValueError: no lists today"),
+    (lambda s, p: _raise(IndexError("index 99 is out of bounds")), "IndexError: index 99 is out of bounds"),
+])
+def test_what_a_plugins_reranker_returns_is_checked_and_a_failure_names_it(what, why, plugin):
+    from mltk.metrics import evaluate_embeddings
+
+    misbehaving(plugin, what)
+    x = on_circle([0, 1, 2, 3, 90, 91, 92, 93])
+    with pytest.raises(MltkError) as e:
+        evaluate_embeddings(x, [0, 0, 0, 0, 1, 1, 1, 1], metrics=["recall_at_k"], ks=(1,), rerank=rerank.create("bad"))
+    assert str(e.value).startswith(FAILED + why), str(e.value)
+
+
+@pytest.mark.parametrize("candidates, why", [
+    (None, "its candidates (how many nearest it re-orders) is None, not a whole number from 0"),
+    (-1, "its candidates (how many nearest it re-orders) is -1, not a whole number from 0"),
+    ("4", "its candidates (how many nearest it re-orders) is '4', not a whole number from 0"),
+])
+def test_a_plugins_reranker_with_no_count_of_candidates_is_refused_when_built(candidates, why, plugin):
+    misbehaving(plugin, lambda s, p: (s, p), candidates)
+    with pytest.raises(MltkError) as e:
+        rerank.create("bad")
+    assert str(e.value) == FAILED + why
+
+
+def test_a_plugins_reranker_builder_that_raises_is_named_and_one_that_refuses_a_parameter_speaks_for_itself(plugin):
+    import mltk
+
+    def build(**params):
+        if params:
+            raise UsageError(f"bad takes no options; got {next(iter(params))!r}")
+        return {}["k1"]
+
+    class Plugin:
+        @mltk.hookimpl
+        def register_rerankers(self, register):
+            register("bad", build)
+
+    plugin(Plugin(), "misbehaving")
+    with pytest.raises(MltkError) as e:
+        rerank.create("bad")
+    assert str(e.value) == FAILED + "KeyError: 'k1'"
+    with pytest.raises(UsageError, match=r"^bad takes no options; got 'k'$"):
+        rerank.create("bad:k=1")
+
+
+def test_a_lack_of_memory_in_a_built_in_reranker_keeps_its_own_line(monkeypatch):
+    from mltk.metrics import evaluate_embeddings
+
+    x, labels = clustered(40, 4, 8, seed=3)
+    monkeypatch.setattr(rerank, "available_memory", lambda: 1 << 20)
+    with pytest.raises(MltkError, match=r"^k-reciprocal re-ranking of 40 gallery images needs about .* MiB are available: lower k1"):
+        evaluate_embeddings(x, labels, metrics=["recall_at_k"], ks=(1,), rerank=rerank.create("k-reciprocal:k1=5,k2=2"))
+
+
+def test_a_parameter_beyond_the_gallery_counts_as_the_gallery_in_the_memory_estimate(monkeypatch):
+    x, _ = clustered(40, 4, 8, seed=3)
+    c = rerank.Candidates(x[:5], x[5:], *exact(x[:5], x[5:], 20))
+    whole = rerank.KReciprocal(k1=200, k2=3)  # k1 and k1/2 both past the gallery's 35
+    for huge in (rerank.create("k-reciprocal:k1=1e300,k2=3"), rerank.create(f"k-reciprocal:k1=1{'0' * 400},k2=3")):
+        assert huge.method.memory(c) == whole.memory(c) < 2**30
+        got, expected = huge(c), whole(c)
+        assert (got[1] == expected[1]).all() and np.allclose(got[0], expected[0])
+    assert rerank.create("dba:n=1e300").method.memory(c) == rerank.QueryExpansion(n=35, dba=True).memory(c)
+    monkeypatch.setattr(rerank, "available_memory", lambda: 1 << 20)
+    with pytest.raises(MltkError) as e:
+        rerank.create("k-reciprocal:k1=1e300")(c)
+    assert re.fullmatch(r"k-reciprocal re-ranking of 35 gallery images needs about \d+\.\d MiB; 1\.0 MiB are available: lower k1 or use --rerank none", str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (f"k-reciprocal:k1=20,k2=1{'0' * 400}", "k-reciprocal: k2=an integer of 1329 bits; it is 1 to k1+1 (k1=20)"),
+    (f"k-reciprocal:k1=1{'0' * 400},k2=0", "k-reciprocal: k2=0; it is 1 to k1+1 (k1=an integer of 1329 bits)"),
+    (f"k-reciprocal:lambda=1{'0' * 400}", "k-reciprocal: lambda=an integer of 1329 bits; it is 0 to 1"),
+    (f"qe:n=-1{'0' * 400}", "qe: n=an integer of 1329 bits; it is at least 1"),
+])
+def test_a_huge_parameter_is_named_in_a_short_line(spec, message):
+    with pytest.raises(UsageError) as e:
+        rerank.create(spec)
+    assert str(e.value) == message
+    assert rerank.create(f"qe:alpha=1{'0' * 400}").method.alpha > 1e300  # accepted, as a float
+
+
 def test_evaluate_and_search_take_a_reranker(trained_run, tmp_path, mltk_main):
     import json
 
@@ -435,3 +572,20 @@ def test_evaluate_and_search_take_a_reranker(trained_run, tmp_path, mltk_main):
     (tmp_path / "index" / "embeddings.npy").unlink()  # allowed: a search without re-ranking does not read it
     assert "has no embeddings.npy" in one_line_error(mltk_main("search", tmp_path / "index", query, "--rerank", "qe"))
     assert mltk_main("search", tmp_path / "index", query)[0] == 0
+    code, out, err = mltk_main("search", tmp_path / "index", query, "--rerank", "none", "--json")  # none reads nothing
+    assert code == 0 and [hit["path"] for hit in json.loads(out)[0]["neighbours"]] == [hit["path"] for hit in json.loads(mltk_main("search", tmp_path / "index", query, "--json")[1])[0]["neighbours"]]
+
+
+def test_evaluate_and_search_stop_at_a_plugins_reranker_that_fails(trained_run, tmp_path, mltk_main, plugin):
+    from conftest import one_line_error
+
+    run, folder = trained_run
+    misbehaving(plugin, lambda s, p: _with(s, p, row=(slice(None), 0), position=-1) if len(p) > 1 else _with(s, p, sim=np.nan))
+    code, _, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "index", "--workers", "0")
+    assert code == 0, err
+    error = one_line_error(mltk_main("evaluate", run, "--data", folder, "--out", tmp_path / "eval", "--workers", "0", "--rerank", "bad"), 1)
+    assert error == f"error: {FAILED}it returned position -1, outside the gallery's 40 (0 to 39)"  # not recall read off the last image
+    assert not (tmp_path / "eval").exists()
+    query = sorted(folder.glob("class_03/*.png"))[0]
+    error = one_line_error(mltk_main("search", tmp_path / "index", query, "--json", "--rerank", "bad"), 1)
+    assert error == f"error: {FAILED}it returned the similarity nan; a score is a finite cosine"  # no NaN in the JSON

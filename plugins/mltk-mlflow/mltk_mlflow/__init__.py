@@ -1,17 +1,22 @@
 """mltk plugin: ``mltk run --log mlflow``. Light at import: mlflow is imported when a run asks for it."""
 
+import os
+
 import mltk
 from mltk.errors import UsageError
 
 
 def mlflow_logger(config, run_dir):
-    """The logger for one run; writes nothing until the run starts, and fails now if mlflow is missing."""
+    """The logger for one run; writes nothing until the run starts, and fails now if mlflow is missing or its
+    tracking server cannot be reached (mltk makes loggers before the run folder)."""
     try:
         import mlflow  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"--log mlflow needs the mlflow package: pip install 'mlflow>=3' ({exc})") from None
-    from mltk_mlflow.logger import MlflowLogger
+    from mltk_mlflow.logger import MlflowLogger, bound_requests, check_server
 
+    bound_requests()
+    check_server(os.environ.get("MLFLOW_TRACKING_URI", ""))  # unset: a SQLite store in ./mlruns
     return MlflowLogger()
 
 

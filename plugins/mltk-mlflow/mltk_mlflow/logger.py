@@ -3,7 +3,10 @@ the run directory's files when it ends."""
 
 import os
 import re
+import socket
 import time
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -15,6 +18,10 @@ FLUSH_STEPS, FLUSH_SECONDS = 50, 10.0  # step metrics go in one log_batch call p
 MAX_BATCH_PARAMS, MAX_BATCH_METRICS = 100, 1000  # MLflow's log_batch limits
 MAX_PARAM = 500  # what every MLflow server takes (6000 since MLflow 2.8); config.yaml, an artifact, keeps the whole value
 LEFT_OUT = {"last.pt"}  # the resumable checkpoint: optimiser state included, about 3x best.pt
+#: MLflow's HTTP retries and timeout where the user set none: its own (7 retries, 120 s) wait over 4 minutes on a server
+#: that is down; these, about a minute at most
+BOUNDED = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+CONNECT_SECONDS = 5.0  # to reach the tracking server before the run starts
 
 
 def tracking_uri() -> tuple[str, str | None]:
@@ -27,6 +34,35 @@ def tracking_uri() -> tuple[str, str | None]:
     root = Path("mlruns").resolve()
     root.mkdir(exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
+def bound_requests() -> None:
+    """MLflow's retries and timeout bounded (``BOUNDED``), unless the user set them."""
+    for name, value in BOUNDED.items():
+        os.environ.setdefault(name, value)
+
+
+def check_server(uri: str) -> None:
+    """An http(s) tracking server takes a connection now, before the run folder is made, or one line says it does not.
+
+    Not checked: a server reached through a proxy (requests, under MLflow, goes through it; a direct connection may not),
+    and anything but http(s) (Databricks, a database).
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_SECONDS).close()
+    except (OSError, ValueError) as exc:  # ValueError: a port that is not a number
+        where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if isinstance(exc, OSError) and parts.port else "")  # no user or password
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise MltkError(
+            f"--log mlflow: the tracking server {where!r} (MLFLOW_TRACKING_URI) cannot be reached: {why}; "
+            f"start it, or unset MLFLOW_TRACKING_URI to log to ./mlruns"
+        ) from None
 
 
 def key(name: str) -> str:
