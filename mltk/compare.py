@@ -7,6 +7,7 @@ and ``html`` write it out, ``write`` puts those files in place whole. Every file
 every string in it is data: the renderers escape it for Markdown and HTML (the CLI for rich).
 """
 
+import math
 import os
 import re
 import shlex
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from mltk.display import setting, shown
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import check_file, stale_temporaries, temporary, writing
+from mltk.outputs import check_file, check_replaceable, stale_temporaries, temporary, writing
 from mltk.rules import show
 from mltk.run_dir import finite, read_config, read_records, read_text, strict_json
 
@@ -99,21 +100,31 @@ def stale(run: Run) -> bool:
 
 def evaluate_command(run: Run) -> str:
     """The command that fills a run's metrics: on its held-out classes if it has them, else on images to name."""
-    return f"mltk evaluate {shlex.quote(run.name)}" + ("" if held_out(run) else " --data DATA")
+    return f"mltk evaluate {shell_word(run.name)}" + ("" if held_out(run) else " --data DATA")
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one shell word that is also safe to show: quoted, and one holding control characters (an escape,
+    a line break) in bash's ``$'...'`` with each as the escape ``shown`` writes, which bash reads back as that character."""
+    if shown(text) == text:
+        return shlex.quote(text)
+    return "$'" + shown(text.replace("\\", "\\\\").replace("'", "\\'")) + "'"
 
 
 # -- What a run's metrics.jsonl says about its training.
 
 
 def train_seconds(records: list[dict]) -> float | None:
-    return sum(r.get("seconds", 0.0) for r in records) if records else None
+    """The epochs' seconds summed (read_records bounds each, so the sum stays finite)."""
+    timed = [r["seconds"] for r in records if "seconds" in r]
+    return math.fsum(timed) if timed else None
 
 
 def images_per_second(records: list[dict]) -> float | None:
     """Images over seconds across the epochs (not the mean of each epoch's rate)."""
     timed = [r for r in records if "seconds" in r and "images_per_s" in r]
-    seconds = sum(r["seconds"] for r in timed)
-    return sum(r["images_per_s"] * r["seconds"] for r in timed) / seconds if seconds > 0 else None
+    seconds = math.fsum(r["seconds"] for r in timed)
+    return math.fsum(r["images_per_s"] * r["seconds"] for r in timed) / seconds if seconds > 0 else None
 
 
 def best_epoch(records: list[dict]) -> int | None:
@@ -276,9 +287,9 @@ def html(table: Table, title: str = "mltk compare") -> str:
     return report.table_page(title, [c.name for c in table.columns], table.cells(), table.numeric(), table.best, [(BEST.format(how="in green"), ""), *table.notes], figures, generator="mltk compare")
 
 
-def check_outputs(outs: list[str | Path]) -> list[tuple[Path, str]]:
-    """Each --out with its format, before any work: a .md or .html name, not given twice, and new or a file an earlier
-    ``mltk compare`` wrote (which is replaced); else one line."""
+def check_outputs(outs: list[str | Path], runs: list[str | Path] = ()) -> list[tuple[Path, str]]:
+    """Each --out with its format, before any work: a .md or .html name, not given twice, none of the ``runs`` read,
+    and new or a file an earlier ``mltk compare`` wrote (which is replaced); else one line."""
     checked, seen = [], set()
     for out in outs:
         out = check_file(out, example="runs.md")
@@ -288,8 +299,10 @@ def check_outputs(outs: list[str | Path]) -> list[tuple[Path, str]]:
         if out.resolve() in seen:
             raise UsageError(f"--out {str(out)!r} is given twice")
         seen.add(out.resolve())
-        if os.path.lexists(out) and not written_by_compare(out, fmt):
-            raise MltkError(f"--out {str(out)!r} exists and is not a table mltk compare wrote; give a new file name (mltk replaces only its own)")
+        check_replaceable(
+            out, {"the run": runs}, advice="give a new file name",
+            mine=lambda path: None if not os.path.lexists(path) or written_by_compare(path, fmt) else "exists and is not a table mltk compare wrote",
+        )
         checked.append((out, fmt))
     return checked
 
@@ -308,18 +321,18 @@ def written_by_compare(path: Path, fmt: str) -> bool:
 
 def write(table: Table, outputs: list[tuple[Path, str]]) -> None:
     """Each output written under a temporary name beside it, then all renamed into place: an earlier file is replaced whole."""
-    pages = [(path.resolve(), html(table) if fmt == "html" else markdown(table)) for path, fmt in outputs]  # a link: the file it names
+    pages = [(out, out.resolve(), html(table) if fmt == "html" else markdown(table)) for out, fmt in outputs]  # a link: the file it names
     done: list[Path] = []
     try:
-        for path, text in pages:
+        for out, path, text in pages:
             for stale in stale_temporaries(path.parent, path.name):  # what a killed compare left
                 stale.unlink(missing_ok=True)
             done.append(path)  # its temporary is removed, whatever happens next
-            with writing(str(path), "it is as it was"):
+            with writing(repr(str(out)), "nothing was written (a file there earlier is as it was)"):  # a full disk: stop here
                 path.parent.mkdir(parents=True, exist_ok=True)
                 temporary(path).write_text(text, encoding="utf-8")
-        for path in done:
-            with writing(str(path), "it is as it was"):
+        for out, path, _ in pages:
+            with writing(repr(str(out)), "it is as it was"):
                 os.replace(temporary(path), path)
     finally:
         for path in done:

@@ -14,7 +14,7 @@ from mltk.data import LabelledImages, drop_unreadable, load_data, merge, readabl
 from mltk.embedding import Progress, embed
 from mltk.errors import MltkError, UsageError
 from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
-from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
+from mltk.outputs import aside, check_dir, check_replaceable, disk_error, stale_temporaries, temporary
 from mltk.rerank import create as create_reranker
 from mltk.thresholds import Calibration
 
@@ -132,6 +132,7 @@ def evaluate(
         )
     skipped = []
     if query is not None and gallery is not None:
+        check_disjoint(query, gallery)
         query, gallery = readable(query, skipped), readable(gallery, skipped)
         both = merge(query, gallery)  # the query images, then the gallery's, labelled over the union of class names
         labels, classes, sources = np.asarray(both.labels), list(both.classes), list(both.sources)
@@ -154,6 +155,33 @@ def evaluate(
     )
 
 
+def check_disjoint(query: LabelledImages, gallery: LabelledImages) -> None:
+    """No query image is also a gallery image, before any is read: a query would find itself first and inflate every
+    retrieval metric (In-Shop's protocol, like any, keeps the two apart). Refused, not left out: the numbers then
+    come from the sets the user named, or from none."""
+    shared = shared_images(query, gallery)
+    if not shared:
+        return
+    first = f"e.g. {str(shared[0])!r}"
+    if len(shared) == len(query):
+        count = f"every --query image ({len(query)}, {first}) is"
+    else:
+        count = f"{len(shared)} of the {len(query)} --query images ({first}) {'is' if len(shared) == 1 else 'are'}"
+    raise UsageError(
+        f"{count} also in --gallery: such a query would find itself first and inflate recall; give a query and a gallery with no image "
+        f"in common (a dataset's own query and gallery: --data NAME:ROOT)"
+    )
+
+
+def shared_images(query: LabelledImages, gallery: LabelledImages) -> list:
+    """The query images that are gallery images too: the same file (links resolved), cut to the same box if cropped."""
+    def key(source) -> tuple:
+        return os.path.realpath(source), getattr(source, "box", None)
+
+    in_gallery = {key(s) for s in gallery.sources if isinstance(s, (str, Path))}  # an image in memory has no file
+    return [s for s in query.sources if isinstance(s, (str, Path)) and key(s) in in_gallery]
+
+
 def calibration(result, model: EmbeddingModel, source: str, flip_tta: bool) -> Calibration | None:
     """The operating points of the pairs the metrics scored (None when no pairs were scored, or of one kind only)."""
     from mltk import thresholds
@@ -173,21 +201,29 @@ def source_name(source) -> str:
 OUTPUTS = ("metrics.json", "thresholds.json", "report.html", "embeddings.npy", "labels.npy", "paths.txt", "skipped_images.txt")
 
 
-def check_out(out: str | Path) -> Path:
-    """``out`` can take an evaluation: absent, empty, or an earlier evaluation's folder; else one line, before any work.
+def check_out(out: str | Path, inputs: dict | None = None) -> Path:
+    """``out`` can take an evaluation: absent, empty, or an earlier evaluation's folder, and none of the command's
+    ``inputs`` (``{role: path}``) nor holding one; else one line, before any work (``mltk.outputs.check_replaceable``).
 
     An earlier evaluation is recognised by its files: a metrics.json and nothing but evaluate's outputs
     (and the hidden temporaries of its writes). It is replaced as a whole; anything else is not mltk's
     to replace.
     """
     out = check_dir(out)
-    if out.is_dir():
-        names = sorted(entry.name for entry in out.iterdir() if not _own_temporary(entry.name))
-        foreign = [n for n in names if n not in OUTPUTS]
-        if foreign or names and "metrics.json" not in names:
-            shown = ", ".join(map(repr, foreign[:3])) + (" ..." if len(foreign) > 3 else "") if foreign else "no metrics.json"
-            raise MltkError(f"--out {str(out)!r} is not empty and not an earlier evaluation ({shown}); give a new or empty folder")
+    check_replaceable(out, inputs, mine=_earlier_evaluation, advice="give a new or empty folder")
     return out
+
+
+def _earlier_evaluation(out: Path) -> str | None:
+    """None when ``out`` is absent, empty or an earlier evaluation's folder; else what it holds instead."""
+    if not out.is_dir():
+        return None
+    names = sorted(entry.name for entry in out.iterdir() if not _own_temporary(entry.name))
+    foreign = [n for n in names if n not in OUTPUTS]
+    if foreign or names and "metrics.json" not in names:
+        shown = ", ".join(map(repr, foreign[:3])) + (" ..." if len(foreign) > 3 else "") if foreign else "no metrics.json"
+        return f"is not empty and not an earlier evaluation ({shown})"
+    return None
 
 
 def _own_temporary(name: str) -> bool:

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from mltk.config import RunConfig, check_values, load_yaml, make_config, save_yaml, to_dict
+from mltk.config import RULES, RunConfig, check_values, load_yaml, make_config, save_yaml, to_dict
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import check_dir, stale_temporaries, temporary
-from mltk.rules import show
+from mltk.outputs import check_dir, check_replaceable, stale_temporaries, temporary
+from mltk.rules import Number, show
 
 try:
     import fcntl
@@ -51,14 +51,15 @@ class RunDirectory:
     run is ready, and held by one process at a time (an exclusive flock on the folder itself: no lock file).
 
     A folder that holds a run (any of RUN_FILES) is refused unless ``resume`` goes on with it or ``overwrite``
-    starts it over (removing RUN_FILES and RUN_FOLDERS, nothing else). ``path=None``: a new folder runs/<time>, -2, -3 ... when
+    starts it over (removing RUN_FILES and RUN_FOLDERS, nothing else, and none of the run's ``inputs``). ``path=None``: a new folder runs/<time>, -2, -3 ... when
     that is taken. ``main=False`` (torchrun's other ranks): nothing is checked, held or written.
     """
 
-    def __init__(self, path: str | Path | None, resume: bool = False, overwrite: bool = False, main: bool = True):
+    def __init__(self, path: str | Path | None, resume: bool = False, overwrite: bool = False, main: bool = True, inputs: dict | None = None):
         self.fresh = path is None
         self.path = Path("runs") / time.strftime("%Y%m%d-%H%M%S") if path is None else Path(path)
         self.resume, self.overwrite, self.main = resume, overwrite, main
+        self.inputs = inputs  # {role: path} the run reads: ``overwrite`` may not delete one of them
         self.fd: int | None = None
 
     def __enter__(self) -> "RunDirectory":
@@ -140,6 +141,8 @@ class RunDirectory:
             if not (self.path / "last.pt").is_file():
                 raise MltkError(NEEDS_LAST_PT)
             return
+        if self.overwrite:  # mltk replaces only what it wrote, never its own input: --config RUN/config.yaml is read, not started over
+            check_replaceable(self.path, self.inputs, replaces=[self.path / name for name in (*RUN_FILES, *RUN_FOLDERS)], advice="copy it out of the run directory first, or give another --out")
         found = [name for name in RUN_FILES if os.path.lexists(self.path / name)]
         if found and not self.overwrite:
             raise MltkError(
@@ -199,7 +202,14 @@ def read_history(run_dir: Path) -> list[dict]:
 # -- Reading a finished (or running) run directory for a table or a report: every file checked whole.
 
 MAX_HISTORY_BYTES = 64 << 20  # metrics.jsonl: a line per epoch, a few hundred bytes each
-NUMBERS = ("loss", "seconds", "images_per_s", "val_recall@1")  # what tables and curves read from a record
+#: what tables and curves read from a record, each in the range mltk run writes it in: a value past it is not a run's
+#: (and near the float limit, sums and plot axes overflow)
+NUMBERS = {
+    "loss": Number(-3.4028234663852886e38, 3.4028234663852886e38, what="a finite number (a float32: what training computes)"),
+    "seconds": Number(0, 1e8, what="a number in [0, 1e8] (an epoch's seconds)"),
+    "images_per_s": Number(0, 1e9),
+    "val_recall@1": Number(0, 1),
+}
 
 
 def run_of(path: str | Path) -> Path | None:
@@ -217,7 +227,8 @@ def read_config(run_dir: Path) -> dict:
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl, checked whole: one JSON object per line, epochs counting up from 1, NUMBERS finite numbers.
+    """metrics.jsonl, checked whole: one JSON object per line, epochs counting up from 1 to the most a run has, NUMBERS
+    numbers in their ranges.
 
     Only a last line without its newline may be cut short (a run being written, or killed): it is left out.
     No metrics.jsonl: no epoch finished yet, ``[]``.
@@ -237,12 +248,15 @@ def read_records(run_dir: Path) -> list[dict]:
             if number == len(lines):  # the last line, cut short
                 break
             raise MltkError(f"{str(path)!r} line {number} is not JSON; it is not a metrics.jsonl mltk run wrote") from None
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if not (type(epoch) is int and epoch > (records[-1]["epoch"] if records else 0)):
-            raise MltkError(f"{str(path)!r} line {number} is not an epoch record after the one before it (an object with epoch {len(records) + 1} or more)")
-        for key in NUMBERS:
-            if key in record and not finite(record[key]):
-                raise MltkError(f"{str(path)!r} line {number}: {key} must be a finite number, got {show(record[key])}")
+        epoch, after = record.get("epoch") if isinstance(record, dict) else None, records[-1]["epoch"] if records else 0
+        if not (type(epoch) is int and after < epoch <= RULES["epochs"].hi):
+            raise MltkError(
+                f"{str(path)!r} line {number} is not an epoch record after the one before it "
+                f"(an object with epoch {after + 1} to {RULES['epochs'].hi:g}); it is not a metrics.jsonl mltk run wrote"
+            )
+        for key, rule in NUMBERS.items():
+            if key in record and not (finite(record[key]) and rule.lo <= record[key] <= rule.hi):
+                raise MltkError(f"{str(path)!r} line {number}: {key} must be {rule}, got {show(record[key])}")
         records.append(record)
     return records
 

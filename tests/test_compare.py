@@ -117,7 +117,7 @@ BAD = {  # case -> what its error line says
     "no such folder": "is not a run directory: there is no such folder",
     "corrupt metrics.json": "metrics.json' is not valid JSON",
     "metrics.json out of range": "roc_auc must be a number from 0 to 1 or null, got 7",
-    "corrupt metrics.jsonl": "metrics.jsonl' line 1: loss must be a finite number, got '<b>'",
+    "corrupt metrics.jsonl": "metrics.jsonl' line 1: loss must be a finite number (a float32: what training computes), got '<b>'",
     "bad config.yaml": "dim in config file",
     "foreign --out": "exists and is not a table mltk compare wrote",
     "--out .txt": "give a file name ending in .md (Markdown) or .html",
@@ -152,6 +152,87 @@ def test_bad_input_is_one_error_line_and_writes_nothing(runs, mltk_main, tmp_pat
     line = one_line_error(mltk_main("compare", *args, "--out", out, "--out", tmp_path / "t.html"))
     assert BAD[case] in line
     assert snapshot(tmp_path) == before, line
+
+
+RECORDS = {  # metrics.jsonl lines of finite numbers that no run writes -> the error after the file's name
+    "seconds summing past the float limit": ('{"epoch": 1, "seconds": 1e308}\n{"epoch": 2, "seconds": 1e308}\n', "line 1: seconds must be a number in [0, 1e8] (an epoch's seconds), got 1e+308"),
+    "an epoch of 400 digits": ('{"epoch": 1' + "0" * 399 + ', "loss": 1.0}\n', "line 1 is not an epoch record after the one before it (an object with epoch 1 to 10000); it is not a metrics.jsonl mltk run wrote"),
+    "negative seconds": ('{"epoch": 1, "loss": 1.0, "seconds": -5, "images_per_s": 10}\n', "line 1: seconds must be a number in [0, 1e8] (an epoch's seconds), got -5"),
+    "negative images/s": ('{"epoch": 1, "loss": 1.0, "seconds": 5, "images_per_s": -7}\n', "line 1: images_per_s must be a number in [0, 1000000000], got -7"),
+    "a loss past float32": ('{"epoch": 1, "loss": 1e300}\n', "line 1: loss must be a finite number (a float32: what training computes), got 1e+300"),
+    "a recall past 1": ('{"epoch": 1, "loss": 1.0, "val_recall@1": 2}\n', "line 1: val_recall@1 must be a number in [0, 1], got 2"),
+}
+
+
+@pytest.mark.parametrize("case", RECORDS)
+def test_a_record_no_run_writes_is_one_error_line_not_a_crash_or_a_best_value(runs, mltk_main, tmp_path, case):
+    """Values that overflowed a sum or a plot axis (a traceback), or would have been marked best (negative seconds)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "c", run)
+    text, expected = RECORDS[case]
+    (run / "metrics.jsonl").write_text(text)
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main("compare", runs / "a", run, "--out", tmp_path / "t.md", "--out", tmp_path / "t.html"), code=1)
+    assert line == f"error: {str(run / 'metrics.jsonl')!r} {expected}"
+    assert snapshot(tmp_path) == before
+
+
+def test_the_extremes_a_run_can_record_are_drawn_without_a_warning(runs, mltk_main, tmp_path):
+    """At the edges of each range (float32's loss, 10000 epochs of 1e8 s): the sums are finite and matplotlib's axes,
+    which overflowed past them with a RuntimeWarning printed on the terminal, draw quietly."""
+    import warnings
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "c", run)
+    edges = [(1, -3.4e38, 0.0, 0.0), (2, 1e-320, 1e8, 1e9), (10_000, 3.4e38, 1e8, 1e9)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": loss, "seconds": s, "images_per_s": rate, "val_recall@1": 1e-320}) + "\n" for e, loss, s, rate in edges))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = mltk_main("compare", runs / "a", run, "--out", tmp_path / "t.md", "--out", tmp_path / "t.html")
+    assert code == 0, err
+    assert [str(w.message) for w in caught] == [] and "Warning" not in err
+    row = markdown_rows((tmp_path / "t.md").read_text())[2]
+    assert [cell.strip("*") for cell in row[-8:-5]] == ["55555 h 33 min", "1,000,000,000", "1"]  # 2e8 s; images over seconds; the first of equal recalls
+    assert '<img alt="Training curves"' in (tmp_path / "t.html").read_text()
+
+
+def test_a_run_name_of_control_characters_is_shown_escaped_in_a_command_that_still_names_it(runs, mltk_main, tmp_path):
+    """The suggested ``mltk evaluate`` names the folder in bash's $'...' quoting: no escape sequence reaches the
+    terminal, Markdown or HTML, and pasted, it names the folder."""
+    import subprocess
+
+    run = tmp_path / "odd\x1b[31m\nname's"
+    shutil.copytree(runs / "c", run)
+    code, out, err = mltk_main("compare", run, "--out", tmp_path / "t.md", "--out", tmp_path / "t.html")
+    assert code == 0, err
+    command = f"mltk evaluate $'{tmp_path}/odd\\x1b[31m\\nname\\'s' --data DATA"
+    assert "\x1b" not in out and command in out
+    assert command.replace("|", "\\|") in (tmp_path / "t.md").read_text()
+    assert f"<code>{command.replace(chr(39), '&#x27;')}</code>" in (tmp_path / "t.html").read_text()
+    word = command.split(" ")[2]
+    assert subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True).stdout == str(run)
+
+
+def test_a_full_disk_while_writing_the_pages_is_one_line_and_leaves_the_earlier_pages(runs, mltk_main, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    outs = ("--out", tmp_path / "t.md", "--out", tmp_path / "t.html")
+    code, _, err = mltk_main("compare", runs / "a", runs / "c", *outs)
+    assert code == 0, err
+    before, write_text = snapshot(tmp_path), Path.write_text
+
+    def full(self, text, *args, **kwargs):  # the Markdown fits; the page fills the disk halfway through
+        if self.name.startswith(".t.html"):
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    code, out, err = mltk_main("compare", runs / "a", runs / "b", *outs)
+    assert code == 1 and "MAP@R" in out  # the table is on the terminal all the same
+    assert err.strip() == f"error: no space left on device writing {str(tmp_path / 't.html')!r}; nothing was written (a file there earlier is as it was)"
+    assert snapshot(tmp_path) == before  # both pages as they were, no temporary left
 
 
 def test_an_earlier_table_is_replaced_a_cut_line_left_out_and_a_stale_evaluation_named(runs, mltk_main, tmp_path):

@@ -133,3 +133,67 @@ def test_classes_pick_a_class_disjoint_split_of_one_folder(trained_run, mltk_mai
     assert "no class" in line and "bird_*" in line and not (tmp_path / "f").exists()
     line = one_line_error(mltk_main("evaluate", run, "--data", folder, "--pairs", tmp_path / "pairs.csv", "--classes", "class_0*"))
     assert "--classes" in line and "--pairs" in line
+
+
+def test_query_images_also_in_the_gallery_are_refused_before_any_work(image_folder, mltk_main, tmp_path):
+    """A query that is a gallery image finds itself (recall@1 1.0): refused, counting them, links resolved."""
+    import os
+
+    from conftest import make_image_folder, one_line_error, snapshot
+
+    folder = image_folder  # 32 images
+    gallery = make_image_folder(tmp_path / "gallery", classes=2, per_class=2, seed=1)
+    os.symlink(folder / "class_03" / "1.png", gallery / "class_00" / "linked.png")
+    os.symlink(folder, tmp_path / "same")
+    common = ("evaluate", "--backbone", "test_resnet", "--image-size", "32", "--workers", "0", "--out", tmp_path / "e")
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main(*common, "--query", folder, "--gallery", tmp_path / "same"), code=2)
+    assert line == (
+        f"error: every --query image (32, e.g. {str(folder / 'class_00' / '0.png')!r}) is also in --gallery: such a query would find "
+        "itself first and inflate recall; give a query and a gallery with no image in common (a dataset's own query and gallery: --data NAME:ROOT)"
+    )
+    line = one_line_error(mltk_main(*common, "--query", folder, "--gallery", gallery), code=2)
+    assert f"error: 1 of the 32 --query images (e.g. {str(folder / 'class_03' / '1.png')!r}) is also in --gallery" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_crop_of_a_gallery_image_is_shared_only_when_cut_alike(tmp_path):
+    """One photo may hold several objects (crops): the same file cut to another box is another image."""
+    from mltk.data import CroppedImage, LabelledImages
+    from mltk.evaluate import shared_images
+
+    photo = tmp_path / "photo.png"
+    query = LabelledImages([CroppedImage(photo, (0, 0, 4, 4)), CroppedImage(photo, (4, 4, 8, 8))], [0, 0], ["a"])
+    gallery = LabelledImages([CroppedImage(photo, (0, 0, 4, 4)), tmp_path / "other.png"], [0, 0], ["a"])
+    assert shared_images(query, gallery) == [query.sources[0]]
+
+
+def test_pairs_with_a_dataset_as_data_is_one_line_before_any_work(mltk_main, tmp_path):
+    """A pair list's paths are joined to --data: a dataset spec or a file would give paths like 'cub200:ROOT/x.jpg'."""
+    from conftest import one_line_error
+
+    (tmp_path / "pairs.csv").write_text("a.jpg,b.jpg,1\na.jpg,c.jpg,0\n")
+    common = ("evaluate", "--backbone", "test_resnet", "--pairs", tmp_path / "pairs.csv", "--out", tmp_path / "e")
+    line = one_line_error(mltk_main(*common, "--data", f"cub200:{tmp_path}"), code=2)
+    assert line == f"error: --pairs needs --data: the folder its image names are relative to; {f'cub200:{tmp_path}'!r} is not a folder"
+    line = one_line_error(mltk_main(*common, "--data", tmp_path / "pairs.csv"), code=2)
+    assert line.endswith(f"; {str(tmp_path / 'pairs.csv')!r} is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv"]
+
+
+def test_evaluate_never_replaces_its_own_input(trained_run, mltk_main, tmp_path):
+    """mltk replaces only what it wrote, never its own input: an --out that is the data, or holds the run, is refused."""
+    import shutil
+
+    from conftest import one_line_error, snapshot
+
+    run, folder = trained_run
+    shutil.copytree(run, tmp_path / "runs" / "a")
+    shutil.copytree(folder, tmp_path / "images")
+    before = snapshot(tmp_path)
+    common = ("evaluate", tmp_path / "runs" / "a", "--data", tmp_path / "images", "--workers", "0", "--out")
+    line = one_line_error(mltk_main(*common, tmp_path / "images"), code=1)
+    assert line == f"error: --out {str(tmp_path / 'images')!r} is --data {str(tmp_path / 'images')!r}, an input of this command; mltk never replaces its own input: give a new or empty folder"
+    line = one_line_error(mltk_main(*common, tmp_path / "runs"), code=1)
+    assert line.startswith(f"error: --out {str(tmp_path / 'runs')!r} holds RUN {str(tmp_path / 'runs' / 'a')!r}, an input of this command")
+    assert snapshot(tmp_path) == before

@@ -22,8 +22,9 @@ def compare(
 
     from mltk import compare as cmp
     from mltk.cli.output import cell, console, interrupted_means, print_wide
+    from mltk.display import shown
 
-    outputs = cmp.check_outputs(out or [])  # before anything is read
+    outputs = cmp.check_outputs(out or [], runs)  # before anything is read
     table = cmp.compare(runs)
     grid = Table(*(column.name for column in table.columns), header_style="bold", box=box.SIMPLE_HEAD)
     for column, numeric in zip(grid.columns, table.numeric()):
@@ -36,4 +37,4 @@ def compare(
     if outputs:
         with interrupted_means("nothing was written (a file there earlier is as it was)"):
             cmp.write(table, outputs)
-        console.print(Text(f"written: {', '.join(str(path) for path, _ in outputs)}"), soft_wrap=True)
+        console.print(Text(f"written: {', '.join(shown(path) for path, _ in outputs)}"), soft_wrap=True)

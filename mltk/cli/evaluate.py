@@ -46,8 +46,9 @@ def evaluate(
         raise UsageError("give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone")
     if (query is None) != (gallery is None):
         raise UsageError("--query and --gallery go together")
-    if pairs is not None and data is None:
-        raise UsageError("--pairs needs --data: the folder its image names are relative to")
+    if pairs is not None and (data is None or not Path(data).is_dir()):  # not a dataset spec: its paths would be joined to the spec
+        given = "" if data is None else f"; {data!r} is {'a file' if Path(data).exists() else 'not a folder'}"
+        raise UsageError(f"--pairs needs --data: the folder its image names are relative to{given}")
     if pairs is not None and classes:
         raise UsageError("--classes picks images by class; a --pairs list names its images itself")
     if backbone and not (data or query):
@@ -70,7 +71,10 @@ def evaluate(
     ev.check_settings(batch_size, workers, max_pairs, image_size)
     create_reranker(rerank)  # a misspelt re-ranker or parameter costs no embedding
     inference_device(device)
-    out = ev.check_out(out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")))
+    out = ev.check_out(
+        out or (Path(run) / "eval" if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")),
+        {"RUN": run, "--data": data, "--pairs": pairs, "--query": query, "--gallery": gallery, "--weights": weights},
+    )
     training = None  # the run's config and training curves, for the report
     if run is not None and report:
         try:
