@@ -7,6 +7,7 @@ is calibrated (``mltk.calibrate``): accept two images as one identity when their
 product reaches ``threshold.score``.
 """
 
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -20,12 +21,13 @@ import torch
 from torch import nn
 
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import aside, check_file, disk_error, stale_temporaries, temporary
+from mltk.outputs import aside, check_file, check_replaceable, disk_error, stale_temporaries, temporary
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest absolute difference from PyTorch's embeddings that is accepted
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs onnxscript; the check, onnxruntime
 ONNX_MAX_BYTES = 2**31  # protobuf's limit on one .onnx file
+SIDECAR_MAX = 1 << 20  # FILE.json holds a few kilobytes (with a calibration's operating points)
 
 
 class Normalised(nn.Module):
@@ -62,8 +64,8 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         check_onnx_available()
-    out, sidecar = check_paths(Path(out))
     checkpoint = find_checkpoint(run)
+    out, sidecar = check_paths(Path(out), {"the checkpoint": checkpoint, "--calibrate": calibrate})
     model = load(checkpoint, device="cpu")
     calibration = None
     if calibrate is not None:  # before anything is written: a wrong source costs no export
@@ -97,7 +99,7 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
         diff = float((got - expected).abs().max())
         if not diff <= TOLERANCE:  # NaN fails too
             raise MltkError(f"the exported {fmt} model does not match PyTorch: its embeddings differ by up to {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written")
-        info = describe(model, checkpoint, fmt, out, diff, calibration)
+        info = describe(model, checkpoint, fmt, out, diff, calibration, digest(tmp))
         sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
         commit(tmp, out, sidecar_tmp, sidecar)
     except BaseException as exc:  # an error or Ctrl-C: a folder made for the export goes again
@@ -112,13 +114,78 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
     return Exported(out, sidecar, diff, info)
 
 
-def check_paths(out: Path) -> tuple[Path, Path]:
-    """``out`` and its sidecar ``out``.json can both be written (nothing is created yet); else one line."""
+def check_paths(out: Path, inputs: dict | None = None) -> tuple[Path, Path]:
+    """``out`` and its sidecar ``out``.json can both be written (nothing is created yet); else one line.
+
+    mltk replaces only what it wrote, never its own input (``mltk.outputs.check_replaceable``): neither
+    file may be one of ``inputs`` or a file of the run, index or evaluation folder it lies in, and
+    what is there already must be an earlier export, as its FILE.json says.
+    """
     out = check_file(out)
     sidecar = out.with_name(out.name + ".json")
     if sidecar.is_dir():
         raise MltkError(f"{str(sidecar)!r} is a folder; the export writes its preprocessing there (FILE.json): give another --out")
+    check_replaceable(out, inputs, replaces=[out, sidecar], mine=lambda path: folder_file(path) or earlier_export(path, out, sidecar))
     return out, sidecar
+
+
+def folder_file(path: Path) -> str | None:
+    """What ``path`` is to the mltk folder it lies in when it bears one of that folder's own names
+    ("is the best.pt of the run directory 'runs/a' ..."), there or not yet: such a name is the folder's, never an export's."""
+    from mltk.evaluate import OUTPUTS
+    from mltk.index import WRITTEN, read_meta
+    from mltk.run_dir import RUN_FILES, RUN_FOLDERS, run_of
+
+    folder, name = path.parent, path.name
+    if name in (*RUN_FILES, *RUN_FOLDERS, "eval") and run_of(folder) is not None:  # eval: mltk evaluate's folder for the run
+        return f"is the {name} of the run directory {str(folder)!r}, not an export's"
+    if name in WRITTEN and read_meta(folder) is not None:
+        return f"is the {name} of the index directory {str(folder)!r}, not an export's"
+    if name in OUTPUTS and (folder / "metrics.json").is_file():
+        return f"is the {name} of the evaluation folder {str(folder)!r}, not an export's"
+    return None
+
+
+def earlier_export(path: Path, out: Path, sidecar: Path) -> str | None:
+    """None when ``path`` (``out`` or its ``sidecar``) is free or is an earlier export's: FILE.json names FILE, and
+    FILE has the digest FILE.json records; else what is there instead."""
+    if not os.path.lexists(path):
+        return None
+    info = read_sidecar(sidecar)
+    if path == sidecar:
+        if info is None:
+            return "exists and is not the FILE.json of an mltk export"
+        return None if info["file"] == out.name else f"exists and describes another file ({info['file']!r})"
+    if info is None:
+        return "exists and is not an export (no FILE.json of mltk export beside it says so)"
+    if info["file"] != out.name:
+        return f"exists, and its FILE.json describes another file ({info['file']!r})"
+    if info.get("sha256") is not None and info["sha256"] != digest(out):
+        return "exists and is not the file its FILE.json describes (it changed since mltk export wrote it)"
+    return None
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """An export's FILE.json as mltk export writes it (a mapping with its format and file name), or None."""
+    from mltk.run_dir import read_text, strict_json
+
+    if not path.is_file():
+        return None
+    try:
+        info = strict_json(read_text(path, SIDECAR_MAX))
+    except (MltkError, ValueError):
+        return None
+    ok = isinstance(info, dict) and info.get("format") in FORMATS and isinstance(info.get("file"), str) and isinstance(info.get("sha256", ""), (str, type(None)))
+    return info if ok else None
+
+
+def digest(path: Path) -> str:
+    """The sha256 of a file, in hex: what FILE.json records, so that a later export knows the file it replaces."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def commit(tmp: Path, out: Path, sidecar_tmp: Path, sidecar: Path) -> None:
@@ -145,7 +212,7 @@ def commit(tmp: Path, out: Path, sidecar_tmp: Path, sidecar: Path) -> None:
             backup.unlink(missing_ok=True)
 
 
-def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float, calibration=None) -> dict:
+def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float, calibration=None, sha256: str | None = None) -> dict:
     """The sidecar: how to preprocess images for the exported file, where it came from, and its match threshold (if calibrated)."""
     from mltk import __version__
 
@@ -153,6 +220,7 @@ def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float, calibrat
     return {
         "format": fmt,
         "file": out.name,
+        "sha256": sha256,  # of the file: a later export to the same name knows that it replaces its own
         "input": "images",  # float32 (N, C, H, W), preprocessed as below
         "output": "embeddings",  # float32 (N, embedding_dim), L2-normalised
         "input_size": list(data["input_size"]),  # C, H, W

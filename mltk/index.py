@@ -21,7 +21,7 @@ import numpy as np
 
 from mltk.errors import MltkError, UsageError
 from mltk.knn import KINDS, Progress, build, check_options, configure, kind_of, neighbours, search, settings  # noqa: F401  (build, search: mltk.index's names since the start)
-from mltk.outputs import aside, check_dir, disk_error, stale_temporaries, temporary
+from mltk.outputs import aside, check_dir, check_replaceable, disk_error, stale_temporaries, temporary
 from mltk.thresholds import Calibration, OperatingPoint
 
 FORMAT = "mltk-index-1"
@@ -32,7 +32,7 @@ FORMAT = "mltk-index-1"
 WRITTEN = ("index.faiss", "embeddings.npy", "paths.txt", "labels.npy", "classes.json", "model.pt", "meta.json", "skipped_images.txt")
 META_MAX = 1 << 20  # meta.json holds a few hundred bytes: a larger file of that name is not one
 META_FIELDS = {"kind": str, "metric": str, "dim": int, "count": int, "params": dict}  # what a search relies on
-META_TEXT = ("run", "data", "mltk_version", "faiss_version", "torch_version", "created")  # strings when present
+META_TEXT = ("run", "data", "model", "mltk_version", "faiss_version", "torch_version", "created")  # strings when present
 
 
 @dataclass
@@ -62,11 +62,12 @@ def read_meta(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, workers: int = 2, **options) -> Path:
+def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, workers: int = 2, inputs: dict | None = None, **options) -> Path:
     """What ``write_index_dir`` can check before the model loads: the kind, sizes, options and ``out``.
 
     Returns where the index will be written: ``out`` made absolute (a symbolic link: the folder it
-    names). ``out`` is new, an empty folder, or an index mltk wrote that holds nothing else;
+    names). ``out`` is new, an empty folder, or an index mltk wrote that holds nothing else, and is none
+    of the command's ``inputs`` (``{role: path}``) nor holds one (``mltk.outputs.check_replaceable``);
     anything else is refused and left as it is.
     """
     check_options(kind, **options)
@@ -82,26 +83,30 @@ def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, wo
         except (OSError, RuntimeError):
             raise MltkError(f"--out {given!r} is a symbolic link to nowhere; give a folder") from None
     check_dir(out.parent, f"the folder of --out {given!r}")  # the index is made beside it, then renamed
-    _check_replaceable(out, given)
+    _check_replaceable(out, given, inputs)
     return out
 
 
-def _check_replaceable(out: Path, given: str) -> None:
-    """``out`` is absent, empty, or an mltk index and nothing else: what may be removed to put a new index there."""
+def _check_replaceable(out: Path, given: str, inputs: dict | None = None) -> None:
+    """mltk replaces only what it wrote, never its own input: ``out`` (as ``given``) is none of ``inputs`` and only an index."""
+    check_replaceable(given, inputs, mine=lambda path: _not_only_an_index(out, given), advice="give a new or empty folder")
+
+
+def _not_only_an_index(out: Path, given: str) -> str | None:
+    """None when ``out`` is absent, empty, or an mltk index and nothing else (what may be removed to put a new index
+    there); else what it holds instead."""
     if not out.is_dir():
-        return
+        return None
     try:
         entries = sorted(p.name for p in out.iterdir())
     except OSError as exc:
         raise MltkError(f"cannot read --out {given!r}: {exc.strerror}") from None
     if entries and read_meta(out) is None:
-        raise MltkError(f"--out {given!r} is a folder that is not an mltk index (it holds {_some(entries)}); give a new or empty folder")
+        return f"is a folder that is not an mltk index (it holds {_some(entries)})"
     foreign = [name for name in entries if name not in WRITTEN]
     if foreign:
-        raise MltkError(
-            f"--out {given!r} is an mltk index but also holds {_some(foreign)}, which `mltk index` does not write "
-            "and replacing the index would delete; move them out or give another --out"
-        )
+        return f"is an mltk index but also holds {_some(foreign)}, which `mltk index` does not write and replacing the index would delete"
+    return None
 
 
 def _some(names: list[str], shown: int = 3) -> str:
@@ -164,7 +169,7 @@ def write_index_dir(
             write_skipped(tmp / "skipped_images.txt", skipped)
         meta = {
             "format": FORMAT, "kind": kind, "metric": "inner_product", "dim": int(vectors.shape[1]), "count": len(paths),
-            "params": settings(index), "run": str(run), "data": data.name, "mltk_version": __version__,
+            "params": settings(index), "run": str(run), "data": data.name, "model": model.fingerprint(), "mltk_version": __version__,
             "faiss_version": faiss.__version__, "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if calibration is not None:
@@ -407,14 +412,19 @@ def check_images(images: list[str | Path], what: str) -> None:
 
 
 def load_model(opened: IndexDir, device: str | None = None):
-    """The index's model.pt, checked against the index: its dimensions, and the model its threshold was calibrated for."""
+    """The index's model.pt, checked against the index: its dimensions, the model that embedded the gallery (meta.json's
+    ``model`` fingerprint; an index of mltk before it was recorded has none, and only its calibration's is checked), and
+    the model its threshold was calibrated for."""
     from mltk.model import load
 
     model = load(opened.model_file, device)
     if model.embedder.dim != opened.meta["dim"]:
         raise _damaged(opened.path, "model.pt", f"embeds in {model.embedder.dim} dimensions; the index holds {opened.meta['dim']}")
+    fingerprint = model.fingerprint()
+    if opened.meta.get("model", fingerprint) != fingerprint:
+        raise _damaged(opened.path, "model.pt", "is not the model that embedded the gallery (other weights or preprocessing than meta.json records)")
     calibrated = calibration_of(opened.path, opened.meta)
-    if calibrated is not None and calibrated[0].model != model.fingerprint():
+    if calibrated is not None and calibrated[0].model != fingerprint:
         raise _damaged(opened.path, "model.pt", "is not the model its threshold was calibrated for")
     return model
 
@@ -434,7 +444,7 @@ def operating_point(opened: IndexDir, far: float | str | None) -> OperatingPoint
 
 def _searched(opened: IndexDir, vectors: np.ndarray, k: int, reranker) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest of each vector; with a re-ranker, its candidates re-ordered first (it reads embeddings.npy)."""
-    if reranker is None:
+    if reranker is None or not reranker.candidates:  # none (candidates 0) re-orders nothing: embeddings.npy is not needed
         return neighbours(opened.index, vectors, k)
     from mltk.rerank import Candidates
 

@@ -1,14 +1,16 @@
 """Output paths: checked before the work starts, written whole or not at all.
 
-Every command that writes (run, evaluate, index, export) asks ``check_dir`` or ``check_file``
-first, so a bad ``--out`` is one line before any image is read, and writes through
-``temporary`` names that are renamed into place at the end. ``stale_temporaries`` finds what a
-killed process left behind, so a later run can remove it.
+Every command that writes (run, evaluate, index, export, compare) follows one rule, written here
+as ``check_replaceable``: **mltk replaces only what it wrote, never its own input.** Each asks
+``check_dir`` or ``check_file`` and ``check_replaceable`` first, so a bad ``--out`` is one line
+before any image is read, and writes through ``temporary`` names that are renamed into place at
+the end. ``stale_temporaries`` finds what a killed process left behind, so a later run can remove it.
 """
 
 import errno
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +49,59 @@ def check_file(path: str | Path, what: str = "--out", example: str = "model.onnx
         raise MltkError(f"{what} {str(path)!r} is a folder; give a file name, e.g. {str(path / example)!r}")
     _check_under(path, what, path.parent)
     return path
+
+
+def check_replaceable(
+    out: str | Path,
+    inputs: Mapping[str, str | Path | Iterable[str | Path] | None] | None = None,
+    mine: Callable[[Path], str | None] | None = None,
+    what: str = "--out",
+    replaces: Iterable[Path] | None = None,
+    advice: str | None = None,
+) -> None:
+    """The rule of every command that writes: mltk replaces only what it wrote, never its own input.
+
+    ``replaces`` are the paths the command will replace or delete (default: ``out`` itself, a file or
+    a folder replaced whole). None of them may be one of the command's ``inputs`` (``{role: path or
+    paths}``; a link counts as what it names), nor hold one. ``mine(path)`` says whether the command
+    may write each: None when the path is free or provably the command's own earlier output, else what
+    it is instead ("exists and is not a table mltk compare wrote"). Else one MltkError line, ending in
+    ``advice`` (default: give another ``what``), before any work, and nothing is touched.
+    """
+    out = Path(out)
+    replaced = [Path(p) for p in replaces] if replaces is not None else [out]
+    advice = advice or f"give another {what}"
+    for role, paths in (inputs or {}).items():
+        for source in [paths] if isinstance(paths, (str, Path)) else paths or ():
+            for target in replaced:
+                relation = _relation(target, Path(source))
+                if relation is not None:
+                    which = "" if target == out else f" would replace {str(target)!r}, which"
+                    raise MltkError(
+                        f"{what} {str(out)!r}{which} {relation} {role} {str(source)!r}, an input of this command; "
+                        f"mltk never replaces its own input: {advice}"
+                    )
+    if mine is not None:
+        for target in replaced:
+            problem = mine(target)
+            if problem is not None:
+                which = "" if target == out else f" would replace {str(target)!r}, which"
+                raise MltkError(f"{what} {str(out)!r}{which} {problem}; mltk replaces only what it wrote: {advice}")
+
+
+def _relation(target: Path, source: Path) -> str | None:
+    """"is" when ``target`` is ``source`` (the same file, by any name), "holds" when ``source`` lies inside ``target``, else None."""
+    if not os.path.lexists(source):
+        return None
+    try:
+        if os.path.lexists(target) and os.path.samefile(target, source):
+            return "is"
+    except OSError:  # a link to nowhere: compared by name below
+        pass
+    real_target, real_source = Path(os.path.realpath(target)), Path(os.path.realpath(source))
+    if real_source == real_target:
+        return "is"
+    return "holds" if real_source.is_relative_to(real_target) else None
 
 
 def temporary(path: Path) -> Path:

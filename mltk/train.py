@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from mltk import distributed, registry
-from mltk.config import RunConfig, to_dict
+from mltk.config import RunConfig, check_training, to_dict
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
     load_data, make_transform, select_classes, split_classes, write_skipped,
 )
 from mltk.embedding import embed_dataset
 from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, out_of_memory
-from mltk.lifecycle import Lifecycle, Silent
+from mltk.lifecycle import Lifecycle, PluginExit, Silent
 from mltk.losses import WeightedLosses, build_losses, check_loss_names
 from mltk.memory import available as available_memory
 from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
@@ -102,6 +102,27 @@ def remembered_ctrl_c():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+@contextmanager
+def said_when_stopped(kept: Callable[[], str]):
+    """Ctrl-C, or a plugin that exits, once the run folder is made (a plugin's run_started, run_ended, a save): one line
+    that ends with ``kept()``, what the folder keeps and how to go on. The epoch loop says which epoch it cut short."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {kept()}") from None
+    except PluginExit as exc:
+        exc.args = (f"{exc}; {kept()}",)
+        raise
+
+
+def run_inputs(cfg: RunConfig) -> dict[str, str | None]:
+    """The files and folders a run reads, by the option that names them: what ``--overwrite`` must not delete."""
+    towers = {f"backbone_kwargs[{key!r}]": value for key, value in cfg.backbone_kwargs.items() if key.endswith("_weights") and isinstance(value, str)}
+    return {"--data": cfg.data, "--val-data": cfg.val_data, "--weights": cfg.weights, **towers}
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path | None = None,
@@ -110,32 +131,39 @@ def train(
     on_step: Callable[[int, int, int, dict], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    config_file: str | Path | None = None,
 ) -> RunResult:
     """Train an embedding model as ``cfg`` says; writes config.yaml, metrics.jsonl, last.pt, best.pt.
 
     ``run_dir`` (None: a new folder runs/<time>) must not hold a run unless ``resume=True`` goes on
     with it (its settings kept; only epochs, workers, device, log and early_stop may change) or ``overwrite=True``
-    starts it over; one process at a time holds it while the run writes to it.
+    starts it over, deleting none of what the run reads (``cfg``'s data and weights, ``config_file``); one process at a
+    time holds it while the run writes to it.
 
-    Ctrl-C raises ``Interrupted`` and a lack of memory or disk space an MltkError; either way last.pt
-    keeps the last completed epoch (epoch 0: the untrained model) and ``resume=True`` goes on from there.
+    Ctrl-C raises ``Interrupted``, a lack of memory or disk space an MltkError, and a plugin that exits in a run
+    hook a ``PluginExit`` (its exit code); each says what last.pt keeps: the last completed epoch (epoch 0: the
+    untrained model), from where ``resume=True`` goes on.
 
     Started by torchrun (RANK, WORLD_SIZE in the environment), each process trains on its share of
     the batches under DistributedDataParallel; only rank 0 writes the run directory and calls back.
     """
     check_names(cfg)  # a misspelt name fails now, not after the data is read
+    check_training(cfg, resumed=resume)  # and options that contradict each other
     if resume and overwrite:
         raise UsageError("--resume goes on with the run in --out, --overwrite starts it over: give one of them")
     world = distributed.from_environment()
-    with RunDirectory(run_dir, resume, overwrite, main=world.is_main) as home, remembered_ctrl_c() as pressed:  # checked (and held) before the data is read
+    inputs = {"--config": config_file, **run_inputs(cfg)}
+    with RunDirectory(run_dir, resume, overwrite, main=world.is_main, inputs=inputs) as home, remembered_ctrl_c() as pressed:  # checked (and held) before the data is read
         device = distributed.device_for(world, cfg.device)
         joined = world.distributed and not torch.distributed.is_initialized()
         distributed.start(world, device)
         try:
             result = _train(cfg, home, world, device, resume, on_step, on_epoch, on_warning, pressed)
-        except BaseException:
+        except BaseException as exc:
             if joined:
                 distributed.stop(finished=False)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):  # before the run folder was made
+                raise Interrupted("interrupted before the run started; nothing was written") from None
             raise
         if joined:
             distributed.stop()
@@ -257,6 +285,24 @@ def learnable_backbone(model: Embedder, cfg: RunConfig) -> list[nn.Parameter]:
     return learnable
 
 
+def check_frozen_epochs_learn(cfg: RunConfig, model: Embedder, losses: nn.Module, start_epoch: int) -> None:
+    """While the backbone is frozen (--freeze-backbone, or its first --freeze-backbone-epochs) only the neck and the
+    losses' own parameters learn; with neither (--dim 0 and a loss such as TripletMarginLoss) a step has nothing to train."""
+    if cfg.freeze_backbone:
+        frozen, during = "--freeze-backbone", ""
+    elif start_epoch < cfg.freeze_backbone_epochs:
+        n = cfg.freeze_backbone_epochs
+        frozen, during = f"--freeze-backbone-epochs {n}", f" in the first {n} epochs" if n > 1 else " in the first epoch"
+    else:
+        return
+    if any(True for _ in model.neck.parameters()) or any(True for _ in losses.parameters()):
+        return
+    raise UsageError(
+        f"--dim 0 with {frozen}: nothing would learn{during} (no neck, a frozen backbone, and loss {cfg.loss!r} has no "
+        f"parameters of its own); give --dim 512 (a neck), a loss with parameters (e.g. arcface, ce or center), or leave {frozen.split()[0]} out"
+    )
+
+
 def set_learning(model: Embedder, cfg: RunConfig, epoch: int, backbone: list[nn.Parameter]) -> None:
     """Train mode for ``epoch``. The backbone is frozen (no gradients, BatchNorm statistics kept) with --freeze-backbone
     and in the first ``freeze_backbone_epochs``, while the neck and the losses warm up; with --freeze-bn its
@@ -298,7 +344,10 @@ def backbone_groups(cfg: RunConfig, model: Embedder, backbone: list[nn.Parameter
     finally:
         timm_log.setLevel(level)
     if len({g["lr_scale"] for g in groups}) < 2 and cfg.layer_decay < 1:
-        raise UsageError(f"layer_decay: timm cannot tell the layers of backbone {cfg.backbone!r} apart; leave layer_decay out")
+        raise UsageError(
+            f"--layer-decay {cfg.layer_decay}: timm cannot tell the layers of backbone {cfg.backbone!r} apart (it has no group_matcher); "
+            f"leave --layer-decay out, or give --backbone-lr for one rate over the whole backbone"
+        )
     top = max(g["lr_scale"] for g in groups)  # the last layer with parameters (a headless model has no classifier) learns at lr
     return [{"params": g["params"], "lr": lr * g["lr_scale"] / top, "weight_decay": g["weight_decay"], "name": "backbone"} for g in groups]
 
@@ -505,6 +554,8 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
 
         # Losses (and miner): what the steps call is DDP-wrapped across processes.
         losses = build_losses(cfg, len(train_data.classes), model.dim).to(device) if cfg.epochs else None
+        if losses is not None:
+            check_frozen_epochs_learn(cfg, model, losses, state["epoch"] if state else 0)
         miner = registry.create_miner(cfg.miner, **cfg.miner_options) if cfg.miner else None
         net, objective = model, losses
         if world.distributed and cfg.epochs:
@@ -520,166 +571,176 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
     # Run directory: made (or claimed, with --overwrite cleared) only now that every part is built, so a bad
     # option leaves nothing behind; then the checkpoint is loaded before anything in it is written.
     run_dir = home.make()
-    cfg = replace(cfg, amp=amp, out=str(run_dir))  # config.yaml records what ran, and where
-    result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes), warnings=warnings, skipped=skipped)
-    result.in_memory = train_set.decoded_bytes
-    if val_data:
-        result.val_images, result.val_classes = len(val_data), len(val_data.classes)
-    start_epoch = 0
-    if state is not None:
-        restore(state, run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
-        start_epoch, result.best = state["epoch"], state["best"]
-        result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
-        del state  # its tensors: memory the run needs
-    kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
-    if main:
-        write_run_files(run_dir, cfg, result.history, skipped, kept)
+    done, finished = (None if state is None else state["epoch"]), False  # the epoch last.pt holds (None: none yet); trained to the end
 
-    def checkpoint(epoch: int, resumable: bool = True) -> dict:
-        """What best.pt (``resumable=False``) and last.pt hold; the optimiser's state, which only resuming needs
-        and which is twice the model's size under Adam, goes to last.pt alone."""
-        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
-        return {
-            "config": to_dict(cfg),
-            "classes": train_data.classes,
-            "data_config": pre,
-            "epoch": epoch,
-            "best": result.best,
-            "model": model.state_dict(),
-            "losses": losses.state_dict() if losses is not None else {},
-            "sampler": {"seed": sampler.seed, "epoch": epoch},
-            "rng": {"seed": cfg.seed, "epoch": epoch},
-            **(training if resumable else {}),
-        }
+    def kept_now() -> str:
+        """What the run folder keeps if the run stops now, and how to go on."""
+        if done is None:
+            return "the run has no checkpoint yet: start it again with --overwrite"
+        if finished or done >= cfg.epochs:
+            return f"the run is complete: last.pt keeps its last epoch, {done}"
+        return f"last.pt keeps epoch {done}: `mltk run --out {run_dir} --resume` goes on from there"
 
-    if cfg.epochs == 0 and main:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
-        with writing("best.pt", kept):
-            save_checkpoint(checkpoint(0, resumable=False), run_dir / "best.pt")
-    if not resume and main:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
-        with writing("last.pt", kept):
-            save_checkpoint(checkpoint(0), run_dir / "last.pt")
+    with said_when_stopped(kept_now):  # Ctrl-C or a plugin's exit from here on: one line, what is kept
+        cfg = replace(cfg, amp=amp, out=str(run_dir))  # config.yaml records what ran, and where
+        result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes), warnings=warnings, skipped=skipped)
+        result.in_memory = train_set.decoded_bytes
+        if val_data:
+            result.val_images, result.val_classes = len(val_data), len(val_data.classes)
+        start_epoch = 0
+        if state is not None:
+            restore(state, run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
+            start_epoch, result.best = state["epoch"], state["best"]
+            result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
+            del state  # its tensors: memory the run needs
+        kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
+        if main:
+            write_run_files(run_dir, cfg, result.history, skipped, kept)
 
-    # Plugins and loggers follow the run from here (rank 0 only): run_started, then run_ended with what ended it.
-    hooks = Lifecycle(loggers, warn) if main else Silent()
+        def checkpoint(epoch: int, resumable: bool = True) -> dict:
+            """What best.pt (``resumable=False``) and last.pt hold; the optimiser's state, which only resuming needs
+            and which is twice the model's size under Adam, goes to last.pt alone."""
+            training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+            return {
+                "config": to_dict(cfg),
+                "classes": train_data.classes,
+                "data_config": pre,
+                "epoch": epoch,
+                "best": result.best,
+                "model": model.state_dict(),
+                "losses": losses.state_dict() if losses is not None else {},
+                "sampler": {"seed": sampler.seed, "epoch": epoch},
+                "rng": {"seed": cfg.seed, "epoch": epoch},
+                **(training if resumable else {}),
+            }
 
-    def log_step(values: list[float], epoch: int, sums: dict, started: float, step: int, names: list[str], lrs: list[float], seen: int) -> None:
-        """A step's losses: checked (a loss gone NaN stops the run), added to the epoch's ``sums``, and handed to the
-        plugins and the progress bar."""
-        checked, *values = values
-        if not math.isfinite(checked):
-            raise MltkError(
-                f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
-                f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
-            )
-        terms = {name if name == "loss" else f"loss/{name}": value for name, value in zip(names, values)}  # as metrics.jsonl names them
-        for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + value
-        logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
-        hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
-        if on_step:
-            on_step(epoch, step + 1, steps_per_epoch, logs)
-
-    with hooks.running(cfg, run_dir, result):
-        # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
+        if cfg.epochs == 0 and main:  # an untrained model (e.g. a frozen pretrained backbone), ready to evaluate
+            with writing("best.pt", kept):
+                save_checkpoint(checkpoint(0, resumable=False), run_dir / "best.pt")
+        if not resume and main:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
+            with writing("last.pt", kept):
+                save_checkpoint(checkpoint(0), run_dir / "last.pt")
         done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
-                seed_everything(cfg.seed * 1000 + epoch)
-                sampler.set_epoch(epoch)
-                loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
-                set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
-                sums: dict[str, float] = {}
-                steps = StepValues(device)
-                unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
-                seen, started = 0, time.perf_counter()
-                for step, (images, labels, failed) in enumerate(loader):
-                    if pressed():  # a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here
-                        raise KeyboardInterrupt
-                    unreadable.update(failed[failed >= 0].tolist())
-                    if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
-                        first = train_data.sources[int(failed[0])]
-                        raise MltkError(
-                            f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
-                            f"is the data still there? last.pt keeps epoch {done}"
-                        )
-                    images, labels = images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
-                    # Forward under autocast; the losses run in float32 (their parameters and margins need it).
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                        embeddings = net(images)
-                    embeddings = embeddings.float()
-                    indices = miner(embeddings, labels) if miner is not None else None
-                    total, parts = objective(embeddings, labels, indices)
-                    # What is logged and checked: the mean over processes, so every process takes the same decision.
-                    logged = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(total).backward()
-                    if cfg.grad_clip:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
-                    scheduler.step()
-                    seen += len(labels) * world.size  # every process's images (equal batches)
-                    steps.put(logged, step=step, names=["loss", *parts], lrs=lrs, seen=seen)
-                    for values, context in steps.readable():
+
+        # Plugins and loggers follow the run from here (rank 0 only): run_started, then run_ended with what ended it.
+        hooks = Lifecycle(loggers, warn) if main else Silent()
+
+        def log_step(values: list[float], epoch: int, sums: dict, started: float, step: int, names: list[str], lrs: list[float], seen: int) -> None:
+            """A step's losses: checked (a loss gone NaN stops the run), added to the epoch's ``sums``, and handed to the
+            plugins and the progress bar."""
+            checked, *values = values
+            if not math.isfinite(checked):
+                raise MltkError(
+                    f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
+                    f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
+                )
+            terms = {name if name == "loss" else f"loss/{name}": value for name, value in zip(names, values)}  # as metrics.jsonl names them
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+            logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
+            hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
+            if on_step:
+                on_step(epoch, step + 1, steps_per_epoch, logs)
+
+        with hooks.running(cfg, run_dir, result):
+            # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
+            try:
+                for epoch in range(start_epoch, cfg.epochs):
+                    # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
+                    seed_everything(cfg.seed * 1000 + epoch)
+                    sampler.set_epoch(epoch)
+                    loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
+                    set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
+                    sums: dict[str, float] = {}
+                    steps = StepValues(device)
+                    unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
+                    seen, started = 0, time.perf_counter()
+                    for step, (images, labels, failed) in enumerate(loader):
+                        if pressed():  # a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here
+                            raise KeyboardInterrupt
+                        unreadable.update(failed[failed >= 0].tolist())
+                        if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
+                            first = train_data.sources[int(failed[0])]
+                            raise MltkError(
+                                f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
+                                f"is the data still there? last.pt keeps epoch {done}"
+                            )
+                        images, labels = images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
+                        # Forward under autocast; the losses run in float32 (their parameters and margins need it).
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                            embeddings = net(images)
+                        embeddings = embeddings.float()
+                        indices = miner(embeddings, labels) if miner is not None else None
+                        total, parts = objective(embeddings, labels, indices)
+                        # What is logged and checked: the mean over processes, so every process takes the same decision.
+                        logged = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world)
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(total).backward()
+                        if cfg.grad_clip:
+                            scaler.unscale_(optimizer)
+                            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
+                        scheduler.step()
+                        seen += len(labels) * world.size  # every process's images (equal batches)
+                        steps.put(logged, step=step, names=["loss", *parts], lrs=lrs, seen=seen)
+                        for values, context in steps.readable():
+                            log_step(values, epoch, sums, started, **context)
+                    for values, context in steps.readable(last=True):  # the epoch's last step, on a GPU
                         log_step(values, epoch, sums, started, **context)
-                for values, context in steps.readable(last=True):  # the epoch's last step, on a GPU
-                    log_step(values, epoch, sums, started, **context)
-                elapsed = time.perf_counter() - started
+                    elapsed = time.perf_counter() - started
 
-                # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
-                record = epoch_record(epoch, sums, steps_per_epoch, optimizer, lrs, seen, elapsed, world)
-                bad = [train_data.sources[i] for i in sorted(unreadable)]
-                if val_set is not None:
-                    embeddings, kept_rows, failed = validate(model, val_set, cfg, device, world)
-                    labels = np.asarray(val_data.labels)[kept_rows]
-                    record["val_recall@1"] = recall_at_1(embeddings, labels)
-                    bad += [val_data.sources[i] for i in failed]
-                    hooks.call(
-                        "validation_embedded", epoch=epoch + 1, embeddings=embeddings, labels=labels,
-                        sources=[val_data.sources[i] for i in kept_rows], classes=val_data.classes,
-                    )
-                    del embeddings
-                if main:
-                    with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
-                        report_failures(bad, epoch, result, warn)
-                score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
-                improved = not result.best or score > result.best["score"]
-                if improved:
-                    result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
-
-                # Checkpoint: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt
-                # is replaced redoes this epoch.
-                if main:
-                    kept = f"last.pt keeps epoch {done}"
-                    with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
+                    record = epoch_record(epoch, sums, steps_per_epoch, optimizer, lrs, seen, elapsed, world)
+                    bad = [train_data.sources[i] for i in sorted(unreadable)]
+                    if val_set is not None:
+                        embeddings, kept_rows, failed = validate(model, val_set, cfg, device, world)
+                        labels = np.asarray(val_data.labels)[kept_rows]
+                        record["val_recall@1"] = recall_at_1(embeddings, labels)
+                        bad += [val_data.sources[i] for i in failed]
+                        hooks.call(
+                            "validation_embedded", epoch=epoch + 1, embeddings=embeddings, labels=labels,
+                            sources=[val_data.sources[i] for i in kept_rows], classes=val_data.classes,
+                        )
+                        del embeddings
+                    if main:
+                        with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
+                            report_failures(bad, epoch, result, warn)
+                    score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
+                    improved = not result.best or score > result.best["score"]
                     if improved:
-                        with writing("best.pt", kept):
-                            save_checkpoint(checkpoint(epoch + 1, resumable=False), run_dir / "best.pt")
-                    with writing("last.pt", kept):
-                        save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
-                done = epoch + 1
-                result.history.append(record)
-                if on_epoch:
-                    on_epoch(record)
+                        result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
 
-                # Early stop: --early-stop's patience, or a plugin's reason (rank 0's plugins; every process stops).
-                asked = hooks.stop_reason(record, run_dir)  # every plugin sees every epoch
-                reason = early_stop(cfg, epoch + 1, result.best) or asked or ""
-                if distributed.any_true(bool(reason), world, device):
-                    result.stopped = reason or "rank 0's plugins asked to stop"
-                    break
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted in epoch {done + 1}; last.pt keeps epoch {done}: `mltk run --out {run_dir} --resume` "
-                f"goes on from there (epoch {done + 1} starts over)"
-            ) from None
-        except (RuntimeError, MemoryError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
-            raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
+                    # Checkpoint: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt
+                    # is replaced redoes this epoch.
+                    if main:
+                        kept = f"last.pt keeps epoch {done}"
+                        with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        if improved:
+                            with writing("best.pt", kept):
+                                save_checkpoint(checkpoint(epoch + 1, resumable=False), run_dir / "best.pt")
+                        with writing("last.pt", kept):
+                            save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
+                    done = epoch + 1
+                    result.history.append(record)
+                    if on_epoch:
+                        on_epoch(record)
+
+                    # Early stop: --early-stop's patience, or a plugin's reason (rank 0's plugins; every process stops).
+                    asked = hooks.stop_reason(record, run_dir)  # every plugin sees every epoch
+                    reason = early_stop(cfg, epoch + 1, result.best) or asked or ""
+                    if distributed.any_true(bool(reason), world, device):
+                        result.stopped = reason or "rank 0's plugins asked to stop"
+                        break
+            except KeyboardInterrupt:
+                cut = done < cfg.epochs  # else the last epoch is saved: Ctrl-C came in its epoch_ended
+                raise Interrupted(f"interrupted in epoch {done + 1}; {kept_now()} (epoch {done + 1} starts over)" if cut else f"interrupted; {kept_now()}") from None
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
+                raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
+            finished = True  # every epoch, or an early stop: what is left is run_ended
     return result

@@ -729,7 +729,7 @@ def test_index_keeps_an_index_the_user_put_files_into(index_copy, trained_run, m
     (index_copy / "crops").mkdir()
     before = snapshot(index_copy.parent)
     line = one_line_error(mltk_main("index", run, "--data", folder, "--out", index_copy, "--workers", "0"), 1)
-    assert "is an mltk index but also holds 'crops', 'my_notes.txt'" in line and "move them out" in line
+    assert "is an mltk index but also holds 'crops', 'my_notes.txt'" in line and line.endswith("replacing the index would delete; mltk replaces only what it wrote: give a new or empty folder")
     assert snapshot(index_copy.parent) == before
 
 
@@ -1089,7 +1089,7 @@ def evaluate_args(run, folder, out, *more):
     [
         ("a file", r"--out '.*/notes.txt' is a file, not a folder"),
         ("under a file", r"cannot write --out '.*/notes.txt/eval': '.*/notes.txt' is a file, not a folder"),
-        ("a folder of other files", r"--out '.*/mine' is not empty and not an earlier evaluation \('data.csv', 'paper.tex'\); give a new or empty folder"),
+        ("a folder of other files", r"--out '.*/mine' is not empty and not an earlier evaluation \('data.csv', 'paper.tex'\); mltk replaces only what it wrote: give a new or empty folder"),
         ("a folder with a report.html only", r"--out '.*/mine' is not empty and not an earlier evaluation \(no metrics.json\)"),
     ],
 )
@@ -1282,9 +1282,8 @@ def test_export_with_a_folder_in_the_way_of_its_sidecar_is_one_line_before_expor
 def test_export_whose_sidecar_cannot_be_renamed_writes_neither_file(earlier, trained_run, mltk_main, tmp_path, monkeypatch):
     from mltk import export
 
-    if earlier:
-        (tmp_path / "m.pt").write_bytes(b"an earlier export")
-        (tmp_path / "m.pt.json").write_text("{}")
+    if earlier:  # mltk replaces only its own: an earlier export, as its FILE.json says
+        export.export(trained_run[0], tmp_path / "m.pt", "torchscript")
     before = snapshot(tmp_path)
     real = os.replace
 

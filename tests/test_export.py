@@ -120,3 +120,63 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, digits_r
     code, stdout, stderr = mltk_main("export", run, "--format", "onnx", "--out", out)
     assert code == 1 and stderr == expected.format(tmp=tmp_path) + "\n" and stdout == ""
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# --- mltk replaces only what it wrote, never its own input (mltk.outputs.check_replaceable) -------------------------
+
+
+@pytest.fixture
+def run_copy(digits_run, tmp_path):
+    """A copy of the digits run that a test may try to damage, and an index directory of it."""
+    import shutil
+
+    from mltk.data import select_classes
+    from mltk.index import write_index_dir
+
+    run = tmp_path / "runs" / "a"
+    shutil.copytree(digits_run, run)
+    write_index_dir(mltk.load(run, device="cpu"), select_classes(load_data("digits"), ["0", "1"]), tmp_path / "idx", workers=0)
+    return run
+
+
+@pytest.mark.parametrize(
+    "run, out, expected",
+    [
+        ("runs/a", "runs/a/best.pt", "--out '{tmp}/runs/a/best.pt' is the checkpoint '{tmp}/runs/a/best.pt', an input of this command; mltk never replaces its own input"),
+        ("runs/a/best.pt", "link.pt", "--out '{tmp}/link.pt' is the checkpoint '{tmp}/runs/a/best.pt', an input of this command"),
+        ("runs/a/best.pt", "runs/a/last.pt", "--out '{tmp}/runs/a/last.pt' is the last.pt of the run directory '{tmp}/runs/a', not an export's"),
+        ("runs/a", "runs/a/metrics.jsonl", "is the metrics.jsonl of the run directory '{tmp}/runs/a', not an export's"),
+        ("runs/a", "idx/model.pt", "--out '{tmp}/idx/model.pt' is the model.pt of the index directory '{tmp}/idx', not an export's"),
+        ("idx/model.pt", "idx/meta", "--out '{tmp}/idx/meta' would replace '{tmp}/idx/meta.json', which is the meta.json of the index directory '{tmp}/idx'"),
+        ("runs/a", "idx/embeddings.npy", "is the embeddings.npy of the index directory '{tmp}/idx'"),  # searchable without it: the name is still the index's
+        ("runs/a", "notes.txt", "--out '{tmp}/notes.txt' exists and is not an export (no FILE.json of mltk export beside it says so); mltk replaces only what it wrote"),
+        ("runs/a", "forged.pt", "--out '{tmp}/forged.pt' would replace '{tmp}/forged.pt.json', which exists and describes another file ('other.pt')"),
+    ],
+)
+def test_export_never_replaces_its_input_or_another_commands_file(run, out, expected, run_copy, mltk_main, tmp_path):
+    """Issue 25 C1: `--out RUN/best.pt` used to replace the trained checkpoint it exported, `--out IDX/model.pt` an index's model."""
+    from conftest import one_line_error, snapshot
+
+    (tmp_path / "link.pt").symlink_to(tmp_path / "runs" / "a" / "best.pt")
+    (tmp_path / "idx" / "embeddings.npy").unlink()
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    (tmp_path / "forged.pt.json").write_text('{"format": "torchscript", "file": "other.pt"}')
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main("export", tmp_path / run, "--format", "torchscript", "--out", tmp_path / out), code=1)
+    assert expected.format(tmp=tmp_path) in line
+    assert snapshot(tmp_path) == before
+
+
+def test_export_replaces_only_an_earlier_export_that_is_as_it_wrote_it(digits_run, mltk_main, tmp_path):
+    out = tmp_path / "m.pt"
+    assert mltk_main("export", digits_run, "--format", "torchscript", "--out", out)[0] == 0
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    assert meta["file"] == "m.pt" and re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])
+    code, _, stderr = mltk_main("export", digits_run, "--format", "torchscript", "--out", out)  # its own: replaced
+    assert code == 0, stderr
+    with open(out, "ab") as f:
+        f.write(b"edited since")  # no longer what FILE.json describes: the user's now
+    from conftest import one_line_error
+
+    line = one_line_error(mltk_main("export", digits_run, "--format", "torchscript", "--out", out), code=1)
+    assert line.endswith("exists and is not the file its FILE.json describes (it changed since mltk export wrote it); mltk replaces only what it wrote: give another --out")

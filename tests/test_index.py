@@ -319,3 +319,65 @@ def test_index_options_of_another_kind_are_refused(trained_run, mltk_main, tmp_p
     run, folder = trained_run
     code, _, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "i", "--kind", "hnsw", "--nprobe", "4")
     assert code == 2 and "--nprobe: not an option of --kind hnsw" in err and not (tmp_path / "i").exists()
+
+
+def test_an_index_refuses_a_model_pt_that_did_not_embed_its_gallery(index_dir, trained_run, tmp_path, mltk_main):
+    import shutil
+
+    from conftest import one_line_error
+
+    from mltk.model import load, load_checkpoint, save_checkpoint
+
+    _, folder = trained_run
+    query = folder / "class_03" / "2.png"
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    assert meta["model"] == load(index_dir / "model.pt", device="cpu").fingerprint()  # recorded, calibrated or not
+    state = load_checkpoint(copy / "model.pt")
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}  # another model, same dimensions
+    save_checkpoint(state, copy / "model.pt")
+    line = one_line_error(mltk_main("search", copy, query), 1)
+    assert "model.pt is not the model that embedded the gallery" in line, line
+    # An index of an mltk that did not record the fingerprint still opens; it only lacks this check.
+    (copy / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
+    code, out, err = mltk_main("search", copy, query, "--json")
+    assert code == 0 and len(json.loads(out)[0]["neighbours"]) == 5, err
+    (copy / "meta.json").write_text(json.dumps({**meta, "model": 7}))
+    assert "meta.json has model=7; expected str" in one_line_error(mltk_main("search", copy, query), 1)
+
+
+def test_a_full_disk_while_writing_an_index_keeps_the_earlier_one(trained_run, tmp_path, mltk_main, monkeypatch):
+    import errno
+
+    from conftest import one_line_error
+
+    import mltk.model
+
+    run, folder = trained_run
+    code, _, err = mltk_main("index", run, "--data", folder, "--out", tmp_path / "idx", "--workers", "0")
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()}
+
+    def full(state, path):
+        path.write_bytes(b"PK\x03\x04")  # part of it, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(mltk.model, "save_checkpoint", full)
+    line = one_line_error(mltk_main("index", run, "--data", folder, "--out", tmp_path / "idx", "--kind", "hnsw", "--workers", "0"), 1)
+    assert line == f"error: no space left on device writing index directory {str(tmp_path / 'idx')!r}; nothing there was changed", line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary left beside it
+
+
+def test_index_never_replaces_its_own_input(trained_run, mltk_main, tmp_path):
+    """mltk replaces only what it wrote, never its own input: `mltk index IDX/model.pt --out IDX` would delete the model it reads."""
+    from conftest import one_line_error, snapshot
+
+    run, folder = trained_run
+    assert mltk_main("index", run, "--data", folder, "--out", tmp_path / "idx", "--workers", "0")[0] == 0
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main("index", tmp_path / "idx" / "model.pt", "--data", folder, "--out", tmp_path / "idx", "--workers", "0"), code=1)
+    model = str(tmp_path / "idx" / "model.pt")
+    assert line == f"error: --out {str(tmp_path / 'idx')!r} holds RUN {model!r}, an input of this command; mltk never replaces its own input: give a new or empty folder"
+    assert snapshot(tmp_path) == before

@@ -183,10 +183,19 @@ def test_freeze_bn_keeps_batchnorm_as_loaded_and_backbone_lr_sets_the_backbones_
     assert moved and batchnorm and not moved & batchnorm  # convolutions learn; BatchNorm statistics and scales stay
 
 
+class StopAfterAnEpoch(Exception):
+    pass
+
+
+def stop_after_an_epoch(record: dict) -> None:
+    raise StopAfterAnEpoch  # after the epoch's checkpoints: last.pt keeps it
+
+
 def test_freeze_backbone_epochs_train_the_neck_first_then_the_backbone(image_folder, tmp_path):
-    cfg = tiny_config(image_folder, loss="arcface", freeze_backbone_epochs=1, epochs=1)
+    cfg = tiny_config(image_folder, loss="arcface", freeze_backbone_epochs=1, epochs=2)
     before = initial_backbone(cfg)
-    train(cfg, tmp_path / "run")
+    with pytest.raises(StopAfterAnEpoch):
+        train(cfg, tmp_path / "run", on_epoch=stop_after_an_epoch)
     assert changed(before, load_checkpoint(tmp_path / "run" / "last.pt"), "backbone.") == set()  # not even BatchNorm statistics
     train(replace(cfg, epochs=3), tmp_path / "run", resume=True)  # epochs 2 and 3: the backbone learns
     assert changed(before, load_checkpoint(tmp_path / "run" / "last.pt"), "backbone.")
@@ -221,3 +230,90 @@ def test_dim_0_trains_the_backbones_own_features(image_folder, tmp_path):
     width = build_embedder(cfg).backbone.num_features
     assert model.embed([next(image_folder.glob("class_00/*.png"))]).shape == (1, width)
     assert not any(k.startswith("neck.") for k in load_checkpoint(tmp_path / "run" / "last.pt")["model"])
+
+
+@pytest.mark.parametrize("frozen, loss", [
+    ({"freeze_backbone": True}, "TripletMarginLoss"),
+    ({"freeze_backbone_epochs": 1, "epochs": 2}, "ContrastiveLoss"),
+], ids=["freeze-backbone", "freeze-backbone-epochs"])
+def test_nothing_to_learn_while_the_backbone_is_frozen_is_one_line_before_the_run_folder(image_folder, tmp_path, frozen, loss):
+    """--dim 0 (no neck) and a loss without parameters: with the backbone frozen, a step would have no gradient."""
+    cfg = tiny_config(image_folder, dim=0, loss=loss, **frozen)
+    option = next(iter(frozen)).replace("_", "-")
+    with pytest.raises(UsageError, match=rf"^--dim 0 with --{option}\b.*: nothing would learn.* loss {loss!r} has no parameters of its own\); "
+                                         rf"give --dim 512 \(a neck\), a loss with parameters \(e.g. arcface, ce or center\), or leave --{option} out$"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_frozen_backbone_trains_with_a_neck_or_a_loss_that_has_parameters(image_folder):
+    from mltk.train import check_frozen_epochs_learn
+
+    for dim, loss in ((16, "TripletMarginLoss"), (0, "arcface")):
+        cfg = tiny_config(image_folder, dim=dim, loss=loss, freeze_backbone=True)
+        model = build_embedder(cfg)
+        check_frozen_epochs_learn(cfg, model, build_losses(cfg, num_classes=8, dim=model.dim), start_epoch=0)
+    cfg = tiny_config(image_folder, dim=0, loss="TripletMarginLoss", freeze_backbone_epochs=1, epochs=3)
+    model = build_embedder(cfg)
+    check_frozen_epochs_learn(cfg, model, build_losses(cfg, num_classes=8, dim=model.dim), start_epoch=1)  # resumed after the frozen epoch
+
+
+def test_layer_decay_counts_each_hybrid_tower_down_from_its_own_last_layer(image_folder):
+    from mltk.train import build_optimizer, learnable_backbone
+
+    towers = {"cnn": "test_resnet", "swin_model": "test_vit"}
+    cfg = tiny_config(image_folder, backbone="hybrid", backbone_kwargs=towers, backbone_lr=1e-3, layer_decay=0.5)
+    model = build_embedder(cfg)
+    optimizer, _ = build_optimizer(cfg, model, learnable_backbone(model, cfg), None, steps_per_epoch=4)
+    rates = {p: g["initial_lr"] for g in optimizer.param_groups if g["name"] == "backbone" for p in map(id, g["params"])}
+    rate = {name: rates[id(p)] for name, p in model.backbone.named_parameters()}
+    assert rate["cnn.layer4.0.conv1.weight"] == rate["transformer.blocks.5.attn.qkv.weight"] == rate["transformer.norm.weight"] == 1e-3
+    assert rate["cnn.layer3.0.conv1.weight"] == rate["transformer.blocks.4.attn.qkv.weight"] == 5e-4  # one layer below each tower's last
+    assert rate["cnn.conv1.0.weight"] < rate["cnn.layer1.0.conv1.weight"] < rate["cnn.layer3.0.conv1.weight"]
+    assert rate["transformer.patch_embed.proj.weight"] < rate["transformer.blocks.0.attn.qkv.weight"]
+
+
+def test_layer_decay_on_a_backbone_timm_cannot_split_into_layers_is_one_line(image_folder, tmp_path, plugin):
+    class Plain(torch.nn.Module):
+        num_features = 8
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.conv2 = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 8, 3)
+
+        def forward(self, x):
+            return self.conv2(self.conv(x)).mean((2, 3))
+
+    class Registers:
+        @mltk.hookimpl
+        def register_backbones(self, register):
+            register("plain", lambda pretrained=False, weights=None, img_size=None: Plain(), description="no group_matcher")
+
+    plugin(Registers(), "plain-backbone")
+    with pytest.raises(UsageError, match=r"^--layer-decay 0.7: timm cannot tell the layers of backbone 'plain' apart \(it has no group_matcher\); "
+                                         r"leave --layer-decay out, or give --backbone-lr for one rate over the whole backbone$"):
+        train(tiny_config(image_folder, backbone="plain", layer_decay=0.7), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    train(tiny_config(image_folder, backbone="plain", backbone_lr=1e-4, epochs=1), tmp_path / "run")  # one rate: fine
+
+
+def test_overwrite_never_deletes_what_the_run_reads(trained_run, mltk_main, tmp_path):
+    """`--config RUN/config.yaml --overwrite` (or `--weights RUN/best.pt`) would delete the file the new run reads."""
+    import shutil
+
+    from conftest import one_line_error, snapshot
+
+    run, folder = trained_run
+    shutil.copytree(run, tmp_path / "a")
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main("run", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "a", "--overwrite"), code=1)
+    config = str(tmp_path / "a" / "config.yaml")
+    assert line == (
+        f"error: --out {str(tmp_path / 'a')!r} would replace {config!r}, which is --config {config!r}, an input of this command; "
+        "mltk never replaces its own input: copy it out of the run directory first, or give another --out"
+    )
+    shutil.copy(tmp_path / "a" / "config.yaml", tmp_path / "copy.yaml")
+    line = one_line_error(mltk_main("run", "--config", tmp_path / "copy.yaml", "--weights", tmp_path / "a" / "best.pt", "--out", tmp_path / "a", "--overwrite"), code=1)
+    assert f"which is --weights {str(tmp_path / 'a' / 'best.pt')!r}, an input of this command" in line
+    (tmp_path / "copy.yaml").unlink()
+    assert snapshot(tmp_path) == before

@@ -46,7 +46,7 @@ def index(
     if far is not None and calibrate is None:
         raise UsageError("--far picks an operating point of --calibrate; give --calibrate EVAL_DIR_OR_DATA too")
     far_value = parse_far(far) if far is not None else None
-    check_request(out, kind.value, batch_size, workers, **given)  # before the model loads: a bad --out costs nothing
+    check_request(out, kind.value, batch_size, workers, inputs={"RUN": run, "--data": data, "--calibrate": calibrate}, **given)  # before the model loads: a bad --out costs nothing
     model = load(run, device)
     gallery = load_data(data)
     kept = f"nothing was written to {str(out)!r} (an earlier index there is as it was)"

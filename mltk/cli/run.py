@@ -25,7 +25,7 @@ def run(
     m_per_class: Annotated[Optional[int], typer.Option(help="Images per class in a batch.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the model.")] = None,
     backbone_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the backbone (default: --lr); lower it to fine-tune a pretrained one gently.")] = None,
-    layer_decay: Annotated[Optional[float], typer.Option(help="Discriminative rates: each backbone layer learns at this times the next one's rate (e.g. 0.7; timm's layer-wise decay).")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Discriminative rates: each backbone layer learns at this times the next one's rate (e.g. 0.7; timm's layer-wise decay; the hybrid's towers each count down from their own last layer).")] = None,
     loss_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the losses' own parameters.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the backbone's).")] = None,
     pretrained: Pretrained = None,
@@ -74,7 +74,7 @@ def run(
 
     if not from_environment().is_main:  # under torchrun, rank 0 shows progress and the summary
         try:
-            train(cfg, run_dir, resume=resume, overwrite=overwrite)
+            train(cfg, run_dir, resume=resume, overwrite=overwrite, config_file=config)
         except Interrupted as exc:
             raise typer.Exit(exc.exit_code) from None
         return
@@ -106,7 +106,7 @@ def run(
                 progress.console.print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} img/s{val}")
 
         try:
-            result = train(cfg, run_dir, resume=resume, overwrite=overwrite, on_step=on_step, on_epoch=on_epoch, on_warning=warn)
+            result = train(cfg, run_dir, resume=resume, overwrite=overwrite, on_step=on_step, on_epoch=on_epoch, on_warning=warn, config_file=config)
         except Interrupted as exc:  # Typer would exit 130 silently: say what was kept and how to go on
             print(exc, file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None

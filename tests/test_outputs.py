@@ -1,0 +1,108 @@
+"""mltk.outputs: the rule every command that writes follows — mltk replaces only what it wrote, never its own input —
+and what a folder mltk cannot write into gives."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO, make_image_folder
+
+from mltk.errors import MltkError
+from mltk.outputs import check_replaceable
+
+
+def test_an_output_that_is_an_input_by_any_name_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=1)
+    (tmp_path / "link").symlink_to(data)
+    os.link(data / "class_00" / "0.png", tmp_path / "hard.png")
+    cases = [
+        (data, "is --data"),  # the folder itself
+        (tmp_path / "link", "is --data"),  # a link to it
+        (tmp_path, "holds --data"),  # a folder replaced whole, with the input inside
+        (tmp_path / "hard.png", "is --data"),  # another name of the same file
+    ]
+    for out, expected in cases:
+        source = data / "class_00" / "0.png" if out.name == "hard.png" else data
+        with pytest.raises(MltkError, match=f"--out '{out}' {expected} '{source}', an input of this command; mltk never replaces its own input: give another --out$"):
+            check_replaceable(out, {"--data": source})
+    check_replaceable(tmp_path / "new", {"--data": data, "--weights": None, "--config": "cub200:/not/a/path"})  # beside the input: fine
+
+
+def test_only_what_the_command_says_is_its_own_is_replaced(tmp_path):
+    (tmp_path / "theirs.md").write_text("the user's notes")
+    (tmp_path / "ours.md").write_text("<!-- ours -->")
+    mine = lambda path: None if not path.exists() or path.read_text().startswith("<!-- ours") else "exists and is not ours"  # noqa: E731
+    check_replaceable(tmp_path / "ours.md", mine=mine)
+    check_replaceable(tmp_path / "new.md", mine=mine)
+    with pytest.raises(MltkError, match=r"--out '.*/theirs.md' exists and is not ours; mltk replaces only what it wrote: give a new name$"):
+        check_replaceable(tmp_path / "theirs.md", mine=mine, advice="give a new name")
+    with pytest.raises(MltkError, match=r"--out '.*/ours.md' would replace '.*/theirs.md', which exists and is not ours"):
+        check_replaceable(tmp_path / "ours.md", mine=mine, replaces=[tmp_path / "ours.md", tmp_path / "theirs.md"])
+
+
+NON_ROOT = textwrap.dedent("""
+    import contextlib, io, sys
+    from mltk.cli import main
+    for args in sys.argv[1:]:
+        sys.argv = ["mltk", *args.split("|")]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main()
+            except SystemExit as stop:
+                code = stop.code
+        print(code, err.getvalue().strip().replace("\\n", " / "))
+""")
+
+
+def as_non_root(tmp_path, *commands: str) -> list[str]:
+    """Each ``mltk`` command (arguments joined by |) in one process without root's power to write anywhere: root loses
+    CAP_DAC_OVERRIDE (setpriv), as a plain user never had it. Returns a line per command: exit code, then stderr."""
+    script = tmp_path / "non_root.py"
+    script.write_text(NON_ROOT)
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root's file-permission override")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    env = {**os.environ, "MLTK_LOAD_PLUGINS": "", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*prefix, sys.executable, str(script), *commands], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_a_read_only_output_folder_is_one_line_for_every_command_and_nothing_changes(trained_run, tmp_path):
+    from conftest import snapshot
+
+    run, images = trained_run
+    shutil.copytree(run, tmp_path / "ro" / "run")
+    for path in sorted((tmp_path / "ro").rglob("*"), reverse=True) + [tmp_path / "ro"]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = snapshot(tmp_path / "ro")
+    tiny = "|--backbone|test_resnet|--image-size|32|--dim|8|--batch-size|8|--m-per-class|2|--workers|0|--epochs|1"
+    try:
+        lines = as_non_root(
+            tmp_path,
+            f"run|--data|{images}|--out|ro/new{tiny}",
+            "run|--out|ro/run|--resume|--epochs|2|--workers|0",
+            f"run|--data|{images}|--out|ro/run|--overwrite{tiny}",
+            f"evaluate|ro/run|--data|{images}|--workers|0",
+            f"index|ro/run|--data|{images}|--out|ro/idx|--workers|0",
+            "export|ro/run|--format|torchscript|--out|ro/m.pt",
+            "compare|ro/run|--out|ro/runs.md",
+        )
+    finally:
+        for path in [tmp_path / "ro", *(tmp_path / "ro").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert lines[:2] == ["1 error: cannot write --out 'ro/new': 'ro' is not writable", "1 error: cannot write --out 'ro/run': 'ro/run' is not writable"]
+    assert lines[2:] == [
+        "1 error: cannot write --out 'ro/run': 'ro/run' is not writable",
+        "1 error: cannot write --out 'ro/run/eval': 'ro/run' is not writable",
+        "1 error: cannot write --out 'ro/idx': 'ro' is not writable",
+        "1 error: cannot write --out 'ro/m.pt': 'ro' is not writable",
+        "1 error: cannot write --out 'ro/runs.md': 'ro' is not writable",
+    ]
+    assert snapshot(tmp_path / "ro") == before
