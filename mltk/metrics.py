@@ -31,11 +31,20 @@ Embeddings are float32 and L2-normalised; scores are cosine similarities. The ru
   highest one among equals) is applied to the tenth. Explicit pairs keep their folds (LFW's
   pairs.txt has ten) or are dealt into folds at random; for all pairs, the folds are ten
   contiguous ranges of the items holding about a tenth of the pairs each, a pair i < j belonging
-  to the fold of item i.
+  to the fold of item i. Where one kind of pair is more than ``BALANCED`` of them (all pairs of a
+  set of many classes: 90 % and more are negatives, and calling every pair different would score
+  that much), it is ``balanced_accuracy`` instead: the mean of TAR and TNR, maximised on nine folds
+  and measured on the tenth (a fold without pairs of both kinds is left out); plain ``accuracy``
+  stays for balanced pair lists such as LFW's.
+- TAR@FAR is reported only where the negative pairs can measure that FAR: the false accepts it
+  allows, FAR x negatives, must be at least ``min_false_accepts`` (30: Doddington's rule of 30, as
+  ``mltk.thresholds`` marks its operating points ``reliable``). Elsewhere its value is None and
+  ``Evaluation.not_measured`` says why (2 negative pairs cannot tell a FAR of 1e-4 from 0).
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,6 +56,8 @@ from mltk.errors import UsageError
 KS = (1, 2, 4, 8)
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)
 FOLDS = 10
+BALANCED = 0.55  # plain accuracy where neither kind is more than this share of the pairs (what calling all alike scores)
+RULE_OF_30 = 30  # false accepts behind a FAR before it counts as measured (Doddington): TAR@FAR, and thresholds' ``reliable``
 MAX_PAIRS = 10**10
 SAMPLE_PAIRS = 10**7
 BINS = 1 << 20
@@ -118,6 +129,7 @@ class Results:
     roc: Roc | None
     evaluation: Evaluation
     left_out: dict[str, str] = field(default_factory=dict)  # metric name -> why it does not apply (metrics=None only)
+    not_measured: dict[str, str] = field(default_factory=dict)  # value -> why it is None (Evaluation.not_measured)
 
 
 @dataclass
@@ -132,6 +144,7 @@ class Evaluation:
     nlist, nprobe, m, ef_construction, ef_search) and checked on ``check_queries`` queries. ``rerank``
     (``mltk.rerank``) re-orders each query's ``rerank.candidates`` nearest before the retrieval metrics
     read them; the verification metrics score pairs, which re-ranking does not change.
+    ``min_false_accepts`` is what a FAR must rest on for its TAR to be reported (0: every TAR@FAR).
     ``retrieval`` and ``verification`` say what the metrics will ask for: the blocks pass fills
     the kNN heaps and the all-pairs histogram together (one pass for both) only when both are
     wanted; one asked for anyway is computed then, in a pass of its own.
@@ -156,6 +169,8 @@ class Evaluation:
     retrieval: bool = True
     verification: bool = True
     info: dict[str, float] = field(default_factory=dict)
+    min_false_accepts: int = RULE_OF_30
+    not_measured: dict[str, str] = field(default_factory=dict, init=False)  # a value the data cannot measure (None) -> why
     loo: bool = field(default=True, init=False)
     _neighbours: Neighbours | None = field(default=None, init=False, repr=False)
     _counts: Binned | None = field(default=None, init=False, repr=False)
@@ -765,6 +780,17 @@ def tar_at(roc: Roc, far: float) -> float:
     return float(roc.tpr[roc.fpr <= far].max())
 
 
+def unmeasured(far: float, negatives: int, min_false_accepts: int = RULE_OF_30) -> str | None:
+    """Why ``negatives`` negative pairs cannot measure a false-accept rate of ``far``, or None when they can: a rate
+    rests on ``min_false_accepts`` false accepts (Doddington's rule of 30: within about ±30 % at 90 % confidence)."""
+    if negatives * far >= min_false_accepts:
+        return None
+    return (
+        f"{negatives:,} negative pairs allow {negatives * far:.3g} false accepts at FAR {far:g}, and a measured rate rests on "
+        f"{min_false_accepts} or more (Doddington's rule of 30): it takes {math.ceil(min_false_accepts / far):,} negative pairs"
+    )
+
+
 def equal_error(roc: Roc) -> tuple[float, float]:
     """(EER, threshold): where the ROC polyline crosses FPR = 1 - TPR, and the threshold at that point."""
     gap = roc.fpr - (1 - roc.tpr)  # rises from -1 to 1 along the curve
@@ -773,27 +799,33 @@ def equal_error(roc: Roc) -> tuple[float, float]:
     return float(roc.fpr[i - 1] + t * (roc.fpr[i] - roc.fpr[i - 1])), float(roc.thresholds[i])
 
 
-def cv_accuracy(counts: Binned) -> tuple[float, float, float]:
-    """(mean, std, mean threshold) of the accuracy on each fold at the threshold chosen on the others."""
+def cv_accuracy(counts: Binned, balanced: bool = False) -> tuple[float, float, float]:
+    """(mean, std, mean threshold) of the accuracy on each fold at the threshold chosen on the others; with ``balanced``,
+    of the balanced accuracy (a fold whose pairs, or the others', are not of both kinds is left out)."""
     accuracies, thresholds = [], []
     cut = np.concatenate([[np.inf], counts.thresholds])  # cut j accepts the bins before it
+    positive, negative = counts.positive.sum(0), counts.negative.sum(0)
     for f in range(len(counts.positive)):
-        test_pairs = counts.positive[f].sum() + counts.negative[f].sum()
-        if test_pairs == 0:
+        test, train = (counts.positive[f], counts.negative[f]), (positive - counts.positive[f], negative - counts.negative[f])
+        if not (all(c.sum() for c in test + train) if balanced else test[0].sum() + test[1].sum() and train[0].sum() + train[1].sum()):
             continue
-        j = int(np.argmax(_correct(counts.positive.sum(0) - counts.positive[f], counts.negative.sum(0) - counts.negative[f])))
-        accuracies.append(_correct(counts.positive[f], counts.negative[f])[j] / test_pairs)
+        j = int(np.argmax(_right(*train, balanced)))
+        accuracies.append(_right(*test, balanced)[j])
         thresholds.append(cut[j])
     if len(accuracies) < 2:
-        raise NotApplicable("cross-validated accuracy needs pairs in at least two folds")
+        raise NotApplicable(f"cross-validated accuracy needs pairs{' of both kinds' if balanced else ''} in at least two folds")
     return float(np.mean(accuracies)), float(np.std(accuracies)), float(np.mean(thresholds))
 
 
-def _correct(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    """Pairs classified right when the first j bins are accepted, for j = 0 .. T."""
-    accepted_pos = np.concatenate([[0], np.cumsum(positive)])
-    accepted_neg = np.concatenate([[0], np.cumsum(negative)])
-    return accepted_pos + accepted_neg[-1] - accepted_neg
+def _right(positive: np.ndarray, negative: np.ndarray, balanced: bool) -> np.ndarray:
+    """The accuracy when the first j bins are accepted, for j = 0 .. T: the share of pairs classified right, or with
+    ``balanced`` the mean of the shares of positives accepted (TAR) and of negatives rejected (TNR)."""
+    accepted = np.concatenate([[0], np.cumsum(positive)]).astype(np.float64)
+    rejected = negative.sum() - np.concatenate([[0], np.cumsum(negative)]).astype(np.float64)
+    p, n = accepted[-1], float(negative.sum())
+    if balanced:  # as one fraction: equal accuracies compare equal (exactly, below 2**53 pairs squared)
+        return (accepted * n + rejected * p) / (2 * p * n)
+    return (accepted + rejected) / (p + n)
 
 
 # ---- the registered metrics ----------------------------------------------------------------------
@@ -823,17 +855,20 @@ def precision_at_k(ev: Evaluation) -> dict[str, float]:
 
 
 def map_at_r(ev: Evaluation, chunk: int = 8192) -> dict[str, float]:
-    """MAP@R (Musgrave et al. 2020): precision at each hit among the first R neighbours, summed, over R."""
+    """MAP@R (Musgrave et al. 2020): the mean of the queries' AP@R."""
     nb = _scored(ev)
     rows = np.flatnonzero(nb.included)
-    rank = np.arange(1, nb.match.shape[1] + 1)
     total = 0.0
     for s in range(0, len(rows), chunk):
-        match, r = nb.match[rows[s : s + chunk]], nb.relevant[rows[s : s + chunk]]
-        hit = match & (rank <= r[:, None])
-        precision = np.cumsum(hit, 1) / rank
-        total += float(((precision * hit).sum(1) / r).sum())
+        total += float(average_precision_at_r(nb.match[rows[s : s + chunk]], nb.relevant[rows[s : s + chunk]]).sum())
     return {"map@r": total / len(rows)}
+
+
+def average_precision_at_r(match: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Each query's AP@R: precision at each hit among its first R neighbours, summed, over R (``relevant``, each > 0)."""
+    rank = np.arange(1, match.shape[1] + 1)
+    hit = match & (rank <= relevant[:, None])
+    return (np.cumsum(hit, 1) / rank * hit).sum(1) / relevant
 
 
 def roc_auc(ev: Evaluation) -> dict[str, float]:
@@ -842,9 +877,15 @@ def roc_auc(ev: Evaluation) -> dict[str, float]:
 
 
 def tar_at_far(ev: Evaluation) -> dict[str, float]:
-    """True-accept rate at false-accept rates ``fars`` (no interpolation between ROC points)."""
-    roc = ev.roc()
-    return {f"tar@far={far:g}": tar_at(roc, far) for far in ev.fars}
+    """True-accept rate at false-accept rates ``fars`` (no interpolation between ROC points), where the negative pairs can measure them."""
+    roc, negatives = ev.roc(), int(ev.pair_counts().negative.sum())
+    values = {}
+    for far in ev.fars:
+        key, why = f"tar@far={far:g}", unmeasured(far, negatives, ev.min_false_accepts)
+        if why is not None:
+            ev.not_measured[key] = why
+        values[key] = tar_at(roc, far) if why is None else None
+    return values
 
 
 def eer(ev: Evaluation) -> dict[str, float]:
@@ -854,9 +895,13 @@ def eer(ev: Evaluation) -> dict[str, float]:
 
 
 def accuracy_10fold(ev: Evaluation) -> dict[str, float]:
-    """Verification accuracy, threshold chosen by cross-validation over the folds (mean and std)."""
-    mean, std, threshold = cv_accuracy(ev.pair_counts())
-    return {"accuracy": mean, "accuracy_std": std, "accuracy_threshold": threshold}
+    """Verification accuracy at a threshold cross-validated over 10 folds: balanced_accuracy, the mean of TAR and TNR, where one kind of pair is over 55 %."""
+    counts = ev.pair_counts()
+    positive, negative = int(counts.positive.sum()), int(counts.negative.sum())
+    balanced = max(positive, negative) > BALANCED * (positive + negative)
+    mean, std, threshold = cv_accuracy(counts, balanced)
+    name = "balanced_accuracy" if balanced else "accuracy"
+    return {name: mean, f"{name}_std": std, f"{name}_threshold": threshold}
 
 
 _VERIFICATION = (roc_auc, tar_at_far, eer, accuracy_10fold)  # these read only pair_counts()
@@ -882,6 +927,7 @@ def evaluate_embeddings(
     index_options: dict | None = None,
     check_queries: int = CHECK_QUERIES,
     rerank=None,
+    min_false_accepts: int = RULE_OF_30,
 ) -> Results:
     """Every registered metric (or those named in ``metrics``) on the embeddings, plus info.
 
@@ -892,7 +938,8 @@ def evaluate_embeddings(
     ``index_check_recall@1_exact`` and ``_index``). With ``metrics=None`` a metric that does not
     apply (no labels, a set too small for k, say) is left out; a named one raises instead, its name first.
     Only the work the chosen metrics need is done (a plugin's metric may need either kind). ``rerank`` (a re-ranker,
-    ``mltk.rerank``) re-orders the neighbour lists first and adds ``rerank_seconds``.
+    ``mltk.rerank``) re-orders the neighbour lists first and adds ``rerank_seconds``. A value the data cannot measure
+    (a TAR at a FAR too low for the negative pairs: ``min_false_accepts``) is None, and ``not_measured`` says why.
     """
     from mltk import registry
 
@@ -901,7 +948,7 @@ def evaluate_embeddings(
     ev = Evaluation(
         embeddings, labels, query=query, gallery=gallery, pairs=pairs, ks=tuple(ks), fars=tuple(fars), folds=folds,
         max_pairs=max_pairs, sample_pairs=sample_pairs, seed=seed, engine=engine, block=block,
-        index_options=dict(index_options or {}), check_queries=check_queries, rerank=rerank,
+        index_options=dict(index_options or {}), check_queries=check_queries, rerank=rerank, min_false_accepts=min_false_accepts,
         retrieval=any(f not in _VERIFICATION for f in functions.values()), verification=any(f not in _RETRIEVAL for f in functions.values()),
     )
     values: dict[str, float] = {}
@@ -914,4 +961,4 @@ def evaluate_embeddings(
                 raise NotApplicable(f"{name}: {exc}") from None
             left_out[name] = str(exc)
     roc = thin(ev.roc()) if ev.pairs_scored else None
-    return Results({**values, **ev.info}, roc, ev, left_out)
+    return Results({**values, **ev.info}, roc, ev, left_out, dict(ev.not_measured))

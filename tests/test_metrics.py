@@ -170,7 +170,8 @@ def random_pairs(data: str, n: int, seed: int):
 @pytest.mark.parametrize("data", sorted(DATA))
 def test_explicit_pairs_match_sklearn(data):
     x, labels, first, second, same = random_pairs(data, 3000, seed=5)
-    result = evaluate_embeddings(x, labels, pairs=Pairs.from_indices(x, first, second, same), metrics=VERIFICATION, fars=(0.1, 0.01, 0.005))
+    pairs = Pairs.from_indices(x, first, second, same)
+    result = evaluate_embeddings(x, labels, pairs=pairs, metrics=VERIFICATION, fars=(0.1, 0.01, 0.005), min_false_accepts=0)  # every FAR: the ROC's arithmetic
     scores = np.einsum("ij,ij->i", x[first], x[second])
     fpr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
     full = result.evaluation.roc()
@@ -191,34 +192,48 @@ def test_hand_made_scores_give_the_rates_worked_out_by_hand():
     # 4 positives; 100 negatives, one scoring 0.85 (a false accept rate of exactly 1/100) and 99 below 0.1.
     scores = np.array([0.9, 0.8, 0.7, 0.2, 0.85, *np.linspace(-0.5, 0.05, 99)])
     same = np.arange(len(scores)) < 4
-    values = evaluate_embeddings(None, pairs=Pairs(scores, same), metrics=VERIFICATION[:3], fars=(0.01, 0.001)).values
+    values = evaluate_embeddings(None, pairs=Pairs(scores, same), metrics=VERIFICATION[:3], fars=(0.01, 0.001), min_false_accepts=0).values
     assert values["tar@far=0.01"] == 1.0 and values["tar@far=0.001"] == 0.25
     assert values["roc_auc"] == (100 + 3 * 99) / 400
     assert values["eer"] == pytest.approx(0.01) and values["eer_threshold"] == 0.2
 
 
-def reference_cv_accuracy(scores, same, folds):
+def reference_cv_accuracy(scores, same, folds, balanced=False):
     """For each fold: the threshold (a training score, "same if score >= t", or +inf) with the best
-    training accuracy, the highest among equals; accuracy on the held-out fold."""
+    training accuracy, the highest among equals; accuracy on the held-out fold. ``balanced``: the mean of
+    TAR and TNR instead (compared exactly, as integers), over the folds with pairs of both kinds."""
+    def right(t, s, y):
+        accepted, rejected = int((s[y] >= t).sum()), int((s[~y] < t).sum())
+        return accepted * int((~y).sum()) + rejected * int(y.sum()) if balanced else accepted + rejected
+
+    def rate(t, s, y):
+        return ((s[y] >= t).mean() + (s[~y] < t).mean()) / 2 if balanced else ((s >= t) == y).mean()
+
     accuracies = []
     for f in np.unique(folds):
         train, test = folds != f, folds == f
+        if balanced and not all(part.any() for part in (same[train], ~same[train], same[test], ~same[test])):
+            continue
         candidates = [np.inf] + sorted(set(scores[train]), reverse=True)
-        best = max(candidates, key=lambda t: (((scores[train] >= t) == same[train]).mean(), t))
-        accuracies.append(((scores[test] >= best) == same[test]).mean())
+        best = max(candidates, key=lambda t: (right(t, scores[train], same[train]), t))
+        accuracies.append(rate(best, scores[test], same[test]))
     return np.mean(accuracies), np.std(accuracies)
 
 
+@pytest.mark.parametrize("positives", [300, 600])
 @pytest.mark.parametrize("data", sorted(DATA))
-def test_cross_validated_accuracy_matches_brute_force(data):
+def test_cross_validated_accuracy_matches_brute_force(data, positives):
     x, labels, first, second, same = random_pairs(data, 1200, seed=6)
-    same[:300] = True  # enough positives for a threshold worth choosing
+    same = np.random.default_rng(0).permutation(1200) < positives  # a quarter: balanced accuracy; half, as in LFW's pairs.txt: plain accuracy
     folds = np.repeat(np.arange(10), 120)
     pairs = Pairs.from_indices(x, first, second, same, folds=folds)
     values = evaluate_embeddings(None, pairs=pairs).values
-    mean, std = reference_cv_accuracy(pairs.scores, same, folds)
-    assert (values["accuracy"], values["accuracy_std"]) == pytest.approx((mean, std), abs=1e-12)
-    assert set(values) >= {"roc_auc", "eer", "accuracy"} and "recall@1" not in values  # no labels: no retrieval
+    balanced = positives == 300
+    name = "balanced_accuracy" if balanced else "accuracy"
+    mean, std = reference_cv_accuracy(pairs.scores, same, folds, balanced)
+    assert (values[name], values[f"{name}_std"]) == pytest.approx((mean, std), abs=1e-12)
+    assert ({"balanced_accuracy", "accuracy"} - {name}).isdisjoint(values)  # one of the two, never both
+    assert set(values) >= {"roc_auc", "eer", name} and "recall@1" not in values  # no labels: no retrieval
 
 
 def test_all_pairs_accuracy_uses_contiguous_folds():
@@ -230,8 +245,64 @@ def test_all_pairs_accuracy_uses_contiguous_folds():
     folds = np.searchsorted(edges[1:], i, side="right")  # fold of item i, for the pair i < j
     assert np.bincount(folds).min() > 0.9 * len(i) / 10
     values = evaluate_embeddings(x, labels, metrics=["accuracy_10fold"], block=16).values
-    mean, std = reference_cv_accuracy(scores, same, folds)
-    assert values["accuracy"] == pytest.approx(mean, abs=2e-3) and values["accuracy_std"] == pytest.approx(std, abs=2e-3)
+    mean, std = reference_cv_accuracy(scores, same, folds, balanced=True)  # a sixth of the pairs are positives
+    assert values["balanced_accuracy"] == pytest.approx(mean, abs=2e-3) and values["balanced_accuracy_std"] == pytest.approx(std, abs=2e-3)
+
+
+def random_classes(n=600, classes=20, dim=32, seed=0):
+    """Random unit vectors, labelled in classes of equal size: nothing to learn."""
+    x = np.random.default_rng(seed).standard_normal((n, dim))
+    return normalised(x), np.repeat(np.arange(classes), n // classes)
+
+
+def test_random_embeddings_over_all_pairs_give_balanced_accuracy_one_half():
+    x, labels = random_classes()
+    values = evaluate_embeddings(x, labels, metrics=["accuracy_10fold"]).values
+    assert 1 - values["pairs_positive"] / values["pairs"] > 0.95  # calling every pair different would be "accurate" 95 % of the time
+    assert "accuracy" not in values
+    # Each fold tests ~870 positives: TAR's sd there is at most sqrt(0.25 / 870) = 0.017, the balanced accuracy's half that,
+    # and the mean of 10 folds' ~0.003 (0.0032 measured over 20 seeds). 0.02 is six of those.
+    assert values["balanced_accuracy"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_perfect_embedding_over_all_pairs_gives_balanced_accuracy_one():
+    _, labels = random_classes()
+    x = np.eye(20, dtype=np.float32)[labels]  # one vector per class: positives score 1, negatives 0
+    values = evaluate_embeddings(x, labels, metrics=["accuracy_10fold"]).values
+    assert values["balanced_accuracy"] == 1.0 and values["balanced_accuracy_std"] == 0.0
+    assert 0.0 < values["balanced_accuracy_threshold"] <= 1.0
+
+
+@pytest.mark.parametrize(("positives", "name"), [(300, "accuracy"), (330, "accuracy"), (331, "balanced_accuracy"), (270, "accuracy"), (269, "balanced_accuracy")])
+def test_a_pair_list_keeps_plain_accuracy_while_neither_kind_is_over_55_percent(positives, name):
+    # LFW's pairs.txt: 10 folds of 300 matched and 300 mismatched pairs; here 600 pairs, 10 folds, random scores.
+    rng = np.random.default_rng(1)
+    same = rng.permutation(600) < positives
+    values = evaluate_embeddings(None, pairs=Pairs(rng.random(600), same, np.arange(600) % 10), metrics=["accuracy_10fold"]).values
+    assert set(values) >= {name, f"{name}_std", f"{name}_threshold"}
+    assert not ({"accuracy", "balanced_accuracy"} - {name}) & set(values)
+
+
+def test_a_tar_at_a_far_the_negative_pairs_cannot_measure_is_none_with_the_reason():
+    # 10 matched pairs scoring above 2 mismatched ones: the TAR at FAR 1e-4 "is" 1.0, from 2 negative pairs.
+    scores, same = np.r_[np.linspace(0.6, 0.9, 10), 0.1, 0.2], np.arange(12) < 10
+    result = evaluate_embeddings(None, pairs=Pairs(scores, same), metrics=["tar_at_far"])
+    assert all(result.values[f"tar@far={far:g}"] is None for far in metrics.FARS)
+    assert result.not_measured["tar@far=0.0001"] == (
+        "2 negative pairs allow 0.0002 false accepts at FAR 0.0001, and a measured rate rests on 30 or more "
+        "(Doddington's rule of 30): it takes 300,000 negative pairs"
+    )
+    assert set(result.not_measured) == {f"tar@far={far:g}" for far in metrics.FARS}
+    everything = evaluate_embeddings(None, pairs=Pairs(scores, same), metrics=["tar_at_far"], min_false_accepts=0)
+    assert everything.values["tar@far=0.0001"] == 1.0 and not everything.not_measured  # the number the rule withholds
+
+
+@pytest.mark.parametrize(("negatives", "measured"), [(299, False), (300, True)])
+def test_a_far_is_measured_from_30_false_accepts_on(negatives, measured):
+    scores = np.r_[np.linspace(0.5, 0.9, 20), np.linspace(-0.5, 0.55, negatives)]
+    same = np.arange(len(scores)) < 20
+    result = evaluate_embeddings(None, pairs=Pairs(scores, same), metrics=["tar_at_far"], fars=(0.1,))
+    assert (result.values["tar@far=0.1"] is not None) == measured and ("tar@far=0.1" not in result.not_measured) == measured
 
 
 def test_sampled_pairs_fallback_is_reported_and_seeded():
@@ -363,16 +434,19 @@ def contiguous_folds(pairs_per_row, row_of_pair, folds=10):
     return np.searchsorted(edges[1:], row_of_pair, side="right")
 
 
-def sklearn_cv_accuracy(scores, same, folds):
-    """10-fold accuracy from scikit-learn's ROC of the training folds: the threshold with the most right (the highest
-    among equals), applied to the held-out fold."""
+def sklearn_cv_balanced_accuracy(scores, same, folds):
+    """10-fold balanced accuracy from scikit-learn's ROC of the training folds: the threshold with the highest mean of
+    TAR and TNR (the highest among equals), applied to the held-out fold; folds without pairs of both kinds left out."""
     accuracies = []
     for f in np.unique(folds):
         train, test = folds != f, folds == f
+        if not all(part.any() for part in (same[train], ~same[train], same[test], ~same[test])):
+            continue
         fpr, tpr, thresholds = roc_curve(same[train], scores[train], drop_intermediate=False)
-        right = tpr * same[train].sum() + (1 - fpr) * (~same[train]).sum()
-        best = thresholds[np.flatnonzero(right >= right.max() - 0.5)[0]]
-        accuracies.append(((scores[test] >= best) == same[test]).mean())
+        positives, negatives = same[train].sum(), (~same[train]).sum()
+        right = np.round(tpr * positives) * negatives + np.round((1 - fpr) * negatives) * positives  # exact: ties stay ties
+        best = thresholds[np.flatnonzero(right == right.max())[0]]
+        accuracies.append(((scores[test][same[test]] >= best).mean() + (scores[test][~same[test]] < best).mean()) / 2)
     return np.mean(accuracies), np.std(accuracies)
 
 
@@ -386,15 +460,15 @@ def test_verification_matches_sklearn_however_concentrated_the_scores(case, path
         gallery = np.setdiff1d(np.arange(n), query)
         first, second = np.repeat(query, len(gallery)), np.tile(gallery, len(query))
         folds = contiguous_folds(np.full(len(query), len(gallery)), np.repeat(np.arange(len(query)), len(gallery)))
-        values = evaluate_embeddings(x, labels, query=query, gallery=gallery, metrics=VERIFICATION, fars=fars, block=64).values
+        values = evaluate_embeddings(x, labels, query=query, gallery=gallery, metrics=VERIFICATION, fars=fars, block=64, min_false_accepts=0).values
     else:
         first, second = np.triu_indices(n, 1)
         folds = contiguous_folds(np.arange(n - 1, -1, -1), first)
         if path == "pair list":
             pairs = Pairs.from_indices(x, first, second, labels[first] == labels[second], folds)
-            values = evaluate_embeddings(None, pairs=pairs, metrics=VERIFICATION, fars=fars).values
+            values = evaluate_embeddings(None, pairs=pairs, metrics=VERIFICATION, fars=fars, min_false_accepts=0).values
         else:
-            values = evaluate_embeddings(x, labels, metrics=VERIFICATION, fars=fars, block=64).values
+            values = evaluate_embeddings(x, labels, metrics=VERIFICATION, fars=fars, block=64, min_false_accepts=0).values
     scores, same = np.einsum("ij,ij->i", x[first], x[second]), labels[first] == labels[second]
     if case in ("near one", "near zero"):  # the defect's shape: almost every pair within 1e-5 of the others
         assert np.mean(np.abs(scores - np.median(scores)) < 5e-6) > 0.98 and 0.6 < roc_auc_score(same, scores) < 0.75
@@ -406,7 +480,7 @@ def test_verification_matches_sklearn_however_concentrated_the_scores(case, path
     crossing = int(np.argmax(fpr + tpr >= 1))  # the first ROC point past the EER: accepting at mltk's threshold gives it
     at = values["eer_threshold"]
     assert ((scores[~same] >= at).mean(), (scores[same] >= at).mean()) == pytest.approx((fpr[crossing], tpr[crossing]), abs=1e-4)
-    assert (values["accuracy"], values["accuracy_std"]) == pytest.approx(sklearn_cv_accuracy(scores, same, folds), abs=1e-4)
+    assert (values["balanced_accuracy"], values["balanced_accuracy_std"]) == pytest.approx(sklearn_cv_balanced_accuracy(scores, same, folds), abs=1e-4)
 
 
 def test_the_block_pass_computes_only_what_the_metrics_ask_for(monkeypatch):

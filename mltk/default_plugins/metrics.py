@@ -1,5 +1,6 @@
 """Built-in metrics: recall@k, precision@k and MAP@R from one kNN pass; ROC-AUC, TAR@FAR, EER and
-cross-validated accuracy from pair scores. Each is ``fn(evaluation) -> dict[str, float]``."""
+cross-validated accuracy (balanced where one kind of pair outnumbers the other) from pair scores. Each is
+``fn(evaluation) -> dict[str, float]``; a value the pairs cannot measure is None (``evaluation.not_measured``)."""
 
 import mltk
 
