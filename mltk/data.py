@@ -49,7 +49,8 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 @dataclass
 class LabelledImages:
-    """Images (paths or PIL images) with integer labels indexing ``classes``.
+    """Images (paths or PIL images) with integer labels indexing ``classes``; without classes (an unlabelled gallery),
+    ``classes`` is [] and every label -1.
 
     ``hints`` are settings a dataset suggests where the user gave none (digits are 8x8: 32 px is plenty).
     """
@@ -102,6 +103,19 @@ def image_folder(root: Path) -> LabelledImages:
     if not sources:
         raise MltkError(f"no images found in {str(root)!r}; expected <class>/<image> folders")
     return LabelledImages(sources, labels, classes, root.name)
+
+
+def unlabelled_folder(root: Path) -> LabelledImages:
+    """Every image file under ``root``, subfolders too, without classes (labels -1, classes []): a gallery to embed or
+    index, not a set to train or evaluate on. Hidden files and folders (``.thumbnails``) are left out."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden(p.relative_to(root)))
+    if not files:
+        raise MltkError(f"no images found in {str(root)!r}")
+    return LabelledImages(files, [-1] * len(files), [], root.name)
+
+
+def _hidden(path: Path) -> bool:
+    return any(part.startswith(".") for part in path.parts)
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -2,7 +2,8 @@
 
 An index directory holds a faiss index (``mltk.knn``), the vectors, the image paths and labels,
 and the model that embeds queries (see ``write_index_dir``). A folder is replaced only when it is
-provably an index directory holding nothing else.
+provably an index directory holding nothing else. A gallery without classes (``load_gallery``) is
+indexed with classes.json ``[]`` and every label -1; its search hits have no class.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ META_TEXT = ("run", "data", "model", "mltk_version", "faiss_version", "torch_ver
 
 @dataclass
 class IndexDir:
-    """An index directory, opened: the faiss index, what row i is (path, label), and meta.json."""
+    """An index directory, opened: the faiss index, what row i is (path, label), and meta.json; an unlabelled
+    gallery's classes are [] and its labels -1."""
 
     path: Path
     index: object
@@ -51,15 +53,42 @@ class IndexDir:
         return self.path / "model.pt"
 
 
-def read_meta(path: Path) -> dict | None:
-    """meta.json of ``path`` when it names this index format (the proof that mltk wrote the folder), else None."""
+def read_meta(path: Path, fmt: str = FORMAT) -> dict | None:
+    """meta.json of ``path`` when it names the format ``fmt`` (the proof that mltk wrote the folder), else None."""
     try:
         with open(path / "meta.json", "rb") as f:
             text = f.read(META_MAX + 1)
         meta = json.loads(text) if len(text) <= META_MAX else None
     except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+    return meta if isinstance(meta, dict) and meta.get("format") == fmt else None
+
+
+def load_gallery(spec: str, unlabelled: bool = False):
+    """The gallery ``mltk index`` takes: what ``mltk.data.load_data`` reads, or images without classes.
+
+    A folder whose images all lie directly in it is a gallery without classes: no name could be a class.
+    With ``unlabelled``, so is every image under a folder, its subfolders not taken for classes (dates,
+    batches). A folder with images both directly in it and in subfolders is refused rather than guessed:
+    read as class folders, the ones at its top would be left out.
+    """
+    from mltk.data import IMAGE_SUFFIXES, load_data, unlabelled_folder
+
+    path = Path(spec)
+    if unlabelled:
+        if not path.is_dir():
+            raise UsageError(f"--unlabelled takes a folder of images; --data {spec!r} is not a folder")
+        return unlabelled_folder(path)
+    if not path.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+        return load_data(spec)
+    gallery = unlabelled_folder(path)
+    nested = next((p for p in gallery.sources if p.parent != path), None)
+    if nested is not None:
+        raise MltkError(
+            f"--data {spec!r} holds images directly in it and in subfolders ({str(nested)!r}): give --unlabelled to index "
+            "them all without classes, or move the ones at its top into class folders"
+        )
+    return gallery
 
 
 def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, workers: int = 2, inputs: dict | None = None, **options) -> Path:
@@ -102,14 +131,15 @@ def _not_only_an_index(out: Path, given: str) -> str | None:
     except OSError as exc:
         raise MltkError(f"cannot read --out {given!r}: {exc.strerror}") from None
     if entries and read_meta(out) is None:
-        return f"is a folder that is not an mltk index (it holds {_some(entries)})"
+        return f"is a folder that is not an mltk index (it holds {some_of(entries)})"
     foreign = [name for name in entries if name not in WRITTEN]
     if foreign:
-        return f"is an mltk index but also holds {_some(foreign)}, which `mltk index` does not write and replacing the index would delete"
+        return f"is an mltk index but also holds {some_of(foreign)}, which `mltk index` does not write and replacing the index would delete"
     return None
 
 
-def _some(names: list[str], shown: int = 3) -> str:
+def some_of(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, quoted, and how many more: what a refused folder holds, in a message."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(repr(n) for n in names[:shown]) + more
 
@@ -143,7 +173,7 @@ def write_index_dir(
     skipped: list = []
     data = readable(data, skipped)
     check_options(kind, len(data), model.embedder.dim, **options)
-    paths = _paths(data)
+    paths = image_paths(data)
     calibration = None
     if calibrate is not None:  # before the gallery is embedded: a wrong source costs nothing
         from mltk.calibrate import resolve
@@ -190,7 +220,7 @@ def write_index_dir(
     return IndexDir(out, index, paths, np.asarray(data.labels, np.int64), list(data.classes), meta), skipped
 
 
-def _paths(data) -> list[str]:
+def image_paths(data) -> list[str]:
     """Line i of paths.txt: image i's absolute path; one with a line break in its name cannot be a line."""
     paths = [str(Path(s).resolve()) if isinstance(s, (str, Path)) else f"{data.name}[{i}]" for i, s in enumerate(data.sources)]
     broken = next((p for p in paths if "\n" in p), None)
@@ -225,7 +255,8 @@ def open_index_dir(path: str | Path) -> IndexDir:
     """An index directory written by ``write_index_dir``, checked whole; a problem is one line naming its file.
 
     Every file is untrusted: each must agree with meta.json (kind, dimensions, count), labels.npy is
-    a 1-D integer array read without pickles, and every label names a class of classes.json.
+    a 1-D integer array read without pickles, and every label names a class of classes.json (a
+    gallery without classes: classes.json is [] and every label -1).
     embeddings.npy, which a search does not read, is checked (its header) only when it is there: it
     may be deleted to save space. model.pt is checked when ``search_images`` loads it.
     """
@@ -318,16 +349,18 @@ def _read_paths(path: Path, count: int) -> list[str]:
 
 
 def _read_classes(path: Path) -> list[str]:
+    """classes.json: a list of class names, or [] for a gallery without classes."""
     try:
         classes = json.loads((path / "classes.json").read_bytes())
     except (OSError, ValueError, RecursionError) as exc:
         raise _damaged(path, "classes.json", f"is not JSON ({_first_line(exc)})") from None
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise _damaged(path, "classes.json", f"holds {reprlib.repr(classes)}; expected a list of class names (strings)")
     return classes
 
 
 def _read_labels(path: Path, count: int, classes: int) -> np.ndarray:
+    """labels.npy: each label names a class of classes.json; without classes, every label is -1."""
     shape, dtype = _npy_header(path, "labels.npy")
     if shape != (count,) or dtype.kind not in "iu":
         raise _damaged(path, "labels.npy", f"holds {dtype} {shape}; expected integers ({count},)")
@@ -335,6 +368,11 @@ def _read_labels(path: Path, count: int, classes: int) -> np.ndarray:
         labels = np.load(path / "labels.npy", allow_pickle=False).astype(np.int64)
     except (OSError, ValueError, EOFError) as exc:
         raise _damaged(path, "labels.npy", f"cannot be read ({_first_line(exc)})") from None
+    if not classes:
+        labelled = np.flatnonzero(labels != -1)
+        if len(labelled):
+            raise _damaged(path, "classes.json", f"holds [] (a gallery without classes) but labels.npy has label {labels[labelled[0]]} at row {labelled[0]}; without classes every label is -1")
+        return labels
     outside = np.flatnonzero((labels < 0) | (labels >= classes))
     if len(outside):
         raise _damaged(path, "labels.npy", f"has label {labels[outside[0]]} at row {outside[0]}; classes.json names {classes} classes (0 to {classes - 1})")
@@ -366,7 +404,8 @@ def search_images(
     index_dir: str | Path, images: list[str | Path], k: int = 5, *, nprobe: int | None = None, ef_search: int | None = None,
     device: str | None = None, batch_size: int = 64, workers: int = 0, far: float | str | None = None, rerank: str | None = None,
 ) -> list[dict]:
-    """The k nearest gallery images of each query image: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}].
+    """The k nearest gallery images of each query image: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}];
+    label and class are None for a gallery without classes.
 
     A hit matches when its cosine score reaches the index's calibrated threshold (``far``: another of its operating
     points), and a query when one of its hits does; without a calibration both are None. ``rerank`` (a re-ranker
@@ -386,11 +425,13 @@ def search_images(
     model = load_model(opened, device)
     vectors = embed(model, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers)
     sims, positions = _searched(opened, vectors, k, reranker)
+    labelled = bool(opened.classes)  # a gallery without classes: its hits have no label or class (null in JSON)
     results = []
     for i, image in enumerate(images):
         neighbours_ = [
             {
-                "rank": r + 1, "path": opened.paths[p], "label": int(opened.labels[p]), "class": opened.classes[opened.labels[p]], "score": float(s),
+                "rank": r + 1, "path": opened.paths[p], "label": int(opened.labels[p]) if labelled else None,
+                "class": opened.classes[opened.labels[p]] if labelled else None, "score": float(s),
                 "match": None if threshold is None else bool(s >= threshold.threshold),
             }
             for r, (s, p) in enumerate(zip(sims[i], positions[i]))

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mltk"
 LAYERS = {
     0: ["errors", "display", "outputs", "memory", "rules", "config", "hookspecs", "plugins", "registry", "lifecycle"],  # the ground
     1: ["data", "datasets", "model", "embedding", "losses", "knn", "gpu_pass", "metrics_kernels", "metrics", "pairs", "report", "thresholds", "rerank", "distributed", "run_dir", "default_plugins"],  # the pieces
-    2: ["train", "evaluate", "calibrate", "index", "verify", "export", "compare"],  # the workflows
+    2: ["train", "evaluate", "calibrate", "index", "embed_files", "verify", "export", "compare", "fetch"],  # the workflows
     3: ["cli", "__main__", "__init__"],  # what users call: the commands, and the package's own names (mltk.load, mltk.hookimpl)
 }
 LAYER_NAMES = ("ground", "pieces", "workflows", "interface")

@@ -381,3 +381,84 @@ def test_index_never_replaces_its_own_input(trained_run, mltk_main, tmp_path):
     model = str(tmp_path / "idx" / "model.pt")
     assert line == f"error: --out {str(tmp_path / 'idx')!r} holds RUN {model!r}, an input of this command; mltk never replaces its own input: give a new or empty folder"
     assert snapshot(tmp_path) == before
+
+
+# ---- galleries without classes ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unlabelled_gallery(trained_run, tmp_path_factory) -> Path:
+    """Eight images lying directly in one folder: a gallery without classes."""
+    import shutil
+
+    _, folder = trained_run
+    root = tmp_path_factory.mktemp("unlabelled") / "gallery"
+    root.mkdir()
+    for i, image in enumerate(sorted(folder.glob("class_03/*.png")) + sorted(folder.glob("class_07/*.png"))):
+        shutil.copy(image, root / f"img_{i}.png")
+    return root
+
+
+def test_an_unlabelled_gallery_is_indexed_and_searched_without_classes(trained_run, unlabelled_gallery, mltk_main, tmp_path):
+    run, folder = trained_run
+    out = tmp_path / "idx"
+    code, stdout, err = mltk_main("index", run, "--data", unlabelled_gallery, "--out", out, "--workers", "0", "--calibrate", folder)
+    assert code == 0, err
+    assert "indexed 8 images without classes (16 dimensions): flat index" in stdout and "match threshold at" in stdout
+    assert json.loads((out / "classes.json").read_text()) == [] and np.load(out / "labels.npy").tolist() == [-1] * 8
+    opened = mindex.open_index_dir(out)
+    assert opened.classes == [] and opened.meta["count"] == 8
+    query = unlabelled_gallery / "img_5.png"
+    code, stdout, err = mltk_main("search", out, query, "--k", "3", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)[0]
+    first = result["neighbours"][0]
+    assert first["path"] == str(query.resolve()) and first["score"] == pytest.approx(1.0, abs=1e-5)
+    assert all(n["class"] is None and n["label"] is None for n in result["neighbours"])
+    assert first["match"] is True and result["match"] is True and result["threshold"] is not None  # calibrated on labelled images
+    code, stdout, err = mltk_main("search", out, query, "--k", "2")
+    assert code == 0, err
+    header = next(line for line in stdout.splitlines() if "rank" in line)
+    assert "match" in header and "path" in header and "class" not in header and "img_5.png" in stdout
+
+
+def test_an_unlabelled_index_opens_only_when_its_labels_and_classes_agree(trained_run, unlabelled_gallery, tmp_path):
+    from mltk.model import load
+
+    run, _ = trained_run
+    written, _ = mindex.write_index_dir(load(run, device="cpu"), mindex.load_gallery(str(unlabelled_gallery)), tmp_path / "idx", workers=0)
+    assert written.classes == [] and written.labels.tolist() == [-1] * 8
+    labels = np.full(8, -1)
+    labels[2] = 0
+    np.save(tmp_path / "idx" / "labels.npy", labels)  # a class label, and no classes
+    with pytest.raises(MltkError, match=r"classes.json holds \[\] \(a gallery without classes\) but labels.npy has label 0 at row 2; without classes every label is -1"):
+        mindex.open_index_dir(tmp_path / "idx")
+    np.save(tmp_path / "idx" / "labels.npy", np.full(8, -1))
+    (tmp_path / "idx" / "classes.json").write_text('["a"]')  # a class, and labels without one
+    with pytest.raises(MltkError, match=r"labels.npy has label -1 at row 0; classes.json names 1 classes"):
+        mindex.open_index_dir(tmp_path / "idx")
+
+
+def test_a_gallery_without_classes_is_a_flat_folder_or_said_with_unlabelled(tmp_path, mltk_main, trained_run):
+    from PIL import Image
+
+    from conftest import one_line_error
+
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+
+    for name in ("nested/2023/a.png", "nested/2024/b.png", "mixed/top.png", "mixed/cats/c.png", "mixed/.thumbs/t.png"):
+        image(tmp_path / name)
+    nested = mindex.load_gallery(str(tmp_path / "nested"))  # subfolders: class folders, as --data reads them
+    assert nested.classes == ["2023", "2024"]
+    nested = mindex.load_gallery(str(tmp_path / "nested"), unlabelled=True)
+    assert nested.classes == [] and nested.labels == [-1, -1] and [p.name for p in nested.sources] == ["a.png", "b.png"]
+    mixed = mindex.load_gallery(str(tmp_path / "mixed"), unlabelled=True)  # every image under it, hidden folders left out
+    assert [p.name for p in mixed.sources] == ["c.png", "top.png"]
+    with pytest.raises(UsageError, match="--unlabelled takes a folder of images"):
+        mindex.load_gallery(str(tmp_path / "mixed" / "top.png"), unlabelled=True)
+    run, _ = trained_run
+    line = one_line_error(mltk_main("index", run, "--data", tmp_path / "mixed", "--out", tmp_path / "idx", "--workers", "0"), 1)
+    assert "holds images directly in it and in subfolders" in line and line.endswith("give --unlabelled to index them all without classes, or move the ones at its top into class folders")
+    assert not (tmp_path / "idx").exists()

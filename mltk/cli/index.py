@@ -6,12 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.options import BatchSize, Calibrate, Device, Far, IndexKind, Rerank, Run, Workers, data_option, ef_search_option, nprobe_option, out_option
+from mltk.cli.options import IMAGES, BatchSize, Calibrate, Device, Far, IndexKind, Rerank, Run, Workers, ef_search_option, nprobe_option, out_option
 
 
 def index(
     run: Run,
-    data: Annotated[str, data_option("Gallery images")],
+    data: Annotated[str, typer.Option(help=f"Gallery images: {IMAGES}; or a folder of images without classes, directly in it (or anywhere under it, with --unlabelled).")],
     out: Annotated[Path, out_option("Index directory to write: new, empty, or an earlier index holding nothing else, which is replaced")],
     kind: Annotated[IndexKind, typer.Option(help="flat: exact; ivf, ivfpq (compressed: pq-m bytes a vector) or hnsw: approximate, for galleries in the millions.")] = IndexKind.flat,
     nlist: Annotated[Optional[int], typer.Option(help="With --kind ivf or ivfpq: k-means cells (default about 4·sqrt(N)).")] = None,
@@ -19,6 +19,7 @@ def index(
     pq_m: Annotated[Optional[int], typer.Option(help="With --kind ivfpq: bytes per vector; divides the dimension (default 64 where it does).")] = None,
     m: Annotated[Optional[int], typer.Option("--m", help="With --kind hnsw: graph links per vector (default 32).")] = None,
     ef_search: Annotated[Optional[int], ef_search_option("128")] = None,
+    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="--data is a folder of images without classes: every image under it is indexed, its subfolders are not classes, and `mltk search` shows no class.")] = False,
     calibrate: Calibrate = None,
     far: Far = None,
     batch_size: BatchSize = 128,
@@ -26,14 +27,14 @@ def index(
     device: Device = None,
 ) -> None:
     """Embed a gallery and write a self-contained index directory: index, paths, labels, the model, and with --calibrate
-    the threshold below which `mltk search` says "no match"."""
+    the threshold below which `mltk search` says "no match". A folder of images without classes is a gallery too."""
     from rich.markup import escape
 
     from mltk.cli.output import console, interrupted_means, phases, warn
     from mltk.display import shown
-    from mltk.data import describe_files, load_data
+    from mltk.data import describe_files
     from mltk.errors import UsageError
-    from mltk.index import calibration_of, check_request, write_index_dir
+    from mltk.index import calibration_of, check_request, load_gallery, write_index_dir
     from mltk.thresholds import describe, parse_far
     from mltk.model import load
 
@@ -48,7 +49,7 @@ def index(
     far_value = parse_far(far) if far is not None else None
     check_request(out, kind.value, batch_size, workers, inputs={"RUN": run, "--data": data, "--calibrate": calibrate}, **given)  # before the model loads: a bad --out costs nothing
     model = load(run, device)
-    gallery = load_data(data)
+    gallery = load_gallery(data, unlabelled)
     kept = f"nothing was written to {str(out)!r} (an earlier index there is as it was)"
     with interrupted_means(kept), phases() as progress:
         written, skipped = write_index_dir(
@@ -58,7 +59,8 @@ def index(
     if skipped:
         warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")
     params = ", ".join(f"{k} {v}" for k, v in written.meta["params"].items())
-    console.print(f"indexed {written.meta['count']} images ({written.meta['dim']} dimensions): {kind.value} index{f' ({params})' if params else ''}")
+    classless = "" if written.classes else " without classes"
+    console.print(f"indexed {written.meta['count']} images{classless} ({written.meta['dim']} dimensions): {kind.value} index{f' ({params})' if params else ''}")
     calibrated = calibration_of(written.path, written.meta)
     if calibrated is not None:
         calibration, point = calibrated
@@ -72,7 +74,7 @@ def search(
     index_dir: Annotated[Path, typer.Argument(help="Index directory written by `mltk index`.")],
     images: Annotated[list[Path], typer.Argument(help="Query image files.")],
     k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}]; match is null for an index without a threshold.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}]; match is null for an index without a threshold, label and class for a gallery without classes.")] = False,
     far: Far = None,
     rerank: Rerank = None,
     nprobe: Annotated[Optional[int], nprobe_option("the index's")] = None,
@@ -92,6 +94,7 @@ def search(
     if as_json:
         print(json.dumps(results, indent=2))
         return
+    labelled = any(n["class"] is not None for result in results for n in result["neighbours"])  # else a gallery without classes
     for result in results:  # class names and paths come from the index's files: text, never markup
         calibrated = result["threshold"] is not None
         title = cell(result["query"])
@@ -99,8 +102,8 @@ def search(
             verdict = "match" if result["match"] else "no match"
             title.append(f"  {verdict}", style="bold green" if result["match"] else "bold red")
             title.append(f" (threshold {result['threshold']['score']:.4f}, {result['threshold']['operating_point'].replace('far=', 'FAR ')})", style="dim")
-        table = Table("rank", "score", *(["match"] if calibrated else []), "class", "path", title=title, title_justify="left", header_style="bold")
+        table = Table("rank", "score", *(["match"] if calibrated else []), *(["class"] if labelled else []), "path", title=title, title_justify="left", header_style="bold")
         for n in result["neighbours"]:
-            table.add_row(str(n["rank"]), f"{n['score']:.4f}", *(["yes" if n["match"] else "no"] if calibrated else []), cell(n["class"]), cell(n["path"]))
+            table.add_row(str(n["rank"]), f"{n['score']:.4f}", *(["yes" if n["match"] else "no"] if calibrated else []), *([cell(n["class"])] if labelled else []), cell(n["path"]))
         console.print(table)
 
