@@ -321,6 +321,10 @@ def check_together(cfg: RunConfig, source: str) -> RunConfig:
     loss spec, and the options of the backbone, losses and miner named. Returns ``cfg`` with those options checked."""
     if cfg.val_classes and cfg.val_data:
         raise UsageError("give either --val-data or --val-classes, not both")
+    if cfg.val_data_classes and not cfg.val_data:  # classes of --data held out by name (the example configs): validation reads --data
+        if cfg.val_classes:
+            raise UsageError(f"val_data_classes in {source} holds classes of --data out by name, and --val-classes a share of them at random; give one")
+        cfg = dataclasses.replace(cfg, val_data=cfg.data)
     m = cfg.m_per_class or 1
     if cfg.batch_size % m or cfg.batch_size == m:
         raise UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple (2x or more) of --m-per-class ({m})")

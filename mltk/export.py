@@ -246,7 +246,7 @@ def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float, calibrat
 def check_onnx_available() -> None:
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise MltkError(f"ONNX export needs {', '.join(missing)}: pip install 'mltk[export]'")
+        raise MltkError(f"ONNX export needs {', '.join(missing)}: pip install {' '.join(missing)}")
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
         raise MltkError(f"ONNX export needs torch>=2.5 (this is {torch.__version__}); --format torchscript works with it")
 

@@ -333,15 +333,32 @@ def _is_best(value) -> bool:
     )
 
 
-def find_checkpoint(run: str | Path) -> Path:
-    """``run`` is a checkpoint file or a run directory (best.pt, else last.pt)."""
+#: a run directory's checkpoints, by the name ``--checkpoint`` gives them
+CHECKPOINTS = {"last": "last.pt", "best": "best.pt"}
+
+
+def find_checkpoint(run: str | Path, which: str | None = None) -> Path:
+    """``run`` is a checkpoint file, or a run directory: its ``which`` checkpoint ("last" or "best"), by default last.pt.
+
+    last.pt by default, for every command: best.pt was chosen by validation recall@1, often on the very classes
+    ``mltk evaluate RUN`` scores, so its figures would flatter it; and a threshold calibrated on one checkpoint holds
+    for no other, so evaluate, index, export and verify must all mean the same file by RUN. A run directory with a
+    best.pt alone (an MLflow run's artifacts) gives that.
+    """
+    from mltk.errors import UsageError
+
+    if which is not None and which not in CHECKPOINTS:
+        raise UsageError(f"unknown checkpoint {which!r}; choose {' or '.join(CHECKPOINTS)}")
     run = Path(run)
-    if run.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (run / name).is_file():
-                return run / name
-        raise MltkError(f"run directory {str(run)!r} has no best.pt or last.pt")
-    return run
+    if not run.is_dir():
+        if which is not None:
+            raise UsageError(f"--checkpoint {which} picks the {CHECKPOINTS[which]} of a run directory, and {str(run)!r} is not one: give the run directory, or leave --checkpoint out")
+        return run
+    names = [CHECKPOINTS[which]] if which is not None else ["last.pt", "best.pt"]
+    for name in names:
+        if (run / name).is_file():
+            return run / name
+    raise MltkError(f"run directory {str(run)!r} has no {' or '.join(names)}")
 
 
 def inference_device(device: str | None) -> torch.device:
@@ -373,14 +390,28 @@ class EmbeddingModel:
         self.transform = make_transform(data_config, augment=False)
         self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
         self.config, self.classes = config, classes
+        self.checkpoint: dict | None = None  # where the weights come from (``load``): path, epoch, and the run's best record
 
     def embed(self, images, batch_size: int = 64) -> torch.Tensor:
         """``images``: paths or PIL images (one or a list); returns an (N, dim) float32 CPU tensor."""
+        import os
+
+        from PIL import Image
+
         from mltk.data import LabelledImages
         from mltk.embedding import embed
+        from mltk.errors import UsageError
 
         if not isinstance(images, (list, tuple)):
             images = [images]
+        for item in images:
+            if not isinstance(item, (str, os.PathLike, Image.Image)):  # an array's text would fill the screen: say what it is
+                kind = type(item).__qualname__ if type(item).__module__ == "builtins" else f"{type(item).__module__}.{type(item).__qualname__}"
+                shape = f" of shape {tuple(item.shape)}" if isinstance(getattr(item, "shape", None), tuple) else ""  # torch.Size too
+                raise UsageError(
+                    f"embed takes image paths or PIL images (one or a list), got {kind}{shape}; for an array of pixels give "
+                    "PIL.Image.fromarray(array), and a preprocessed (N, C, H, W) batch to model.embedder.embed(batch)"
+                )
         return torch.from_numpy(embed(self, LabelledImages(list(images), [0] * len(images), ["?"]), batch_size, workers=0))
 
     def fingerprint(self) -> str:
@@ -396,11 +427,12 @@ class EmbeddingModel:
         return "sha256:" + digest.hexdigest()
 
 
-def load(run: str | Path, device: str | None = None) -> EmbeddingModel:
-    """The trained embedder of a run directory (or checkpoint file), ready for inference."""
+def load(run: str | Path, device: str | None = None, checkpoint: str | None = None) -> EmbeddingModel:
+    """The trained embedder of a run directory (its ``checkpoint``, ``find_checkpoint``'s default last.pt) or of a
+    checkpoint file, ready for inference."""
     from mltk.config import make_config
 
-    path = find_checkpoint(run)
+    path = find_checkpoint(run, checkpoint)
     state = load_checkpoint(path)
     cfg = make_config(state["config"])  # checked by load_checkpoint
     try:
@@ -411,7 +443,9 @@ def load(run: str | Path, device: str | None = None) -> EmbeddingModel:
     channels, takes = state["data_config"]["input_size"][0], input_channels(embedder)
     if takes is not None and channels != takes:  # e.g. backbone_kwargs in_chans: 1 with RGB preprocessing
         raise MltkError(f"checkpoint {str(path)!r}: data_config.input_size has {channels} channels, the model takes {takes}")
-    return EmbeddingModel(embedder, state["data_config"], cfg, state["classes"], device)
+    model = EmbeddingModel(embedder, state["data_config"], cfg, state["classes"], device)
+    model.checkpoint = {"path": str(path.resolve()), "epoch": state.get("epoch"), "best": state.get("best") or None}  # a slim one (an index's model.pt): no record
+    return model
 
 
 def input_channels(module: nn.Module) -> int | None:

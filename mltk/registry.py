@@ -21,7 +21,7 @@ KINDS = {"backbones": "backbone", "losses": "loss", "miners": "miner", "metrics"
 NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 MAX_NAME = 100
 #: names that plugins outside mltk's core register, and how to get them: said when such a name is not found
-ELSEWHERE = {("loggers", "mlflow"): "pip install mltk-mlflow, from plugins/mltk-mlflow in mltk's repository"}
+ELSEWHERE = {("loggers", "mlflow"): "pip install ./plugins/mltk-mlflow, in a clone of mltk's repository"}
 
 
 @dataclass(frozen=True)

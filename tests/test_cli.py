@@ -63,3 +63,83 @@ def test_run_rejects_an_unknown_config_key(mltk_cli, tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
     result = mltk_cli("run", "--config", str(tmp_path / "c.yaml"))
     assert result.returncode == 2 and "unknown key 'learning_rate'" in result.stderr
+
+
+def test_version_prints_mltk_s_version_without_importing_torch():
+    import mltk
+
+    code = (
+        "import sys; sys.argv = ['mltk', sys.argv[1]]\nimport mltk.cli\n"
+        "try:\n    mltk.cli.main()\nexcept SystemExit as stop:\n    assert stop.code in (0, None), stop.code\n"
+        "print(sorted(m for m in ('torch', 'timm', 'faiss', 'sklearn') if m in sys.modules))"
+    )
+    for flag in ("--version", "-V"):
+        out = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True).stdout
+        assert out.splitlines() == [f"mltk {mltk.__version__}", "[]"]
+
+
+def commands(group, path=()):
+    """Every command of the CLI, subcommands (``data fetch``) included, as argument lists."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from commands(command, (*path, name))
+        else:
+            yield [*path, name]
+
+
+def test_help_shows_no_type_on_flags_and_no_repository_paths(mltk_main, monkeypatch):
+    """A flag takes no value (Typer would show ``--quiet <bool>``); an installed mltk has no docs/ folder to point to."""
+    import typer
+
+    from mltk.cli import app
+
+    monkeypatch.setenv("COLUMNS", "400")  # nothing wraps: a path would show whole
+    every = list(commands(typer.main.get_command(app)))
+    assert ["run"] in every and ["data", "fetch"] in every
+    for args in every:
+        code, out, err = mltk_main(*args, "--help")
+        assert code == 0 and err == "", args
+        assert "<bool>" not in out and "docs/" not in out, (args, [line for line in out.splitlines() if "<bool>" in line or "docs/" in line])
+    code, out, _ = mltk_main("run", "--help")
+    quiet = next(line for line in out.splitlines() if "--quiet" in line)
+    assert "-q" in quiet and "<" not in quiet.split("No progress")[0]
+
+
+def test_list_shows_docstring_descriptions_as_plain_text(mltk_main, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, err = mltk_main("list", "metrics")
+    assert code == 0, err
+    assert "tar_at_far" in out and "``" not in out and ":func:" not in out
+
+
+@pytest.mark.parametrize("all_", [False, True], ids=["short", "all"])
+def test_plugins_shows_the_built_ins_in_one_row_or_each_with_all_and_never_cuts_a_name(mltk_main, monkeypatch, all_):
+    from rich.console import Console
+
+    import mltk.cli
+
+    monkeypatch.setattr(mltk.cli, "console", Console(width=80))  # a terminal of 80 columns
+    code, out, err = mltk_main("plugins", *(["--all"] if all_ else []))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in out
+    builtins = ["backbones", "datasets", "loggers", "losses", "metrics", "miners", "rerankers"]
+    if all_:
+        for name in builtins:
+            assert any(f" mltk.default_plugins.{name} " in line for line in lines), name
+    else:
+        assert "mltk.default_plugins" not in out
+        row = " ".join(lines)
+        assert "mltk (built-in)" in row and "5 datasets" in row and "1 logger," in row and "15 miners" in row
+
+
+def test_evaluate_of_a_backbone_without_weights_says_it_scores_random_weights(mltk_main, tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=3, per_class=3)
+    code, out, err = mltk_main(
+        "evaluate", "--backbone", "test_resnet", "--image-size", "32", "--data", folder, "--metrics", "roc_auc", "--no-report",
+        "--workers", "0", "--out", tmp_path / "eval",
+    )
+    assert code == 0, err
+    assert "warning: --backbone 'test_resnet' had neither --pretrained nor --weights: these figures score its random initial weights, not learned features\n" in err

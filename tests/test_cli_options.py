@@ -8,9 +8,9 @@ from mltk.cli.options import IndexKind
 from mltk.errors import UsageError
 
 SHARED = {  # option -> the commands that take it
-    "--device": ("run", "evaluate", "index", "search"),
-    "--workers": ("run", "evaluate", "index"),
-    "--batch-size": ("run", "evaluate", "index"),
+    "--device": ("run", "evaluate", "index", "embed", "search"),
+    "--workers": ("run", "evaluate", "index", "embed"),
+    "--batch-size": ("run", "evaluate", "index", "embed"),
     "--pretrained": ("run", "evaluate"),
 }
 

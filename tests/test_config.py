@@ -73,3 +73,21 @@ def test_what_agrees_is_accepted_and_a_checkpoint_s_config_is_not_held_to_it():
     check_training(old, resumed=True)  # and resumes with the settings it started with
     with pytest.raises(UsageError, match=r"covers every epoch of the run \(--epochs 2\), so the backbone would never learn; give --epochs 3 or more$"):
         check_training(replace(old, freeze_backbone=False, backbone_lr=None, freeze_backbone_epochs=2, epochs=2), resumed=True)  # --epochs may change
+
+
+def test_validation_classes_picked_by_name_come_from_data_so_a_config_takes_any_data_folder(mltk_main, tmp_path):
+    """The example configs name their training and validation classes and leave --data to the command line."""
+    import mltk
+    from mltk.evaluate import held_out_data
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=10, per_class=4)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**TINY, "data_classes": ["class_0[0-6]"], "val_data_classes": ["class_0[7-9]"]}))
+    code, out, err = mltk_main("run", "--config", tmp_path / "c.yaml", "--data", folder, "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert "12 / 3" in out  # validation images / classes
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["val_data"] == str(folder)
+    assert held_out_data(mltk.load(tmp_path / "run")).classes == ["class_07", "class_08", "class_09"]  # what `mltk evaluate RUN` scores
+    code, out, err = mltk_main("run", "--config", tmp_path / "c.yaml", "--data", folder, "--val-classes", "0.3", "--out", tmp_path / "other")
+    assert (code, out) == (2, "") and err.startswith("error: val_data_classes in ") and err.endswith("give one\n")
+    assert not (tmp_path / "other").exists()

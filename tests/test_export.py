@@ -73,7 +73,7 @@ def test_sidecar_says_how_to_preprocess(digits_run, digits, mltk_main, tmp_path)
     assert code == 0, stderr
     meta = json.loads((tmp_path / "digits.pt.json").read_text())
     assert meta["input_size"] == [3, 32, 32] and meta["mode"] == "RGB" and meta["embedding_dim"] == 16
-    assert meta["checkpoint"] == str((digits_run / "best.pt").resolve()) and meta["backbone"] == "test_resnet"
+    assert meta["checkpoint"] == str((digits_run / "last.pt").resolve()) and meta["backbone"] == "test_resnet"  # what RUN means: last.pt
     # The recipe in README.md, from the sidecar alone, gives the tensors mltk's own transform gives.
     _, height, width = meta["input_size"]
     recipe = transforms.Compose([
@@ -103,7 +103,7 @@ def test_a_file_that_does_not_match_pytorch_is_not_kept(digits_run, tmp_path, mo
         ("missing run", "error: checkpoint '{tmp}/nope' does not exist"),
         ("out is a folder", "error: --out '{tmp}' is a folder; give a file name, e.g. '{tmp}/model.onnx'"),
         ("out under a file", "error: cannot write --out '{tmp}/notes.txt/m.onnx': '{tmp}/notes.txt' is a file, not a folder"),
-        ("onnx not installed", "error: ONNX export needs onnx: pip install 'mltk[export]'"),
+        ("onnx not installed", "error: ONNX export needs onnx: pip install onnx"),
     ],
 )
 def test_bad_input_is_one_error_line_and_writes_nothing(case, expected, digits_run, mltk_main, tmp_path, monkeypatch):
@@ -142,7 +142,7 @@ def run_copy(digits_run, tmp_path):
 @pytest.mark.parametrize(
     "run, out, expected",
     [
-        ("runs/a", "runs/a/best.pt", "--out '{tmp}/runs/a/best.pt' is the checkpoint '{tmp}/runs/a/best.pt', an input of this command; mltk never replaces its own input"),
+        ("runs/a", "runs/a/last.pt", "--out '{tmp}/runs/a/last.pt' is the checkpoint '{tmp}/runs/a/last.pt', an input of this command; mltk never replaces its own input"),
         ("runs/a/best.pt", "link.pt", "--out '{tmp}/link.pt' is the checkpoint '{tmp}/runs/a/best.pt', an input of this command"),
         ("runs/a/best.pt", "runs/a/last.pt", "--out '{tmp}/runs/a/last.pt' is the last.pt of the run directory '{tmp}/runs/a', not an export's"),
         ("runs/a", "runs/a/metrics.jsonl", "is the metrics.jsonl of the run directory '{tmp}/runs/a', not an export's"),

@@ -5,6 +5,7 @@ that need them, so ``mltk --help`` starts fast.
 """
 
 import json
+import re
 import sys
 from enum import Enum
 from typing import Annotated
@@ -14,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mltk.cli.output import cell, console, warn
-from mltk.display import one_line
+from mltk.display import one_line, shown
 from mltk.errors import MltkError
 
 app = typer.Typer(
@@ -25,6 +26,36 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _flags_show_no_type() -> None:
+    """A flag takes no value, yet Typer's rich help shows its type (``--quiet <bool>``); show none, for every command."""
+    from typer.core import TyperOption
+
+    if not hasattr(TyperOption, "display_type_rich"):  # a Typer that does not show types
+        return
+    typed = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else typed(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"mltk {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print mltk's version and exit.")] = False,
+) -> None:
+    """mltk's own options (the app's help is the Typer's above)."""
 
 
 class Kind(str, Enum):
@@ -61,16 +92,25 @@ def list_(
     table = Table("name", "plugin", "description", box=None, header_style="bold")
     for name in names:
         entry = entries[name]
-        table.add_row(cell(name), cell(plugin_label(entry.plugin)), cell(entry.description))
+        table.add_row(cell(name), cell(plugin_label(entry.plugin)), cell(plain(entry.description)))
     console.print(table, soft_wrap=True)
     warn_plugin_errors()
 
 
+# Descriptions often come from docstrings: their reStructuredText literals (``fars``) and roles (:func:`x`) show as text.
+_RST = re.compile(r"``(.+?)``|:[\w:]+:`(.+?)`")
+
+
+def plain(text: str) -> str:
+    return _RST.sub(lambda m: m[1] or m[2], text)
+
+
 @app.command()
 def plugins(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Each of mltk's built-in plugins on its own row (--json always lists them).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts: every plugin, built-ins too.")] = False,
 ) -> None:
-    """Show each plugin: its version, what it registers, and why it failed to load."""
+    """Show each installed plugin: its version, what it registers, and why it failed to load; mltk's built-ins in one row."""
     from mltk import registry
     from mltk.plugins import distributions, errors, load_plugins, pm
 
@@ -94,19 +134,50 @@ def plugins(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    if not all_:
+        rows = [row for row in rows if not is_builtin(row["name"])] + builtins_row([row for row in rows if is_builtin(row["name"])])
+    # Names are never cut: the registers column wraps instead.
     table = Table("plugin", "version", "registers", "status", header_style="bold")
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = max((len(shown(row["name"])) for row in rows), default=6)
     for row in rows:
-        summary = ", ".join(
-            f"{len(v)} {k}" if len(v) > 6 else f"{k}: {' '.join(v)}" for k, v in row["registers"].items()
-        )
         status = Text(f"error: {one_line(row['error'])}", style="red") if row["error"] else Text("ok", style="green")
-        table.add_row(cell(row["name"]), cell(row["version"]), cell(summary or "-"), status)
+        table.add_row(cell(row["name"]), cell(row["version"]), cell(summary(row["registers"], counts=row["name"] == BUILTINS) or "-"), status)
     console.print(table)
+
+
+BUILTINS = "mltk (built-in)"
+
+
+def summary(registers: dict[str, list[str]], counts: bool = False) -> str:
+    """What a plugin registers in a few words: the names of a short list, else (or with ``counts``) how many."""
+    from mltk.registry import KINDS
+
+    def count(kind: str, n: int) -> str:
+        return f"{n} {kind if n != 1 else KINDS.get(kind, kind)}"
+
+    return ", ".join(count(k, len(v)) if counts or len(v) > 6 else f"{k}: {' '.join(v)}" for k, v in registers.items())
+
+
+def is_builtin(plugin: str) -> bool:
+    return plugin.startswith("mltk.default_plugins.")
+
+
+def builtins_row(rows: list[dict]) -> list[dict]:
+    """mltk's built-in plugins as one row: what they register together, and any that failed."""
+    if not rows:
+        return []
+    registers: dict[str, list[str]] = {}
+    for row in rows:
+        for kind, names in row["registers"].items():
+            registers.setdefault(kind, []).extend(names)
+    failed = "; ".join(f"{row['name']}: {row['error']}" for row in rows if row["error"])
+    return [{"name": BUILTINS, "version": rows[0]["version"], "registers": dict(sorted(registers.items())), "error": failed or None}]
 
 
 def plugin_label(plugin: str) -> str:
     """Built-in plugins show as ``mltk``; third-party ones by their entry-point name."""
-    return "mltk" if plugin.startswith("mltk.default_plugins.") else plugin
+    return "mltk" if is_builtin(plugin) else plugin
 
 
 def _version() -> str:
@@ -116,6 +187,8 @@ def _version() -> str:
 
 
 from mltk.cli.compare import compare  # noqa: E402  (light: heavy imports happen inside the commands)
+from mltk.cli.data import data  # noqa: E402
+from mltk.cli.embed import embed  # noqa: E402
 from mltk.cli.evaluate import evaluate  # noqa: E402
 from mltk.cli.export import export  # noqa: E402
 from mltk.cli.index import index, search  # noqa: E402
@@ -125,10 +198,12 @@ from mltk.cli.verify import verify  # noqa: E402
 app.command()(run)
 app.command()(evaluate)
 app.command()(compare)
+app.command()(embed)
 app.command()(index)
 app.command()(search)
 app.command()(verify)
 app.command()(export)
+app.add_typer(data, name="data")
 
 
 def _add_plugin_commands() -> None:

@@ -16,7 +16,7 @@ class Format(str, Enum):
 
 def export(
     run: Run,
-    fmt: Annotated[Format, typer.Option("--format", help="onnx (needs pip install 'mltk\\[export]') or torchscript.")],
+    fmt: Annotated[Format, typer.Option("--format", help="onnx (needs the onnx, onnxscript and onnxruntime packages) or torchscript.")],
     out: Annotated[Path, out_option("File to write; its preprocessing goes to FILE.json beside it")],
     calibrate: Calibrate = None,
     far: Far = None,
