@@ -2,9 +2,12 @@
 
 One row per run: the settings in which the runs differ, training time, images/s and the best epoch
 (from metrics.jsonl), and the metrics of the run's latest ``mltk evaluate`` (its newest metrics.json);
-the best value of each measured column marked. ``compare`` returns the table as values; ``markdown``
-and ``html`` write it out, ``write`` puts those files in place whole. Every file is checked whole and
-every string in it is data: the renderers escape it for Markdown and HTML (the CLI for rich).
+the best value of each measured column marked. Metrics are ranked only between evaluations of the same
+images, and never for an evaluation that flatters its run (on its own training classes, or of a best.pt
+chosen on the classes it scored): such rows are shown, said "not ranked", and never marked best.
+``compare`` returns the table as values; ``markdown`` and ``html`` write it out, ``write`` puts those files in
+place whole. Every file is checked whole and every string in it is data: the renderers escape it for Markdown and
+HTML (the CLI for rich).
 """
 
 import math
@@ -25,6 +28,16 @@ PROCEEDS = ("out", "workers", "device", "log")
 #: the metrics of an evaluation shown, as metrics.json names them (mltk.metrics: f"tar@far={far:g}"), and their headers
 METRICS = {"roc_auc": "ROC-AUC", "tar@far=0.001": "TAR@FAR=1e-3", "recall@1": "recall@1", "recall@4": "recall@4", "map@r": "MAP@R"}
 MAX_METRICS_BYTES = 1 << 20  # evaluate's metrics.json is a few hundred bytes
+#: metrics.json as mltk evaluate writes it (``mltk.evaluate.METRICS_FORMAT``): the metrics at the top level, as in the
+#: flat file of an earlier mltk (no "format"), and the provenance under "evaluated"
+METRICS_FORMAT = "mltk-metrics-2"
+#: what compare reads of the provenance, and what each must be (``mltk.evaluate.provenance`` writes it)
+EVALUATED = {
+    "data": (str, "a string"), "data_fingerprint": (str, "a string"), "checkpoint": (str, "a string"),
+    "classes": (int, "a count"), "images": (int, "a count"), "training_classes_evaluated": (int, "a count"),
+    "checkpoint_chosen_on_evaluated_classes": (bool, "true or false"),
+}
+UNRANKED = "not ranked"  # how a note about rows left out of the metrics' ranking begins
 MISSING = "–"
 BEST = "The best of each measured column {how}: the highest; of train time, the lowest."
 #: each format --out writes, by file suffix, and the mark by which a later compare knows the file as its own
@@ -45,6 +58,11 @@ class Run:
     records: list[dict]  # metrics.jsonl, one per epoch
     evaluation: Path | None  # the latest metrics.json, None: never evaluated
     metrics: dict = field(default_factory=dict)  # its values
+
+    @property
+    def evaluated(self) -> dict | None:
+        """What its latest evaluation scored (its provenance); None: not evaluated, or by an mltk that did not record it."""
+        return self.metrics.get("evaluated") if self.metrics.get("format") == METRICS_FORMAT else None
 
     @property
     def name(self) -> str:
@@ -73,7 +91,8 @@ def latest_evaluation(run_dir: Path) -> Path | None:
 
 
 def read_metrics(path: Path) -> dict:
-    """An evaluation's metrics.json: a JSON object whose METRICS, where present, are numbers in [0, 1] or null."""
+    """An evaluation's metrics.json, of either layout: a JSON object whose METRICS, where present, are numbers in [0, 1]
+    or null, and whose provenance (the "evaluated" of ``METRICS_FORMAT``) holds what compare reads as it should."""
     try:
         values = strict_json(read_text(path, MAX_METRICS_BYTES))
     except ValueError:
@@ -84,7 +103,22 @@ def read_metrics(path: Path) -> dict:
         value = values.get(key)
         if value is not None and not (finite(value) and 0 <= value <= 1):
             raise MltkError(f"{str(path)!r}: {key} must be a number from 0 to 1 or null, got {show(value)}")
+    if "format" in values:
+        check_evaluated(values, path)
     return values
+
+
+def check_evaluated(values: dict, path: Path) -> None:
+    """The format of a metrics.json that names one, and what compare reads of its provenance; else one line."""
+    if values["format"] != METRICS_FORMAT:
+        raise MltkError(f"{str(path)!r} is a metrics.json of format {show(values['format'])}, not {METRICS_FORMAT}: a newer mltk wrote it; evaluate the run again with this one")
+    evaluated = values.get("evaluated")
+    if not isinstance(evaluated, dict):
+        raise MltkError(f"{str(path)!r}: evaluated must be an object (what the evaluation scored), got {show(evaluated)}")
+    for key, (kind, what) in EVALUATED.items():
+        value = evaluated.get(key)
+        if value is not None and (not isinstance(value, kind) or kind is int and (isinstance(value, bool) or value < 0)):
+            raise MltkError(f"{str(path)!r}: evaluated.{key} must be {what} or null, got {show(value)}")
 
 
 def held_out(run: Run) -> bool:
@@ -93,8 +127,11 @@ def held_out(run: Run) -> bool:
 
 
 def stale(run: Run) -> bool:
-    """The run's checkpoint (best.pt, which ``mltk evaluate RUN`` reads, else last.pt) is newer than its latest evaluation."""
-    checkpoint = next((run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()), None)
+    """The checkpoint its latest evaluation scored (as recorded; else last.pt, which ``mltk evaluate RUN`` reads, or
+    best.pt) is newer than that evaluation."""
+    scored = Path((run.evaluated or {}).get("checkpoint") or "").name
+    names = [scored] if scored in ("last.pt", "best.pt") else ["last.pt", "best.pt"]  # mltk.model.find_checkpoint's order
+    checkpoint = next((run.path / name for name in names if (run.path / name).is_file()), None)
     return run.evaluation is not None and checkpoint is not None and checkpoint.stat().st_mtime > run.evaluation.stat().st_mtime
 
 
@@ -148,8 +185,9 @@ class Table:
     columns: list[Column]
     rows: list[list]  # values; None: missing
     best: set[tuple[int, int]]  # (row, column) of each marked value
-    notes: list[tuple[str, str]]  # (text, command to run or "")
+    notes: list[tuple[str, str]]  # (text, command to run or ""); those on the ranking begin with UNRANKED
     runs: list[Run]
+    unranked: set[int] = field(default_factory=set)  # rows whose metrics are left out of the ranking (a note says why)
 
     def cells(self) -> list[list[str]]:
         """Each value as text: ``MISSING`` for none, settings compact, numbers to a sensible precision."""
@@ -183,20 +221,64 @@ def compare(paths: list[str | Path]) -> Table:
         [run.name, *(run.config.get(key) for key in differ), *(summary(run.records) for _, summary in TRAINING), *(run.metrics.get(key) for key in METRICS)]
         for run in runs
     ]
-    return Table(columns, rows, marked(columns, rows), notes(runs), runs)
+    unranked, why = ranking(runs)
+    return Table(columns, rows, marked(columns, rows, unranked), why + notes(runs), runs, unranked)
 
 
-def marked(columns: list[Column], rows: list[list]) -> set[tuple[int, int]]:
+def marked(columns: list[Column], rows: list[list], unranked: set[int] = frozenset()) -> set[tuple[int, int]]:
     """The best value of each column that has one, where two runs or more have a value to compare; the values that
-    read the same as it (4 places of a metric, a tenth of a second) are marked too."""
+    read the same as it (4 places of a metric, a tenth of a second) are marked too. The ``unranked`` rows take no
+    part in the metric columns."""
     best = set()
     for c, column in enumerate(columns):
-        values = {r: row[c] for r, row in enumerate(rows) if row[c] is not None}
+        values = {r: row[c] for r, row in enumerate(rows) if row[c] is not None and not (column.format == "metric" and r in unranked)}
         if column.better is None or len(values) < 2:
             continue
         top = cell((max if column.better == "higher" else min)(values.values()), column.format)
         best |= {(r, c) for r, value in values.items() if cell(value, column.format) == top}
     return best
+
+
+def ranking(runs: list[Run]) -> tuple[set[int], list[tuple[str, str]]]:
+    """The rows whose metrics are not ranked, and notes saying why. An evaluation on the run's own training classes,
+    or of a best.pt chosen on the classes it scored, flatters the run: its row is shown but never marked best.
+    Evaluations of different images (or of images an older mltk did not record) are not comparable at all: then no
+    metric is ranked. Flagging beats refusing: the table is still there to read, with what each number stands for."""
+    unranked, said = set(), []
+    for r, run in enumerate(runs):
+        evaluated = run.evaluated or {}
+        if evaluated.get("training_classes_evaluated"):
+            why = (f"{shown(run.name)} was evaluated on {evaluated['training_classes_evaluated']} of its own training classes (of the "
+                   f"{evaluated.get('classes')} it scored): its metrics say how well it learnt them, not how it does on new classes")
+        elif evaluated.get("checkpoint_chosen_on_evaluated_classes"):
+            why = f"{shown(run.name)}'s evaluation scored best.pt, chosen by validation recall@1 on the very classes it scored: its metrics flatter it"
+        else:
+            continue
+        unranked.add(r)
+        said.append((f"{UNRANKED}: {why}; to evaluate it on classes it did not learn from, with last.pt: ", evaluate_command(run)))
+    rest = [r for r, run in enumerate(runs) if run.evaluation is not None and r not in unranked]
+    groups: dict[str | None, list[int]] = {}
+    for r in rest:
+        groups.setdefault((runs[r].evaluated or {}).get("data_fingerprint"), []).append(r)
+    if len(groups) > 1:
+        unranked |= set(rest)
+        sets = "; ".join(f"{', '.join(shown(runs[r].name) for r in rows)} {images_of(runs[rows[0]].evaluated)}" for rows in groups.values())
+        said.append((f"{UNRANKED}: no metric, since the runs were evaluated on different images ({sets}); evaluate them all on the same images to rank them: ", "mltk evaluate RUN --data DATA"))
+    return unranked, said
+
+
+def images_of(evaluated: dict | None) -> str:
+    """The images an evaluation scored, in a few words, from its provenance."""
+    if evaluated is None or evaluated.get("data_fingerprint") is None:
+        return "on images not recorded (an earlier mltk evaluated it)"
+    counts = ", ".join(f"{evaluated[key]} {key}" for key in ("classes", "images") if evaluated.get(key) is not None)
+    if evaluated.get("pairs"):
+        named = f"the pair list {evaluated['pairs']}"
+    elif evaluated.get("query"):
+        named = f"query {evaluated['query']} vs gallery {evaluated.get('gallery')}"
+    else:
+        named = str(evaluated.get("data"))
+    return f"on {shown(named)}{f' ({counts})' if counts else ''}"
 
 
 def notes(runs: list[Run]) -> list[tuple[str, str]]:
@@ -278,13 +360,15 @@ def md_code(text: str) -> str:
 
 
 def html(table: Table, title: str = "mltk compare") -> str:
-    """A self-contained page: the table (best marked), its notes, and every run's loss and validation recall@1 by epoch."""
+    """A self-contained page: the table (best marked; a click on a column sorts the runs by it, numbers by their values,
+    not their text), its notes, and every run's loss and validation recall@1 by epoch."""
     from mltk import report
 
     figures = {}
     if any(run.records for run in table.runs):
         figures["Training curves"] = report.training_curves({run.name: run.records for run in table.runs})
-    return report.table_page(title, [c.name for c in table.columns], table.cells(), table.numeric(), table.best, [(BEST.format(how="in green"), ""), *table.notes], figures, generator="mltk compare")
+    notes = [(BEST.format(how="in green") + " Click a column to sort the runs by it.", ""), *table.notes]
+    return report.table_page(title, [c.name for c in table.columns], table.cells(), table.numeric(), table.best, notes, figures, generator="mltk compare", keys=table.rows)
 
 
 def check_outputs(outs: list[str | Path], runs: list[str | Path] = ()) -> list[tuple[Path, str]]:

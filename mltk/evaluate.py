@@ -1,8 +1,10 @@
 """``mltk evaluate`` as a library: pick the model and the images, embed them, compute the metrics, write outputs."""
 
+import hashlib
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +73,10 @@ class EvalResult:
     embeddings_file: Path | None = None  # where ``embeddings`` were streamed to (a memory map of it)
     left_out: dict = field(default_factory=dict)  # metric name -> why it does not apply to this set (all metrics asked for)
     calibration: Calibration | None = None  # the score thresholds at FAR 1e-1 .. 1e-4 and the EER (when pairs were scored)
+    neighbours: object | None = None  # mltk.metrics.Neighbours the retrieval metrics read: the report's worst queries and classes
+    scores: object | None = None  # mltk.report.ScoreHistogram of the scored pairs: the report's genuine and impostor scores
+    provenance: dict = field(default_factory=dict)  # what was scored, by which model and checkpoint, when: plain JSON values (``provenance``)
+    not_measured: dict = field(default_factory=dict)  # value (None in ``values``) -> why this set cannot measure it: a TAR at too low a FAR
 
 
 def evaluate(
@@ -90,13 +96,15 @@ def evaluate(
     index_options: dict | None = None,
     embeddings_file: str | Path | None = None,
     rerank: str | None = None,
+    spec: dict | None = None,
 ) -> EvalResult:
     """Embed the images and compute the metrics: on one set (leave-one-out, all pairs), on a pair list, or query vs gallery.
 
     ``engine`` and ``index_options`` pick the kNN search (``mltk.metrics.Evaluation``); ``rerank``, a re-ranker spec
     (``mltk.rerank.parse_spec``: "k-reciprocal:k1=20"), post-processes its lists for the retrieval metrics. With
     ``embeddings_file`` the embeddings stream to that .npy file and the metrics read it as a
-    memory map (rows: the pair list's images, the query then the gallery images, or the set).
+    memory map (rows: the pair list's images, the query then the gallery images, or the set). ``spec`` is how the
+    images were named (``data_spec``), for ``EvalResult.provenance``; by default, the names of the sets given.
     """
     from mltk import metrics as metrics_mod
     from mltk import registry
@@ -126,9 +134,14 @@ def evaluate(
         same = [s for _, _, s in pair_list.pairs]
         pairs = metrics_mod.Pairs.from_indices(embeddings, first, second, same, folds)
         result = metrics_mod.evaluate_embeddings(embeddings, None, pairs=pairs, **options)
+        keys = image_keys(paths)
+        listing = [(keys[a], keys[b], bool(s)) for a, b, s in zip(first, second, same)]
+        evaluated = provenance(model, spec or {"pairs": str(pairs_file)}, listing, None, len(paths), flip_tta)
         return EvalResult(
             result.values, result.roc, embeddings, None, paths, [], info={"pair list": str(pairs_file)}, skipped=skipped,
-            embeddings_file=embeddings_file, left_out=result.left_out, calibration=calibration(result, model, f"pair list {Path(pairs_file).name}", flip_tta),
+            embeddings_file=embeddings_file, left_out=result.left_out, not_measured=result.not_measured, provenance=evaluated,
+            calibration=calibration(result, evaluated, f"pair list {Path(pairs_file).name}", flip_tta),
+            **for_report(result),
         )
     skipped = []
     if query is not None and gallery is not None:
@@ -141,6 +154,8 @@ def evaluate(
         result = metrics_mod.evaluate_embeddings(embeddings, labels, query=np.arange(n_q), gallery=np.arange(n_q, len(labels)), **options)
         info = {"query images": n_q, "gallery images": len(gallery)}
         source = f"query {query.name} vs gallery {gallery.name}"
+        listing = [("query" if i < n_q else "gallery", key, classes[y]) for i, (key, y) in enumerate(zip(image_keys(sources), labels))]
+        spec = spec or {"query": query.name, "gallery": gallery.name}
     else:
         data = readable(data, skipped)
         embeddings = run_embed(data)
@@ -148,10 +163,15 @@ def evaluate(
         result = metrics_mod.evaluate_embeddings(embeddings, labels, **options)
         info = {"images": len(data), "classes": len(classes), "protocol": "leave-one-out retrieval, all pairs for verification"}
         source = f"all pairs of {data.name}"
+        listing = [(key, classes[y]) for key, y in zip(image_keys(sources), labels)]
+        spec = spec or {"data": data.name}
+    if spec.get("classes_filter"):  # which classes, not only the set they were picked from
+        source += f", the {len(classes)} classes matching {', '.join(repr(str(p)) for p in spec['classes_filter'])}"
+    evaluated = provenance(model, spec, listing, classes, len(labels), flip_tta)
     ev = result.evaluation  # only what the metrics asked for was computed: the report searches its few examples itself
     return EvalResult(
         result.values, result.roc, embeddings, labels, sources, classes, ev.query, ev.gallery, info, skipped, embeddings_file,
-        result.left_out, calibration(result, model, source, flip_tta),
+        result.left_out, calibration(result, evaluated, source, flip_tta), provenance=evaluated, not_measured=result.not_measured, **for_report(result),
     )
 
 
@@ -182,8 +202,9 @@ def shared_images(query: LabelledImages, gallery: LabelledImages) -> list:
     return [s for s in query.sources if isinstance(s, (str, Path)) and key(s) in in_gallery]
 
 
-def calibration(result, model: EmbeddingModel, source: str, flip_tta: bool) -> Calibration | None:
-    """The operating points of the pairs the metrics scored (None when no pairs were scored, or of one kind only)."""
+def calibration(result, evaluated: dict, source: str, flip_tta: bool) -> Calibration | None:
+    """The operating points of the pairs the metrics scored (None when no pairs were scored, or of one kind only),
+    with the ``provenance`` of the evaluation."""
     from mltk import thresholds
 
     ev = result.evaluation
@@ -191,14 +212,145 @@ def calibration(result, model: EmbeddingModel, source: str, flip_tta: bool) -> C
         return None
     counts = ev.pair_counts()  # already counted: pairs_scored
     positives, negatives = int(counts.positive.sum()), int(counts.negative.sum())
-    return thresholds.calibrate(ev.roc(), negatives, positives, model.fingerprint(), source, flip_tta=flip_tta)
+    return thresholds.calibrate(ev.roc(), negatives, positives, evaluated["model"], source, flip_tta=flip_tta, evaluated=evaluated)
+
+
+def for_report(result) -> dict:
+    """What the report reads of the metrics' work beyond the values: every query's neighbour list, where the retrieval
+    metrics searched, and a histogram of the pair scores, where pairs were scored (a few hundred numbers)."""
+    from mltk.metrics import NotApplicable
+    from mltk.report import score_histogram
+
+    ev = result.evaluation
+    neighbours = None
+    if ev.retrieval and ev.labels is not None:
+        try:
+            neighbours = ev.neighbours()  # the lists the metrics read, not searched again
+        except NotApplicable:
+            pass
+    return {"neighbours": neighbours, "scores": score_histogram(ev.pair_counts()) if ev.pairs_scored else None}
+
+
+# -- Provenance: what an evaluation scored, with which model and checkpoint, when. metrics.json and thresholds.json
+# record it, the report shows it, and mltk compare ranks only evaluations of the same images.
+
+
+def data_spec(model: EmbeddingModel, data: str | None = None, classes: list[str] | None = None, pairs=None, query: str | None = None, gallery: str | None = None) -> dict:
+    """How the command named the evaluated images: its options as given; with no --data or --query, the classes the
+    run held out (``held_out_data``)."""
+    named = {"data": data, "pairs": pairs, "query": query, "gallery": gallery}
+    spec = {key: str(value) for key, value in named.items() if value is not None}
+    if not (data or query):
+        spec = {"data": held_out_spec(model.config), "held_out": True}
+    return {**spec, "classes_filter": list(classes) if classes else None}
+
+
+def held_out_spec(cfg) -> str:
+    """The classes a run held out, in words: its --val-data, or the --val-classes split of its --data."""
+    def picked(patterns) -> str:
+        return f" (classes {', '.join(repr(str(p)) for p in patterns)})" if patterns else ""
+
+    if cfg.val_data:
+        return f"{cfg.val_data}{picked(cfg.val_data_classes)}"
+    return f"{cfg.data}{picked(cfg.data_classes)}: the classes --val-classes {cfg.val_classes:g} held out (seed {cfg.seed})"
+
+
+def image_keys(sources: list) -> list[str]:
+    """Each image as a listing names it: its path below the images' common folder (the same listing gives the same
+    keys wherever its folder lies), a crop with its box, an image in memory by its position."""
+    files = {i: os.path.abspath(s) for i, s in enumerate(sources) if isinstance(s, (str, Path))}
+    root = os.path.join(os.path.commonpath([os.path.dirname(f) for f in files.values()]), "") if files else ""  # with its separator
+    keys = []
+    for i, source in enumerate(sources):
+        if i not in files:
+            keys.append(f"<{type(source).__name__} {i}>")
+            continue
+        key = files[i][len(root):].replace(os.sep, "/")  # below root, every one of them: a slice, not relpath (a million images)
+        box = getattr(source, "box", None)
+        keys.append(f"{key}@{','.join(map(str, box))}" if box else key)
+    return keys
+
+
+def listing_fingerprint(rows: list[tuple]) -> str:
+    """A digest of what was scored: the sorted rows (image keys with their class, or the pairs), as JSON."""
+    return "sha256:" + hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
+def provenance(model: EmbeddingModel, spec: dict, rows: list[tuple], classes: list[str] | None, images: int, flip_tta: bool) -> dict:
+    """What an evaluation scored (``spec``: ``data_spec``; ``rows``: its listing; ``classes``: None for a pair list),
+    with which model and checkpoint, by which mltk, when: ``EvalResult.provenance``, plain JSON values."""
+    from mltk import __version__
+
+    record = model.checkpoint or {}
+    return {
+        **spec,
+        "data_fingerprint": listing_fingerprint(rows),
+        "classes": len(classes) if classes is not None else None,
+        "images": images,
+        "model": model.fingerprint(),
+        "checkpoint": record.get("path"),
+        "checkpoint_epoch": record.get("epoch"),
+        "checkpoint_chosen_on_evaluated_classes": chosen_on(model, classes, spec.get("held_out", False)),
+        "training_classes_evaluated": training_classes_evaluated(model, classes),
+        "flip_tta": flip_tta,
+        "mltk_version": __version__,
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def chosen_on(model: EmbeddingModel, classes: list[str] | None, held_out: bool) -> bool | None:
+    """Whether the checkpoint is a best.pt chosen by validation recall@1 on classes among ``classes`` (those evaluated):
+    always when they are the run's ``held_out`` classes, else by name against the run's validation classes. None: it
+    is such a best.pt, but its validation classes cannot be listed here (the run's data moved), or a pair list names
+    no classes."""
+    record = model.checkpoint or {}
+    best = record.get("best") or {}
+    chosen = Path(record.get("path") or "").name == "best.pt" and best.get("by") == "val_recall@1" and best.get("epoch") == record.get("epoch")
+    if not chosen or held_out:
+        return chosen
+    if classes is None:
+        return None
+    try:
+        validation = held_out_data(model).classes
+    except MltkError:
+        return None
+    return bool(set(validation) & set(classes))
+
+
+def training_classes_evaluated(model: EmbeddingModel, classes: list[str] | None) -> int | None:
+    """How many evaluated classes the run trained on, by name (the checkpoint's ``classes``: its training classes, after
+    its --classes and --val-classes); None for a model of no run, or a pair list, which names no classes. Names are
+    all a listing gives: two datasets that both call a class '0' count it as one."""
+    if model.classes is None or classes is None:
+        return None
+    return len(set(model.classes) & set(classes))
+
+
+def cautions(evaluated: dict) -> list[str]:
+    """What a reader of an evaluation's figures must know from its provenance, a sentence each; none when all is well."""
+    found = []
+    chosen = evaluated.get("checkpoint_chosen_on_evaluated_classes")
+    if chosen or chosen is None and evaluated.get("checkpoint"):
+        on = "on classes evaluated here" if chosen else "on the run's held-out classes, which cannot be listed here to check against these"
+        found.append(
+            f"best.pt (epoch {evaluated.get('checkpoint_epoch')}) was chosen by validation recall@1 {on}: its figures flatter it; "
+            "last.pt, the default, was chosen on nothing"
+        )
+    trained = evaluated.get("training_classes_evaluated")
+    if trained:
+        found.append(
+            f"{trained} of the {evaluated.get('classes')} evaluated classes are classes the run trained on (by name): these figures "
+            "measure how well it learnt them, not how it does on new classes"
+        )
+    return found
 
 
 def source_name(source) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
 
 
-OUTPUTS = ("metrics.json", "thresholds.json", "report.html", "embeddings.npy", "labels.npy", "paths.txt", "skipped_images.txt")
+#: tensorboard/: what ``--log tensorboard`` writes there for a model of no run directory (a run's goes to RUN/tensorboard)
+OUTPUTS = ("metrics.json", "thresholds.json", "report.html", "embeddings.npy", "labels.npy", "paths.txt", "skipped_images.txt", "tensorboard")
 
 
 def check_out(out: str | Path, inputs: dict | None = None) -> Path:
@@ -286,8 +438,14 @@ def json_value(value):
     return int(value) if isinstance(value, (int, np.integer)) else value
 
 
+#: metrics.json: the metrics at the top level, as the first mltk wrote them (every reader of that file reads this one),
+#: with this format name, under "not_measured" why a metric that is null was not measured (``EvalResult.not_measured``),
+#: and under "evaluated", the provenance (``EvalResult.provenance``)
+METRICS_FORMAT = "mltk-metrics-2"
+
+
 def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: str | None = None) -> None:
-    """metrics.json, thresholds.json (when pairs were scored), report.html (the ``report`` given), and with ``save_embeddings`` embeddings.npy, labels.npy and
+    """metrics.json (``METRICS_FORMAT``), thresholds.json (when pairs were scored), report.html (the ``report`` given), and with ``save_embeddings`` embeddings.npy, labels.npy and
     paths.txt (one per row), and skipped_images.txt: into ``out``, the folder ``output_folder`` gives, which is
     swapped in whole or removed.
 
@@ -295,7 +453,7 @@ def write_outputs(result: EvalResult, out: Path, save_embeddings: bool, report: 
     """
     from mltk import thresholds
 
-    clean = {k: json_value(v) for k, v in result.values.items()}
+    clean = {"format": METRICS_FORMAT, **{k: json_value(v) for k, v in result.values.items()}, "not_measured": result.not_measured, "evaluated": result.provenance}
 
     def write() -> None:
         (out / "metrics.json").write_text(json.dumps(clean, indent=2, allow_nan=False))
@@ -328,46 +486,63 @@ def training_of(run: str | Path) -> tuple[dict, list[dict]] | None:
     return (read_config(folder), read_records(folder)) if folder is not None else None
 
 
-def build_report(result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0, progress: Progress | None = None, training: tuple[dict, list[dict]] | None = None) -> str:
-    """The HTML report: metrics, the run's configuration and training curves (``training``: ``training_of(run)``), ROC
-    curve, t-SNE and UMAP of a sample of classes, a retrieval grid."""
+def build_report(
+    result: EvalResult, title: str, max_classes: int = 20, max_points: int = 3000, grid_queries: int = 8, grid_k: int = 6, seed: int = 0,
+    progress: Progress | None = None, training: tuple[dict, list[dict]] | None = None, worst: int = 25, class_rows: int = 500,
+    projections: tuple[str, ...] = ("tsne", "umap"),
+) -> str:
+    """The HTML report, to diagnose a model: what was evaluated (and any caution about it), the metrics grouped and
+    explained, the operating points; the genuine and impostor scores with those thresholds, the ROC curve; the
+    ``worst`` queries (the first ``grid_queries`` with their ``grid_k`` nearest) and every class's recall@1 and MAP@R,
+    worst first (the ``class_rows`` worst); the run's training curves (``training``: ``training_of(run)``), the
+    ``projections`` (t-SNE, UMAP: the slow part) of a sample of classes; the run's configuration last."""
     from mltk import report
     from mltk.data import open_image
 
-    figures: dict[str, bytes] = {}
-    config, records = training or (None, [])
-    if records:
-        figures["Training curves"] = report.training_curves({title: records})
+    sections: dict = {}
+    points = result.calibration.points if result.calibration is not None else ()
+    if result.scores is not None:
+        sections["Scores of same-class and different-class pairs"] = report.score_plot(result.scores, points)
     auc = result.values.get("roc_auc")
     if result.roc is not None and auc is not None:
-        figures["ROC curve"] = report.roc_plot(result.roc.fpr, result.roc.tpr, auc)
-    if result.labels is not None and len(result.labels) > 5:
-        keep = report.sample_classes(result.labels, max_classes, seed)
-        if len(keep) > max_points:
-            keep = np.sort(np.random.default_rng(seed).choice(keep, max_points, replace=False))
-        shown = f"{len(np.unique(result.labels[keep]))} of {len(np.unique(result.labels))} classes, {len(keep)} images"
-        for method, name in (("tsne", "t-SNE"), ("umap", "UMAP")):
-            if progress:
-                progress(name, 0, 1)
-            points = report.project(result.embeddings[keep], method, seed)
-            figures[f"{name} ({shown})"] = report.scatter_plot(points, result.labels[keep], result.classes, f"{name} of the embeddings, coloured by class")
-            if progress:
-                progress(name, 1, 1)
-    if result.labels is not None and result.query_index is not None:
+        sections["ROC curve"] = report.roc_plot(result.roc.fpr, result.roc.tpr, auc)
+    if result.neighbours is not None:  # every query's list, as the retrieval metrics read it
+        args = (result.neighbours, result.labels, result.classes)
+        sections["Worst queries"] = report.worst_queries_part(*args, result.sources, result.query_index, open_image, worst, grid_queries, grid_k)
+        sections["Classes, worst first"] = report.class_part(*args, result.query_index, class_rows)
+    elif result.labels is not None and result.query_index is not None:
         from mltk.metrics import Evaluation
 
-        # A few queries, searched alone: no pass over every query, and k clipped to what a set this size allows.
+        # No retrieval metric searched: a few random queries, searched alone, k clipped to what a set this size allows.
         ev = Evaluation(result.embeddings, result.labels, query=result.query_index, gallery=result.gallery_index)
         rows, nb = ev.examples(grid_queries, grid_k, seed)
         if len(rows):
             queries = [result.sources[result.query_index[r]] for r in rows]
             neighbours = [[result.sources[i] for i in found] for found in nb.indices]
-            figures["Retrieval examples"] = report.retrieval_grid(queries, neighbours, nb.match, open_image)
-    metrics = {k: v for k, v in result.values.items() if isinstance(v, float)}
-    info = {**result.info, **{k: v for k, v in result.values.items() if not isinstance(v, float)}}
-    points = None
+            sections["Retrieval examples (random queries)"] = report.retrieval_grid(queries, neighbours, nb.match, open_image)
+    config, records = training or (None, [])
+    if records:
+        sections["Training curves"] = report.training_curves({title: records})
+    if result.labels is not None and len(result.labels) > 5 and projections:
+        keep = report.sample_classes(result.labels, max_classes, seed)
+        if len(keep) > max_points:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, max_points, replace=False))
+        shown = f"{len(np.unique(result.labels[keep]))} of {len(np.unique(result.labels))} classes, {len(keep)} images"
+        for method, name in (("tsne", "t-SNE"), ("umap", "UMAP")):
+            if method not in projections:
+                continue
+            if progress:
+                progress(name, 0, 1)
+            projected = report.project(result.embeddings[keep], method, seed)
+            sections[f"{name} ({shown})"] = report.scatter_plot(projected, result.labels[keep], result.classes, f"{name} of the embeddings, coloured by class")
+            if progress:
+                progress(name, 1, 1)
+    described = None
     if result.calibration is not None:  # what each threshold gave on these pairs, as mltk index --calibrate would use it
         from mltk.thresholds import describe
 
-        points = {p.name.replace("far=", "FAR "): describe(p, result.calibration.negatives).split(": ", 1)[1] for p in result.calibration.points}
-    return report.html_report(title, metrics, info, figures, config, points)
+        described = {report.point_label(p.name): describe(p, result.calibration.negatives).split(": ", 1)[1] for p in points}
+    return report.html_report(
+        title, result.values, result.info, sections, config, described, provenance=result.provenance or None, left_out=result.left_out,
+        cautions=cautions(result.provenance), not_measured=result.not_measured,
+    )

@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import math
 import reprlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mltk.errors import MltkError, UsageError
+from mltk.metrics import RULE_OF_30, equal_error
 
 FORMAT = "mltk-thresholds-1"
 FILE = "thresholds.json"
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)  # the operating points an evaluation writes, with the EER
 DEFAULT_FAR = 1e-3
-RULE_OF_30 = 30  # false accepts behind a FAR before it counts as measured
 MAX_BYTES = 1 << 20
 COSINE_ROUNDING = 1e-3  # a threshold is a dot product of unit float32 vectors: in [-1, 1], give or take rounding
 
@@ -55,6 +55,9 @@ class Calibration:
     model: str  # mltk.model.fingerprint of the embedder: a threshold is only valid for it
     source: str  # what the pairs came from
     flip_tta: bool = False  # scores of flip-averaged embeddings (search and verify do not average)
+    # What was scored, with which checkpoint, when (``mltk.evaluate.provenance``); None in older files. A record of the
+    # calibration, not part of it: the same points from the same pairs are the same calibration, whenever measured.
+    evaluated: dict | None = field(default=None, compare=False)
 
     def at(self, far: float | str) -> OperatingPoint:
         """The point for ``far`` (a number, or "eer"); one line naming the points there are when it is not one."""
@@ -81,10 +84,8 @@ def parse_far(text: str) -> float | str:
     return far
 
 
-def calibrate(roc, negatives: int, positives: int, model: str, source: str, fars=FARS, flip_tta: bool = False) -> Calibration:
+def calibrate(roc, negatives: int, positives: int, model: str, source: str, fars=FARS, flip_tta: bool = False, evaluated: dict | None = None) -> Calibration:
     """The operating points of a ROC curve (``mltk.metrics.roc_curve``, not thinned: every threshold) at ``fars`` and the EER."""
-    from mltk.metrics import equal_error
-
     points = []
     for far in fars:
         i = int(np.searchsorted(roc.fpr, far, side="right")) - 1  # the last point with FPR <= far: the highest TAR there
@@ -92,7 +93,7 @@ def calibrate(roc, negatives: int, positives: int, model: str, source: str, fars
     rate, threshold = equal_error(roc)
     i = int(np.flatnonzero(roc.thresholds == threshold)[0])
     points.append(_point("eer", rate, roc, i, negatives))
-    return Calibration(tuple(points), int(positives), int(negatives), model, source, flip_tta)
+    return Calibration(tuple(points), int(positives), int(negatives), model, source, flip_tta, evaluated)
 
 
 def _point(name: str, far: float, roc, i: int, negatives: int) -> OperatingPoint:
@@ -132,7 +133,8 @@ def read(path: str | Path) -> Calibration:
 
 
 def from_json(data, bad=lambda problem: MltkError(f"calibration {problem}")) -> Calibration:
-    """A Calibration from its JSON form (thresholds.json, or an index's meta.json), every field checked."""
+    """A Calibration from its JSON form (thresholds.json, or an index's meta.json), every field checked; a file written
+    before thresholds.json recorded what it was evaluated on has no ``evaluated`` and is read as it is."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise bad(f"is not an mltk calibration (format {FORMAT})")
     fields = {"positives": int, "negatives": int, "model": str, "source": str, "flip_tta": bool, "points": list}
@@ -141,12 +143,14 @@ def from_json(data, bad=lambda problem: MltkError(f"calibration {problem}")) -> 
             raise bad(f"has {key}={reprlib.repr(data.get(key))}; expected {kind.__name__}")
     if data["positives"] < 1 or data["negatives"] < 1 or not data["points"] or len(data["points"]) > 100:
         raise bad("has no pairs or no operating points")
+    if not isinstance(data.get("evaluated", {}), (dict, type(None))):
+        raise bad(f"has evaluated={reprlib.repr(data['evaluated'])}; expected an object (what the pairs were) or null")
     points = tuple(_read_point(p, bad) for p in data["points"])
     names = [p.name for p in points]
     twice = next((name for name in names if names.count(name) > 1), None)
     if twice is not None:  # ``at`` would take the first: a second one is a forgery or a broken file, never a choice
         raise bad(f"has two operating points named {twice!r}")
-    return Calibration(points, data["positives"], data["negatives"], data["model"], data["source"], data["flip_tta"])
+    return Calibration(points, data["positives"], data["negatives"], data["model"], data["source"], data["flip_tta"], data.get("evaluated"))
 
 
 def _read_point(point, bad) -> OperatingPoint:

@@ -17,15 +17,19 @@ def test_evaluate_on_held_out_classes_writes_metrics_and_a_report(trained_run, m
     assert result.returncode == 0, result.stderr
     out = run / "eval"
     values = json.loads((out / "metrics.json").read_text())
-    for key in ("roc_auc", "tar@far=0.1", "eer", "accuracy", "recall@1", "recall@8", "precision@1", "map@r"):
+    for key in ("roc_auc", "eer", "balanced_accuracy", "recall@1", "recall@8", "precision@1", "map@r"):
         assert 0.0 <= values[key] <= 1.0, key
+    assert values["tar@far=0.1"] is None and "tar@far=0.1" in values["not_measured"]  # 48 negative pairs: 4.8 false accepts at FAR 0.1
     assert values["queries"] == 12  # 3 held-out classes x 4 images
     assert np.load(out / "embeddings.npy").shape == (12, 16) and np.load(out / "labels.npy").shape == (12,)
     assert len((out / "paths.txt").read_text().splitlines()) == 12
     html = (out / "report.html").read_text()
     alts = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
-    assert [a.split(" (")[0] for a in alts] == ["Training curves", "ROC curve", "t-SNE", "UMAP", "Retrieval examples"]
-    assert "roc_auc" in html and "map@r" in html and "recall@1" in result.stdout
+    assert [a.split(" (")[0] for a in alts] == [
+        "Scores of same-class and different-class pairs", "ROC curve", "the worst queries and their nearest neighbours", "Training curves", "t-SNE", "UMAP",
+    ]
+    assert "<td>ROC-AUC</td>" in html.replace(' title="metrics.json: roc_auc"', "") and "Classes, worst first" in html
+    assert re.search(r"verification\s.*ROC-AUC.*retrieval\s.*recall@1", result.stdout, re.S)  # the terminal's groups and labels: the page's
     assert "<h2>Configuration</h2>" in html and "<td>backbone</td><td>test_resnet</td>" in html  # the run's, from its config.yaml
 
 
@@ -197,3 +201,108 @@ def test_evaluate_never_replaces_its_own_input(trained_run, mltk_main, tmp_path)
     line = one_line_error(mltk_main(*common, tmp_path / "runs"), code=1)
     assert line.startswith(f"error: --out {str(tmp_path / 'runs')!r} holds RUN {str(tmp_path / 'runs' / 'a')!r}, an input of this command")
     assert snapshot(tmp_path) == before
+
+
+# ---- Which checkpoint is scored, and what metrics.json and thresholds.json record of the evaluation --------------
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """The tiny run (7 classes trained, 3 held out, 1 epoch: best.pt is epoch 1's, chosen on the 3) in a folder of its own."""
+    import shutil
+
+    run, folder = trained_run
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("eval*"))
+    return tmp_path / "run", folder
+
+
+def test_a_run_directory_is_scored_at_its_last_pt_and_best_pt_only_when_asked_with_a_warning(run_copy, mltk_main):
+    """best.pt was chosen by validation recall@1 on the held-out classes `mltk evaluate RUN` scores: its figures flatter it."""
+    run, _ = run_copy
+    code, out, err = mltk_main("evaluate", run, "--no-report", "--workers", "0")
+    assert code == 0 and err == "", err
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())["evaluated"]
+    assert (evaluated["checkpoint"], evaluated["checkpoint_epoch"]) == (str((run / "last.pt").resolve()), 1)
+    assert evaluated["held_out"] is True and evaluated["checkpoint_chosen_on_evaluated_classes"] is False
+    assert f"scored {(run / 'last.pt').resolve()}, epoch 1" in " ".join(out.split())
+
+    code, out, err = mltk_main("evaluate", run, "--checkpoint", "best", "--no-report", "--workers", "0")
+    assert code == 0, err
+    assert err == (
+        "warning: best.pt (epoch 1) was chosen by validation recall@1 on classes evaluated here: its figures flatter it; "
+        "last.pt, the default, was chosen on nothing\n"
+    )
+    evaluated = json.loads((run / "eval-best" / "metrics.json").read_text())["evaluated"]  # RUN/eval stays last.pt's
+    assert evaluated["checkpoint"] == str((run / "best.pt").resolve()) and evaluated["checkpoint_chosen_on_evaluated_classes"] is True
+    assert json.loads((run / "eval" / "metrics.json").read_text())["evaluated"]["checkpoint"].endswith("last.pt")
+
+
+def test_checkpoint_goes_with_a_run_directory_only(run_copy, mltk_main, tmp_path):
+    from conftest import one_line_error
+
+    run, folder = run_copy
+    line = one_line_error(mltk_main("evaluate", run / "last.pt", "--checkpoint", "best", "--out", tmp_path / "e"), code=2)
+    assert line == f"error: --checkpoint best picks the best.pt of a run directory, and {str(run / 'last.pt')!r} is not one: give the run directory, or leave --checkpoint out"
+    line = one_line_error(mltk_main("evaluate", "--backbone", "test_resnet", "--data", folder, "--checkpoint", "last", "--out", tmp_path / "e"), code=2)
+    assert "--checkpoint picks best.pt or last.pt of a RUN directory" in line
+    (run / "best.pt").unlink()
+    line = one_line_error(mltk_main("evaluate", run, "--checkpoint", "best", "--out", tmp_path / "e"), code=1)
+    assert line == f"error: run directory {str(run)!r} has no best.pt"
+    assert not (tmp_path / "e").exists()
+
+
+def test_metrics_and_thresholds_json_record_what_was_evaluated(run_copy, mltk_main, tmp_path):
+    """The data as named and a fingerprint of its listing, the classes kept, the model, the checkpoint, mltk and the time;
+    and whether the run trained on any class evaluated (by name: its checkpoint's classes)."""
+    import shutil
+    import time
+
+    from mltk import __version__
+    from mltk.evaluate import METRICS_FORMAT
+
+    run, folder = run_copy
+    trained = load(run, device="cpu").classes  # the 7 training classes
+    code, _, err = mltk_main("evaluate", run, "--data", folder, "--classes", "class_0[0-4]", "--no-report", "--workers", "0", "--out", tmp_path / "e")
+    assert code == 0, err
+    written = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert written["format"] == METRICS_FORMAT and 0 <= written["roc_auc"] <= 1 and written["queries"] == 20  # the metrics where they were
+    evaluated = written["evaluated"]
+    assert {k: evaluated[k] for k in ("data", "classes_filter", "classes", "images", "checkpoint", "checkpoint_epoch", "mltk_version")} == {
+        "data": str(folder), "classes_filter": ["class_0[0-4]"], "classes": 5, "images": 20,
+        "checkpoint": str((run / "last.pt").resolve()), "checkpoint_epoch": 1, "mltk_version": __version__,
+    }
+    assert evaluated["model"] == load(run, device="cpu").fingerprint()
+    assert abs(time.mktime(time.strptime(evaluated["evaluated_at"], "%Y-%m-%dT%H:%M:%S%z")) - time.time()) < 600
+    seen = sum(f"class_0{c}" in trained for c in range(5))
+    assert evaluated["training_classes_evaluated"] == seen > 0
+    assert f"warning: {seen} of the 5 evaluated classes are classes the run trained on (by name)" in err
+
+    calibration = json.loads((tmp_path / "e" / "thresholds.json").read_text())
+    assert calibration["source"] == f"all pairs of {folder.name}, the 5 classes matching 'class_0[0-4]'"
+    assert calibration["evaluated"] == evaluated
+
+    # The listing's fingerprint: the same images anywhere give the same one; other classes another.
+    shutil.copytree(folder, tmp_path / "moved")
+    for name, classes in (("same", "class_0[0-4]"), ("other", "class_0[5-9]")):
+        code, _, err = mltk_main("evaluate", run, "--data", tmp_path / "moved", "--classes", classes, "--no-report", "--workers", "0", "--metrics", "roc_auc", "--out", tmp_path / name)
+        assert code == 0, err
+    fingerprint = {name: json.loads((tmp_path / name / "metrics.json").read_text())["evaluated"]["data_fingerprint"] for name in ("same", "other")}
+    assert fingerprint["same"] == evaluated["data_fingerprint"] != fingerprint["other"]
+
+
+def test_a_library_evaluation_of_a_pair_list_records_it(run_copy, tmp_path):
+    """A pair list names no classes: whether the run trained on them is not known (null), not said to be no."""
+    run, folder = run_copy
+    (tmp_path / "pairs.csv").write_text("class_00/0.png,class_00/1.png,1\nclass_00/0.png,class_01/0.png,0\n")
+    result = evaluate(load(run, device="cpu"), pairs_file=tmp_path / "pairs.csv", pairs_root=folder, workers=0, metrics=["roc_auc"])
+    evaluated = result.provenance
+    assert evaluated["pairs"] == str(tmp_path / "pairs.csv") and evaluated["images"] == 3 and evaluated["classes"] is None
+    assert evaluated["training_classes_evaluated"] is None and json.loads(json.dumps(evaluated)) == evaluated  # plain JSON values
+
+
+def test_the_checkpoint_option_names_what_the_model_module_knows():
+    """The CLI writes the choices out (importing mltk.model would import torch into `mltk --help`)."""
+    from mltk.cli.options import CheckpointKind
+    from mltk.model import CHECKPOINTS
+
+    assert [kind.value for kind in CheckpointKind] == list(CHECKPOINTS)

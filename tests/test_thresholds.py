@@ -72,6 +72,20 @@ def test_thresholds_json_is_read_back_and_checked_whole(tmp_path):
         thresholds.read(tmp_path / "thresholds.json")
 
 
+def test_thresholds_json_carries_what_it_was_evaluated_on_and_older_files_are_read_as_they_are(tmp_path):
+    evaluated = {"data": "faces", "classes_filter": ["s2?"], "data_fingerprint": "sha256:ab", "classes": 10, "checkpoint_epoch": 3}
+    cal = pair_calibration([0.9, 0.1, 0.8, 0.2], [True, False, True, False], evaluated=evaluated)
+    thresholds.write(cal, tmp_path / "thresholds.json")
+    assert thresholds.read(tmp_path).evaluated == evaluated
+    older = {k: v for k, v in json.loads((tmp_path / "thresholds.json").read_text()).items() if k != "evaluated"}
+    (tmp_path / "thresholds.json").write_text(json.dumps(older))  # as mltk wrote it before it recorded the provenance
+    read = thresholds.read(tmp_path)
+    assert read.evaluated is None and read.points == cal.points
+    (tmp_path / "thresholds.json").write_text(json.dumps({**older, "evaluated": "faces"}))
+    with pytest.raises(MltkError, match=r"has evaluated='faces'; expected an object \(what the pairs were\) or null; write it again with `mltk evaluate`"):
+        thresholds.read(tmp_path)
+
+
 @pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("0.1", 0.1), ("EER", "eer")])
 def test_far_is_a_rate_or_eer(text, expected):
     assert thresholds.parse_far(text) == expected
@@ -112,6 +126,34 @@ def test_evaluate_writes_every_operating_point_of_its_pairs(evaluated):
 
     assert cal.model == load(run).fingerprint() and not cal.flip_tta
     assert cal.source.startswith("all pairs of")
+
+
+def test_a_far_too_low_for_the_negatives_is_null_in_metrics_json_and_its_point_stays_unreliable(evaluated):
+    _, _, root = evaluated
+    cal = thresholds.read(root / "eval")
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert cal.negatives == 720  # 40 images of 10 classes: FAR 0.1 allows 72 false accepts, FAR 0.01 only 7.2
+    assert metrics["tar@far=0.1"] is not None and "tar@far=0.1" not in metrics["not_measured"]
+    assert metrics["tar@far=0.01"] is None and metrics["not_measured"]["tar@far=0.01"].startswith("720 negative pairs allow 7.2 false accepts at FAR 0.01")
+    point = cal.at(1e-2)  # thresholds.json keeps every operating point, flagged by the false accepts it rests on
+    assert point.threshold is not None and not point.reliable and point.false_accepts < thresholds.RULE_OF_30
+    assert "balanced_accuracy" in metrics and "accuracy" not in metrics  # all pairs: 92 % of them negatives
+
+
+def test_evaluate_prints_a_dash_and_why_for_a_tar_from_two_negative_pairs(trained_run, tmp_path, mltk_main):
+    run, folder = trained_run
+    rows = [("class_00/0.png", "class_00/1.png", 1), ("class_01/0.png", "class_01/1.png", 1), ("class_02/0.png", "class_02/1.png", 1),
+            ("class_03/0.png", "class_03/1.png", 1), ("class_00/2.png", "class_05/0.png", 0), ("class_01/2.png", "class_06/0.png", 0)]
+    (tmp_path / "pairs.csv").write_text("".join(f"{a},{b},{same}\n" for a, b, same in rows))
+    code, out, err = mltk_main("evaluate", run, "--data", folder, "--pairs", tmp_path / "pairs.csv", "--out", tmp_path / "eval", "--no-report", "--workers", "0")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "│" in line and ("1e-4" in line or "0.0001" in line)]  # the table's TAR@FAR=1e-4
+    assert rows and all("–" in row and "1.0000" not in row for row in rows), out
+    assert "tar@far=0.0001: – (2 negative pairs allow 0.0002 false accepts at FAR 0.0001" in " ".join(out.split())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["tar@far=0.0001"] is None and "it takes 300,000 negative pairs" in metrics["not_measured"]["tar@far=0.0001"]
+    points = json.loads((tmp_path / "eval" / "thresholds.json").read_text())["points"]
+    assert [p["reliable"] for p in points] == [False] * 5  # two negatives: no point rests on 30 false accepts
 
 
 def test_search_marks_hits_below_the_threshold_as_no_match(evaluated, mltk_main):

@@ -14,7 +14,8 @@ def compare(
 ) -> None:
     """Compare runs: the settings they differ in, train time, images/s, best epoch, and the metrics of each run's latest evaluation.
 
-    The best value of each column is marked; a run not yet evaluated shows – and the command that fills it.
+    The best value of each column is marked; a run not yet evaluated shows – and the command that fills it. Metrics are
+    ranked only between evaluations of the same images, never for one on the run's own training classes.
     """
     from rich import box
     from rich.table import Table
@@ -30,10 +31,11 @@ def compare(
     for column, numeric in zip(grid.columns, table.numeric()):
         column.justify = "right" if numeric else "left"
     for r, row in enumerate(table.cells()):
-        grid.add_row(*(Text(value, style="bold green") if (r, c) in table.best else cell(value) for c, value in enumerate(row)))
+        grid.add_row(*(Text(value, style="bold green") if (r, c) in table.best else cell(value) for c, value in enumerate(row)), style="yellow" if r in table.unranked else None)
     print_wide(grid)  # all of it, even on a narrow terminal
     for text, command in [(cmp.BEST.format(how="in green"), ""), *table.notes]:
-        console.print(Text.assemble((text, "dim"), (command, "bold")), soft_wrap=True)
+        loud = text.startswith(cmp.UNRANKED)  # rows left out of the ranking: said as loudly as the best is marked
+        console.print(Text.assemble((text, "yellow" if loud else "dim"), (command, "bold")), soft_wrap=True)
     if outputs:
         with interrupted_means("nothing was written (a file there earlier is as it was)"):
             cmp.write(table, outputs)

@@ -24,7 +24,19 @@ class IndexKind(str, Enum):
     hnsw = "hnsw"
 
 
+class CheckpointKind(str, Enum):
+    """``mltk.model.CHECKPOINTS``, written out: importing mltk.model would import torch."""
+
+    last = "last"
+    best = "best"
+
+
 Run = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint file.")]
+# Which checkpoint of a run directory: last.pt unless told, in every command, so that a threshold evaluate calibrates holds for what index, export and verify load.
+Checkpoint = Annotated[
+    Optional[CheckpointKind],
+    typer.Option(help="Which checkpoint of the RUN directory: last (last.pt, the default) or best (best.pt, chosen by validation recall@1 on the run's held-out classes)."),
+]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... (default auto: a GPU when there is one).")]
 Workers = Annotated[Optional[int], typer.Option(help="Data-loading processes.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per batch.")]
@@ -51,6 +63,21 @@ def classes_option(what: str) -> Any:
 def out_option(what: str, default: str = "") -> Any:
     """``--out``: ``what`` the command writes there, and what it does to what is there already."""
     return typer.Option(help=f"{what}{_default(default)}.")
+
+
+def log_option(what: str, default: str = "") -> Any:
+    """``--log``: the loggers ``what`` goes to; ``logger_names`` reads what was given."""
+    return typer.Option(
+        help=f"{what}: tensorboard (RUN/tensorboard), mlflow (a plugin), ... (`mltk list loggers`); repeatable or "
+        f"comma-separated; none: no logger{_default(default)}."
+    )
+
+
+def logger_names(values: list[str] | None) -> list[str] | None:
+    """``--log a --log b,c``: the names a, b, c, each once, in order; ``--log none``: none (None: not given)."""
+    if values is None:
+        return None
+    return list(dict.fromkeys(name.strip() for value in values for name in value.split(",") if name.strip() not in ("", "none")))
 
 
 def nprobe_option(default: str) -> Any:
@@ -80,5 +107,5 @@ Calibrate = Annotated[
 ]
 Far = Annotated[
     Optional[str],
-    typer.Option(help="False-accept rate of the threshold: 1e-1, 1e-2, 1e-3 (default), 1e-4, or eer. See docs/thresholds.md."),
+    typer.Option(help="False-accept rate of the threshold (the share of pairs of two identities it accepts): 1e-1, 1e-2, 1e-3 (default), 1e-4, or eer (where false accepts and false rejects are equal)."),
 ]
