@@ -43,7 +43,10 @@ def register_commands(cli):
 
 @hookspec
 def register_loggers(register):
-    """Register loggers for ``--log NAME``: ``register(name, factory)``; factory(config, run_dir) -> an object implementing the run hooks below."""
+    """Register loggers for ``--log NAME``: ``register(name, factory)``; factory(config, run_dir) -> an object implementing the run hooks below.
+
+    ``mltk evaluate`` makes them too, with the evaluated model's config and run directory (None for an untrained backbone,
+    and for a checkpoint outside a run directory)."""
 
 
 # A run's lifecycle, on the process that writes the run directory (rank 0 under torchrun). A hook that raises is
@@ -73,3 +76,13 @@ def validation_embedded(epoch, embeddings, labels, sources, classes):
 @hookspec
 def run_ended(result, error):
     """The run ended: its mltk.train.RunResult; error is the exception that ended it (Ctrl-C: mltk.errors.Interrupted), or None."""
+
+
+# An evaluation, on the process that wrote its folder.
+
+
+@hookspec
+def evaluation_ended(config, run_dir, out, metrics, provenance):
+    """``mltk evaluate`` wrote its folder ``out``: the model's RunConfig and run directory (either None), the metrics as
+    metrics.json holds them (a value that is not a finite number is None), and what was evaluated: mltk.evaluate.EvalResult's
+    provenance (the data and its fingerprint, the checkpoint and its ``checkpoint_epoch``, mltk's version, the time)."""

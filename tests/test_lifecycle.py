@@ -141,7 +141,7 @@ def test_unknown_logger_is_one_line_with_suggestions(images, tmp_path, mltk_cli)
     assert result.returncode == 2
     assert result.stderr == "error: unknown logger 'tensorbord'; did you mean 'tensorboard'?\n"
     assert not (tmp_path / "run").exists()
-    with pytest.raises(UsageError, match=r"unknown logger 'mlflow'; see `mltk list loggers` \(mlflow comes with a plugin: pip install mltk-mlflow"):
+    with pytest.raises(UsageError, match=r"unknown logger 'mlflow'; see `mltk list loggers` \(mlflow comes with a plugin: pip install \./plugins/mltk-mlflow"):
         train(make_config({**TINY, "data": str(images), "log": ["mlflow"]}), tmp_path / "run")
 
 
@@ -174,6 +174,16 @@ def test_tensorboard_event_files_hold_step_and_epoch_scalars_and_the_projector(i
 
     side = Image.open(folder / "sprite.png").size
     assert side[0] == side[1] >= 48 * int(len(rows) ** 0.5)
+    # The run's settings, for TensorBoard's HParams view: a session start (tests/test_evaluate_log.py reads the view itself).
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginEvents
+    from tensorboard.plugins.hparams import metadata
+
+    events = PluginEvents(str(run / "tensorboard"))
+    events.Reload()
+    start = metadata.parse_session_start_info_plugin_data(events.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content)
+    settings = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    assert settings["backbone"] == "test_resnet" and settings["epochs"] == 2 and settings["val_classes"] == 0.3 and settings["augment"] == "False"
+    assert "miner" not in settings  # unset: left out, not 'None'
 
 
 def test_tensorboard_resume_continues_the_curves_and_overwrite_clears_them(images, tmp_path):

@@ -216,8 +216,8 @@ def check_logged(client, run, run_dir):
     steps = [step for step, _ in metric(client, run, "loss")]
     assert len(steps) % 2 == 0 and steps == list(range(1, len(steps) + 1))  # every step of both epochs, in order
     assert {"loss/arcface", "lr", "images_per_s"} <= set(run.data.metrics)
-    assert metric(client, run, "epoch/loss") == pytest.approx([(r["epoch"], r["loss"]) for r in records])
-    assert metric(client, run, "epoch/val_recall_at_1") == pytest.approx([(r["epoch"], r["val_recall@1"]) for r in records])
+    for name, field in (("epoch/loss", "loss"), ("epoch/val_recall_at_1", "val_recall@1")):  # pytest 9.2's approx takes no tuples in a list
+        assert metric(client, run, name) == [(r["epoch"], pytest.approx(r[field])) for r in records], name
     assert artifacts(client, run) == ["best.pt", "config.yaml", "metrics.jsonl"]  # no last.pt
 
 
@@ -226,6 +226,70 @@ def test_a_real_run_is_logged(mlflow_plugin, store, images, tmp_path):
     train(tiny_config(images, epochs=2, val_classes=0.3), tmp_path / "run", on_warning=warnings.append)
     assert warnings == []  # a logger that raised would be a warning, and left out
     check_logged(store, only_run(store), tmp_path / "run")
+
+
+def evaluation_of(folder):
+    """metrics.json's metric values (its numbers) and what it says was evaluated."""
+    data = json.loads((folder / "metrics.json").read_text())
+    return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, data["evaluated"]
+
+
+def test_each_evaluation_is_an_mlflow_run_nested_under_its_runs_with_what_it_measured(mlflow_plugin, store, images, tmp_path, mltk_main):
+    from mltk_mlflow.logger import key
+
+    run = tmp_path / "run"
+    train(tiny_config(images, val_classes=0.3), run)  # logged to MLflow: evaluations follow it there
+    assert mltk_main("evaluate", run, "--no-report")[0] == 0  # the run's own loggers
+    assert mltk_main("evaluate", run, "--data", images, "--classes", "class_0[0-4]", "--out", tmp_path / "seen", "--no-report", "--log", "mlflow")[0] == 0
+    assert mltk_main("evaluate", "--backbone", "test_resnet", "--image-size", "32", "--data", images, "--out", tmp_path / "frozen", "--no-report", "--log", "mlflow")[0] == 0
+
+    experiment = store.get_experiment_by_name("mltk").experiment_id
+    runs = {r.info.run_name: r for r in store.search_runs([experiment])}
+    assert set(runs) == {"run", "run/eval", "run/seen", "frozen"}
+    trained = runs["run"]
+    assert not any(name.startswith("eval/") for name in trained.data.metrics)  # the run's own record is as training left it
+    for name, folder in (("run/eval", run / "eval"), ("run/seen", tmp_path / "seen"), ("frozen", tmp_path / "frozen")):
+        logged = runs[name]
+        metrics, evaluated = evaluation_of(folder)
+        assert logged.info.status == "FINISHED" and logged.data.tags["mltk.evaluation"] == str(folder)
+        assert {k for k in logged.data.metrics if k.startswith("eval/")} == {"eval/" + key(k) for k in metrics}
+        for k, value in metrics.items():  # each value as metrics.json has it, at the checkpoint's epoch
+            assert metric(store, logged, "eval/" + key(k)) == [(evaluated["checkpoint_epoch"] or 0, value)], k
+        assert {k: logged.data.params["eval." + k] for k in evaluated} == {k: str(v) for k, v in evaluated.items()}  # what it measured
+        assert artifacts(store, logged) == ["metrics.json", "thresholds.json"]
+    for name in ("run/eval", "run/seen"):  # children of the run's MLflow run, with its settings to compare them by
+        assert runs[name].data.tags["mlflow.parentRunId"] == trained.info.run_id and runs[name].data.tags["mltk.evaluated_run"] == str(run)
+        assert runs[name].data.params["backbone"] == "test_resnet" and runs[name].data.params["dim"] == "16"
+    assert runs["run/eval"].data.params["eval.checkpoint"] == str(run / "last.pt") and runs["run/eval"].data.params["eval.checkpoint_epoch"] == "1"
+    assert runs["run/eval"].data.params["eval.training_classes_evaluated"] == "0" != runs["run/seen"].data.params["eval.training_classes_evaluated"]
+    frozen = runs["frozen"]
+    assert "mlflow.parentRunId" not in frozen.data.tags and "mltk.evaluated_run" not in frozen.data.tags and "backbone" not in frozen.data.params
+
+
+def test_mlflows_info_lines_and_run_urls_are_quiet_unless_asked_for(mlflow_plugin, tmp_path, monkeypatch, capsys):
+    import logging
+
+    mlflow_log, said = logging.getLogger("mlflow"), logging.getLogger("mlflow.store.db.utils")
+    level = mlflow_log.level
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "")  # restored after the test
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    monkeypatch.chdir(tmp_path)
+    try:
+        create_logger("mlflow", tiny_config(), tmp_path / "run").connect()  # a new ./mlruns: MLflow makes its tables, saying so at INFO
+        said.info("an INFO line")
+        said.warning("a warning")
+        err = capsys.readouterr().err
+        assert "INFO" not in err and "Creating initial MLflow database tables" not in err and "WARNING mlflow.store.db.utils: a warning" in err, err
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # no "View run ... at: URL" on stdout (a server's)
+        monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "INFO")  # the user's choice stands
+        mlflow_log.setLevel(logging.INFO)  # as MLflow sets it when imported
+        create_logger("mlflow", tiny_config(), tmp_path / "run")
+        said.info("an INFO line")
+        assert "INFO mlflow.store.db.utils: an INFO line" in capsys.readouterr().err
+    finally:
+        mlflow_log.setLevel(level)
 
 
 def closed_port() -> int:
@@ -342,7 +406,8 @@ def test_mltk_run_logs_to_an_mlflow_server(mlflow_site, mlflow_server, images, t
         *(f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 2}.items()), env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "warning" not in result.stderr, result.stderr
+    assert "warning" not in result.stderr and "INFO" not in result.stderr, result.stderr
+    assert "View run" not in result.stdout and "mlflow" not in result.stdout.split("run directory:")[0], result.stdout  # MLflow printed nothing into mltk's output
     client = MlflowClient(tracking_uri=mlflow_server)
     run = only_run(client, "served")
     check_logged(client, run, tmp_path / "run")

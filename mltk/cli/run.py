@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mltk.cli.options import BatchSize, Device, Pretrained, Workers, classes_option, data_option, out_option
+from mltk.cli.options import BatchSize, Device, Pretrained, Workers, classes_option, data_option, log_option, logger_names, out_option
 from mltk.errors import Interrupted, MltkError
 
 
@@ -41,7 +41,7 @@ def run(
     device: Device = None,
     out: Annotated[Optional[Path], out_option("Run directory; one that already holds a run needs --resume or --overwrite", "a new runs/<time>")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config; options given here override it.")] = None,
-    log: Annotated[Optional[list[str]], typer.Option(help="Follow the run in a logger: tensorboard (RUN/tensorboard), mlflow (plugin), ...; repeatable or comma-separated (`mltk list loggers`).")] = None,
+    log: Annotated[Optional[list[str]], log_option("Loggers that follow the run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no line per epoch: warnings and the summary only.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt, with its settings (only --epochs, --workers, --in-memory, --device, --log, --early-stop may change).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out over: deletes its config.yaml, metrics.jsonl, last.pt, best.pt, skipped_images.txt and tensorboard/, nothing else.")] = False,
@@ -60,7 +60,7 @@ def run(
         data=data, data_classes=classes, val_data=val_data, val_classes=val_classes, backbone=backbone, loss=loss, dim=dim, miner=miner, augment=augment,
         epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, lr=lr, backbone_lr=backbone_lr, layer_decay=layer_decay, loss_lr=loss_lr, image_size=image_size,
         pretrained=pretrained, weights=weights, freeze_backbone=freeze_backbone, freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, amp=amp,
-        early_stop=early_stop, seed=seed, workers=workers, in_memory=in_memory, device=device, log=split_names(log),
+        early_stop=early_stop, seed=seed, workers=workers, in_memory=in_memory, device=device, log=logger_names(log),
     )
     if resume:
         if out is None or not (out / "last.pt").is_file():
@@ -111,13 +111,6 @@ def run(
             print(exc, file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
     render_summary(result)
-
-
-def split_names(values: list[str] | None) -> list[str] | None:
-    """``--log a --log b,c``: the names a, b, c, each once, in order (None: not given)."""
-    if values is None:
-        return None
-    return list(dict.fromkeys(name.strip() for value in values for name in value.split(",") if name.strip()))
 
 
 def render_summary(result) -> None:

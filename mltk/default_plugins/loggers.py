@@ -4,6 +4,10 @@ Scalars: each step's loss terms, learning rate and images/s under ``step/``; eac
 under ``epoch/``. Both are plotted against the training step (epoch k ends at step k x steps per epoch), so a
 resumed run continues the same curves: the steps of the epoch it redoes are purged. At the end of the run,
 the last validation embeddings go to TensorBoard's projector with each image's class and thumbnail.
+
+``mltk evaluate`` adds its metrics under ``eval/``, at the evaluated checkpoint's epoch. The run's settings go to
+TensorBoard's HParams view (a session start in the same folder, no experiment summary: TensorBoard then gathers
+the settings of every run under its --logdir and shows each against its last scalars, eval/ and epoch/ ones).
 """
 
 from pathlib import Path
@@ -26,13 +30,14 @@ class TensorBoardLogger:
         except ImportError:
             from mltk.errors import UsageError
 
-            raise UsageError("--log tensorboard needs the tensorboard package: pip install 'mltk[tensorboard]'") from None
+            raise UsageError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.writer = None
         self.folder: Path | None = None
         self.done_epochs = 0  # what the run directory held at the start (a resumed run's epochs)
         self.steps = 0  # steps per epoch, known at the first step
         self.projection = None  # (epoch, embeddings, labels, sources, classes) of the last validation, sampled
         self.config_text = ""
+        self.config = None
 
     def open(self, steps: int):
         """The writer, made at the first thing to write: a resume purges the steps after its checkpoint."""
@@ -42,6 +47,8 @@ class TensorBoardLogger:
             self.steps = steps
             purge = self.done_epochs * steps + 1 if self.done_epochs and steps else None
             self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge)
+            if self.config is not None:
+                _write_hparams(self.writer, self.config)
         return self.writer
 
     @mltk.hookimpl
@@ -52,6 +59,7 @@ class TensorBoardLogger:
 
         self.folder = Path(run_dir) / "tensorboard"
         self.done_epochs = _epochs_done(Path(run_dir))
+        self.config = config
         self.config_text = "\n".join("    " + line for line in yaml.safe_dump(to_dict(config), sort_keys=False).splitlines())  # a code block: shown as text
 
     @mltk.hookimpl
@@ -91,6 +99,48 @@ class TensorBoardLogger:
                 )
         finally:
             writer.close()
+
+    @mltk.hookimpl
+    def evaluation_ended(self, config, run_dir, out, metrics, provenance):
+        """The metrics under eval/ in the run's own RUN/tensorboard, beside its curves and with its settings (a model
+        from no run directory: OUT/tensorboard; an untrained backbone has no settings to show)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        epoch = provenance.get("checkpoint_epoch")
+        step = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
+        writer = SummaryWriter(log_dir=str(Path(run_dir if run_dir is not None else out) / "tensorboard"))
+        try:
+            if config is not None:
+                _write_hparams(writer, config)
+            for name, value in metrics.items():
+                if _number(value):
+                    writer.add_scalar(f"eval/{name}", value, step)
+        finally:
+            writer.close()
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _write_hparams(writer, config) -> None:
+    """The run's settings as a session start of TensorBoard's HParams view: one per leaf of the config (nested options
+    as dotted names), numbers as numbers and the rest as text (True and False too: torch's writer would make them 1 and 0),
+    unset ones left out. TensorBoard keeps the first a folder holds: a later one changes nothing."""
+    from torch.utils.tensorboard.summary import hparams
+
+    from mltk.config import to_dict
+
+    def leaves(value, prefix=""):
+        if isinstance(value, dict) and value:
+            for name, item in value.items():
+                yield from leaves(item, f"{prefix}{name}.")
+        else:
+            yield prefix[:-1], value
+
+    settings = {name: value if _number(value) else str(value) for name, value in leaves(to_dict(config)) if value is not None}
+    _, session_start, _ = hparams(settings, {})  # no experiment summary: TensorBoard would take one run's for all
+    writer.file_writer.add_summary(session_start)
 
 
 def _epochs_done(run_dir: Path) -> int:

@@ -1,6 +1,7 @@
 """One mltk run as one MLflow run, through an explicit MlflowClient: params when it starts, metrics as they come,
-the run directory's files when it ends."""
+the run directory's files when it ends. One mltk evaluation as one MLflow run too, nested under its run's."""
 
+import logging
 import os
 import re
 import socket
@@ -18,10 +19,13 @@ FLUSH_STEPS, FLUSH_SECONDS = 50, 10.0  # step metrics go in one log_batch call p
 MAX_BATCH_PARAMS, MAX_BATCH_METRICS = 100, 1000  # MLflow's log_batch limits
 MAX_PARAM = 500  # what every MLflow server takes (6000 since MLflow 2.8); config.yaml, an artifact, keeps the whole value
 LEFT_OUT = {"last.pt"}  # the resumable checkpoint: optimiser state included, about 3x best.pt
+EVAL_LEFT_OUT = {"embeddings.npy", "labels.npy", "paths.txt"}  # --save-embeddings: the size of the data set
 #: MLflow's HTTP retries and timeout where the user set none: its own (7 retries, 120 s) wait over 4 minutes on a server
 #: that is down; these, about a minute at most
 BOUNDED = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 CONNECT_SECONDS = 5.0  # to reach the tracking server before the run starts
+#: MLflow prints a run's URL on stdout when it ends, into mltk's own output; off unless the user set it
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def tracking_uri() -> tuple[str, str | None]:
@@ -40,6 +44,15 @@ def bound_requests() -> None:
     """MLflow's retries and timeout bounded (``BOUNDED``), unless the user set them."""
     for name, value in BOUNDED.items():
         os.environ.setdefault(name, value)
+
+
+def quiet_logs() -> None:
+    """MLflow's INFO lines (a new database's tables, ...) and run URLs off, unless the user set MLFLOW_LOGGING_LEVEL or
+    ``QUIET``'s variable: they would print into mltk's progress display. Its warnings and errors still show."""
+    for name, value in QUIET.items():
+        os.environ.setdefault(name, value)
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def check_server(uri: str) -> None:
@@ -80,7 +93,7 @@ def flatten(value, prefix: str = ""):
         yield prefix[:-1], value
 
 
-def metrics(values: dict, step: int, prefix: str = "") -> list:
+def metric_entities(values: dict, step: int, prefix: str = "") -> list:
     """MLflow Metric entities for the numbers in ``values``, at ``step``, named ``prefix + key(name)``."""
     from mlflow.entities import Metric
 
@@ -111,36 +124,89 @@ def experiment_id(client, name: str, artifact_location: str | None) -> str:
     return found.experiment_id
 
 
+def quoted(text: str) -> str | None:
+    """``text`` as a string of MLflow's search filter, in the quotes it does not hold; None when it holds both (the
+    filter has no escapes)."""
+    return next((q + text + q for q in "'\"" if q not in text), None)
+
+
+def training_run(client, experiment: str, run_dir: Path) -> str | None:
+    """The id of the MLflow run of the mltk run in ``run_dir`` (its ``mltk.run_dir`` tag), the latest when the run was
+    resumed; None when it was not logged to this experiment, or its path cannot be searched for."""
+    value = quoted(str(run_dir))
+    if value is None:
+        return None
+    found = client.search_runs([experiment], filter_string=f"tags.`mltk.run_dir` = {value}", order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
 class MlflowLogger:
-    """Implements mltk's run hooks for one run; mltk calls them on the process that writes the run directory."""
+    """Implements mltk's run hooks for one run, or evaluation_ended for one evaluation; mltk calls them on the process
+    that writes the run directory (the evaluation folder)."""
 
     def __init__(self):
-        self.client = self.run_id = self.run_dir = None  # all set when the run starts
+        self.client = self.run_id = self.run_dir = None  # all set when the run starts (run_dir: not for an evaluation)
         self.pending, self.pending_steps, self.sent_at = [], 0, time.monotonic()
+
+    def connect(self) -> str:
+        """The client of the tracking store, and the id of the experiment to log to."""
+        from mlflow import MlflowClient
+
+        uri, artifact_location = tracking_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        return experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT, artifact_location)
 
     @mltk.hookimpl
     def run_started(self, config, run_dir):
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
-
         from mltk.config import to_dict
 
         self.run_dir = Path(run_dir).resolve()
-        uri, artifact_location = tracking_uri()
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment = experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT, artifact_location)
+        experiment = self.connect()
         tags = {"mltk.version": mltk.__version__, "mltk.run_dir": str(self.run_dir)}
         self.run_id = self.client.create_run(experiment, run_name=self.run_dir.name, tags=tags).info.run_id
-        params = [Param(name, str(value)[:MAX_PARAM]) for name, value in {key(k): v for k, v in flatten(to_dict(config))}.items()]
         with self.failing():
-            for i in range(0, len(params), MAX_BATCH_PARAMS):
-                self.client.log_batch(self.run_id, params=params[i : i + MAX_BATCH_PARAMS])
+            self.log_params(flatten(to_dict(config)))
+
+    @mltk.hookimpl
+    def evaluation_ended(self, config, run_dir, out, metrics, provenance):
+        """The evaluation as an MLflow run of its own, a child of its run's MLflow run when there is one: each evaluation
+        keeps what it was measured on (``eval.*`` params) beside its metrics (``eval/*``), so that evaluations of one run
+        on different data never share a metric's history. Params: the run's settings too, to compare evaluations by."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        from mltk.config import to_dict
+
+        out = Path(out).resolve()
+        experiment = self.connect()
+        tags = {"mltk.version": mltk.__version__, "mltk.evaluation": str(out)}
+        if run_dir is not None:
+            run_dir = Path(run_dir).resolve()
+            tags["mltk.evaluated_run"] = str(run_dir)  # not mltk.run_dir: that tag finds the run's own MLflow run
+            if (parent := training_run(self.client, experiment, run_dir)) is not None:
+                tags[MLFLOW_PARENT_RUN_ID] = parent
+        name = f"{run_dir.name}/{out.name}" if run_dir is not None else out.name
+        self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
+        epoch = provenance.get("checkpoint_epoch")
+        with self.failing():
+            self.log_params([*(flatten(to_dict(config)) if config is not None else ()), *(flatten(provenance, "eval.") if provenance else ())])
+            self.flush(metric_entities(metrics, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0, "eval/"))
+            self.log_files(out, EVAL_LEFT_OUT)
+            self.client.set_terminated(self.run_id, "FINISHED")
+        self.run_id = None
+
+    def log_params(self, items) -> None:
+        """(name, value) pairs as params, in as few log_batch calls as MLflow allows."""
+        from mlflow.entities import Param
+
+        params = [Param(name, str(value)[:MAX_PARAM]) for name, value in {key(k): v for k, v in items}.items()]
+        for i in range(0, len(params), MAX_BATCH_PARAMS):
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_BATCH_PARAMS])
 
     @mltk.hookimpl
     def step_logged(self, epoch, step, steps, logs):
         if self.run_id is None:
             return
-        self.pending += metrics(logs, step=(epoch - 1) * steps + step)
+        self.pending += metric_entities(logs, step=(epoch - 1) * steps + step)
         self.pending_steps += 1
         if self.pending_steps >= FLUSH_STEPS or time.monotonic() - self.sent_at >= FLUSH_SECONDS:
             with self.failing():
@@ -150,7 +216,7 @@ class MlflowLogger:
     def epoch_ended(self, record, run_dir):
         if self.run_id is not None:
             with self.failing():
-                self.flush(metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"], prefix="epoch/"))
+                self.flush(metric_entities({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"], prefix="epoch/"))
 
     @mltk.hookimpl(trylast=True)  # after the other loggers' run_ended: what they write at the end (a projector) is uploaded too
     def run_ended(self, result, error):
@@ -158,10 +224,10 @@ class MlflowLogger:
             return
         try:
             best = getattr(result, "best", None) or {}  # the best epoch: a column to sort runs by in MLflow's UI
-            self.flush(metrics({"epoch": best["epoch"], "score": best["score"]}, best["epoch"], "best/") if "epoch" in best else ())
+            self.flush(metric_entities({"epoch": best["epoch"], "score": best["score"]}, best["epoch"], "best/") if "epoch" in best else ())
             if "by" in best:
                 self.client.set_tag(self.run_id, "mltk.best_by", str(best["by"]))
-            self.log_files()
+            self.log_files(self.run_dir, LEFT_OUT)
         finally:
             self.client.set_terminated(self.run_id, status(error))
             self.run_id = None
@@ -184,10 +250,10 @@ class MlflowLogger:
         for i in range(0, len(batch), MAX_BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
 
-    def log_files(self) -> None:
-        """The run directory's files and folders as artifacts, but last.pt and hidden temporary files."""
-        for path in sorted(self.run_dir.iterdir()) if self.run_dir.is_dir() else []:
-            if path.name in LEFT_OUT or path.name.startswith(".") or path.is_symlink():
+    def log_files(self, folder: Path, left_out: set[str]) -> None:
+        """The folder's files and folders as artifacts, but those ``left_out`` and hidden temporary files."""
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name in left_out or path.name.startswith(".") or path.is_symlink():
                 continue
             if path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
