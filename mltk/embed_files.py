@@ -14,12 +14,8 @@ wrote the folder, the only kind of folder it replaces.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +23,7 @@ import numpy as np
 
 from mltk.errors import MltkError, UsageError
 from mltk.index import image_paths, read_meta, some_of
-from mltk.outputs import aside, check_dir, check_replaceable, disk_error, stale_temporaries, temporary
+from mltk.outputs import check_dir, check_replaceable, replace_folder
 
 FORMAT = "mltk-embeddings-1"
 WRITTEN = ("embeddings.npy", "paths.txt", "meta.json", "skipped_images.txt")  # all that a folder of ``mltk embed`` holds
@@ -101,7 +97,8 @@ def write_embeddings(
     skipped: list = []
     data = readable(data, skipped)
     paths = image_paths(data)  # a path with a line break is refused before any embedding
-    with _written_whole(out, given) as tmp:
+    recheck = lambda: check_replaceable(given, mine=lambda _: _not_only_embeddings(out), advice="give a new or empty folder")  # noqa: E731  (files put there meanwhile are the user's)
+    with replace_folder(out, f"embeddings folder {given!r}", "nothing there was changed", recheck=recheck) as tmp:
         vectors = embed(model, data, batch_size, workers, progress=progress, out=tmp / "embeddings.npy")
         (tmp / "paths.txt").write_text("".join(p + "\n" for p in paths), encoding="utf-8", errors="surrogateescape")
         if skipped:
@@ -114,37 +111,3 @@ def write_embeddings(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         del vectors  # the memmap: closed before the folder moves
     return Embedded(out, np.load(out / "embeddings.npy", mmap_mode="r"), paths, meta), skipped
-
-
-@contextmanager
-def _written_whole(out: Path, given: str):
-    """A hidden sibling of ``out`` to write into, renamed to ``out`` when the block ends (an earlier folder there is
-    moved aside, then removed). If the block fails, the sibling and the folders made for it are removed, and ``out``
-    is as it was; a full disk is one line saying so."""
-    for stale in stale_temporaries(out.parent, out.name):  # what a killed `mltk embed` left
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    made = [p for p in out.parents if not p.exists()]  # removed again if nothing comes of it
-    tmp = temporary(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        yield tmp
-        check_replaceable(given, mine=lambda _: _not_only_embeddings(out), advice="give a new or empty folder")  # files put there meanwhile are the user's
-        old = aside(out)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # the deepest first; one that holds something now is kept
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_error(exc, f"embeddings folder {given!r}", "nothing there was changed") from None
-        raise

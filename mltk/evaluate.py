@@ -3,12 +3,9 @@
 import hashlib
 import json
 import os
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -16,7 +13,7 @@ from mltk.data import LabelledImages, drop_unreadable, load_data, merge, readabl
 from mltk.embedding import Progress, embed
 from mltk.errors import MltkError, UsageError
 from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
-from mltk.outputs import aside, check_dir, check_replaceable, disk_error, stale_temporaries, temporary
+from mltk.outputs import check_dir, check_replaceable, disk_error, replace_folder
 from mltk.rerank import create as create_reranker
 from mltk.thresholds import Calibration
 
@@ -383,51 +380,13 @@ def _own_temporary(name: str) -> bool:
     return name.startswith(".") and any(name.startswith(f".{output}.tmp") for output in OUTPUTS)
 
 
-@contextmanager
 def output_folder(out: Path):
-    """A hidden sibling of ``out`` to write the outputs into, renamed to ``out`` when the block ends.
-
-    An earlier evaluation in ``out`` is replaced as a whole, so the folder always holds the files of
-    one evaluation, all of them; if the block fails or is interrupted, the sibling and any folder made
-    for it are removed and ``out`` stays as it was. Check ``out`` with ``check_out`` first.
+    """A hidden sibling of ``out`` to write the outputs into, renamed to ``out`` when the block ends
+    (``outputs.replace_folder``): an earlier evaluation there is replaced as a whole, so the folder always holds the
+    files of one evaluation, all of them; if the block fails or is interrupted, ``out`` stays as it was. Check
+    ``out`` with ``check_out`` first; it is checked again before the swap (files put there meanwhile are the user's).
     """
-    out = Path(out).resolve()  # a link to a folder: the folder is replaced, the link stays
-    for stale in stale_temporaries(out.parent, out.name):  # what a killed evaluation left
-        shutil.rmtree(stale, ignore_errors=True)
-    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the first folder mltk creates
-    tmp = temporary(out)
-    try:
-        _writing(lambda: tmp.mkdir(parents=True), out)
-        yield tmp
-        check_out(out)  # again: files put into ``out`` while the evaluation ran are the user's, not to be replaced
-        _writing(lambda: _swap_in(tmp, out), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made is not None and made != out:
-            shutil.rmtree(made, ignore_errors=True)
-        raise
-
-
-def _writing(step: Callable[[], None], out: Path) -> None:
-    """``step()``; an OSError (a full disk, no permission) is one line saying that ``out`` is as it was."""
-    try:
-        step()
-    except OSError as exc:
-        raise disk_error(exc, f"the evaluation to {str(out)!r}", "nothing was written") from None
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after."""
-    old = aside(out)
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return replace_folder(out, f"the evaluation to {str(out)!r}", "nothing was written", recheck=lambda: check_out(out))
 
 
 def json_value(value):

@@ -20,7 +20,7 @@ from typing import Callable
 from urllib.error import URLError
 
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import aside, check_dir, check_replaceable, disk_error, stale_temporaries, temporary
+from mltk.outputs import check_dir, check_replaceable, replace_folder, writing
 
 #: at the folder's root (files there are not classes): what ``mltk data fetch`` wrote, from where, under which terms
 MARK = "fetched.json"
@@ -137,14 +137,8 @@ def fetch(name: str, out: str | Path | None = None) -> Fetched:
     if found.fetch is None:
         raise MltkError(f"mltk cannot download {name} ({found.title}): bring your own from {found.page}, then give {found.read_as}")
     out = check_out(name, out)
-    target = out.resolve()  # a link to a folder: the folder is replaced, the link stays
-    for stale in stale_temporaries(target.parent, target.name):  # what a killed fetch left
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = temporary(target)
-    made = next((p for p in reversed([target, *target.parents]) if not p.exists()), None)  # the first folder mltk makes
     kept = f"nothing was written to {str(out)!r}"
-    try:
-        tmp.mkdir(parents=True)
+    with replace_folder(out, f"{name} to {str(out)!r}", kept, recheck=lambda: check_out(name, out)) as tmp, writing(f"{name} to {str(out)!r}", kept):
         try:
             url = found.fetch(tmp)
         except (URLError, ConnectionError, TimeoutError) as exc:  # no network, a name that does not resolve, an HTTP error
@@ -156,27 +150,4 @@ def fetch(name: str, out: str | Path | None = None) -> Fetched:
             "terms": found.terms, "classes": classes, "images": images, "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MARK).write_text(json.dumps(mark, indent=1) + "\n")
-        check_out(name, out)  # again: what was put there meanwhile is the user's, not to be replaced
-        _swap_in(tmp, target)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made is not None and made != target:
-            shutil.rmtree(made, ignore_errors=True)
-        if isinstance(exc, OSError):  # a full disk, no permission
-            raise disk_error(exc, f"{name} to {str(out)!r}", kept) from None
-        raise
     return Fetched(name, out, url, len(classes), images, found.terms)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after."""
-    old = aside(out)
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -8,12 +8,10 @@ indexed with classes.json ``[]`` and every label -1; its search hits have no cla
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import reprlib
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 
 from mltk.errors import MltkError, UsageError
 from mltk.knn import KINDS, Progress, build, check_options, configure, kind_of, neighbours, search, settings  # noqa: F401  (build, search: mltk.index's names since the start)
-from mltk.outputs import aside, check_dir, check_replaceable, disk_error, stale_temporaries, temporary
+from mltk.outputs import check_dir, check_replaceable, replace_folder
 from mltk.thresholds import Calibration, OperatingPoint
 
 FORMAT = "mltk-index-1"
@@ -179,13 +177,7 @@ def write_index_dir(
         from mltk.calibrate import resolve
 
         calibration = resolve(model, calibrate, far, batch_size=batch_size, workers=workers, progress=progress)
-    _remove_stale(out)
-    made = [p for p in out.parents if not p.exists()]  # removed again if no index comes of it
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with replace_folder(out, f"index directory {given!r}", "nothing there was changed", recheck=lambda: _check_replaceable(out, given)) as tmp:
         vectors = embed(model, data, batch_size, workers, progress=progress, out=tmp / "embeddings.npy")
         index = build(vectors, kind, progress=progress, **options)
         faiss.write_index(index, str(tmp / "index.faiss"))
@@ -206,17 +198,6 @@ def write_index_dir(
             meta.update(calibration=calibration[0].to_json(), operating_point=calibration[1].name)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         del vectors  # the memmap: closed before the folder moves
-        _swap_in(tmp, out, given)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # the deepest first; one that holds something now is kept
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_error(exc, f"index directory {given!r}", "nothing there was changed") from None
-        raise
     return IndexDir(out, index, paths, np.asarray(data.labels, np.int64), list(data.classes), meta), skipped
 
 
@@ -227,28 +208,6 @@ def image_paths(data) -> list[str]:
     if broken is not None:
         raise MltkError(f"image {broken!r} has a line break in its path, and paths.txt holds one path a line; rename it")
     return paths
-
-
-def _remove_stale(out: Path) -> None:
-    """What killed runs writing ``out`` left beside it: ``.NAME.tmp-PID`` and ``.NAME.old-PID`` of processes that are gone."""
-    for stale in stale_temporaries(out.parent, out.name):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def _swap_in(tmp: Path, out: Path, given: str) -> None:
-    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after.
-
-    ``out`` is checked again first: files put there while the index was built are not removed with it.
-    """
-    _check_replaceable(out, given)
-    old = aside(out)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def open_index_dir(path: str | Path) -> IndexDir:

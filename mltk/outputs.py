@@ -10,6 +10,7 @@ the end. ``stale_temporaries`` finds what a killed process left behind, so a lat
 import errno
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,3 +158,68 @@ def writing(name: str, kept: str):
         yield
     except OSError as exc:
         raise disk_error(exc, name, kept) from None
+
+
+@contextmanager
+def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[], None] | None = None):
+    """A hidden sibling of ``out`` (``.NAME.tmp-PID``) to write a whole folder into, renamed to ``out`` when the block ends.
+
+    The one way mltk writes a folder whole (evaluate, index, embed, data fetch). What killed processes left beside
+    ``out`` is removed first. ``recheck()`` runs just before the swap: files a user put into ``out`` meanwhile are
+    theirs, and it refuses. An earlier ``out`` is moved aside, renamed over, then removed (put back if the rename
+    fails); a link to a folder stays a link, its folder is replaced. If the block fails or is interrupted, the sibling
+    and the folders made for it go, and ``out`` is as it was. A full disk in the block, and any OSError while the
+    folder is made or swapped in, is one line: ``disk_error(exc, writing, kept)``.
+    """
+    out = Path(out).resolve()
+    for stale in stale_temporaries(out.parent, out.name):
+        _remove(stale)
+    made = [p for p in out.parents if not p.exists()]  # the deepest first: removed again if nothing comes of it
+    tmp = temporary(out)
+    try:
+        _step(lambda: tmp.mkdir(parents=True), writing, kept)
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_error(exc, writing, kept) from None
+            raise
+        if recheck is not None:
+            recheck()
+        _step(lambda: _swap_in(tmp, out), writing, kept)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # one that holds something now is kept
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _step(step: Callable[[], None], writing: str, kept: str) -> None:
+    try:
+        step()
+    except OSError as exc:
+        raise disk_error(exc, writing, kept) from None
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after (put back if the rename fails)."""
+    old = aside(out)
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -84,7 +84,6 @@ def search(
     """The gallery images nearest to each query image, with their cosine similarity; "no match" below the index's
     calibrated threshold (`mltk index --calibrate`)."""
     from rich.table import Table
-    from rich.text import Text
 
     from mltk.cli.output import cell, console
     from mltk.index import search_images
