@@ -28,7 +28,7 @@ def test_the_readme_s_first_commands_end_in_a_report_as_written(tmp_path):
 
 def test_the_walk_starts_with_the_install_line_and_ends_with_the_tests():
     block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1].splitlines()
-    assert block[0].startswith("pip install '.[dev]'") and block[-1].startswith("pytest")
+    assert block[0].startswith("pip install -c constraints.txt '.[dev]'") and block[-1].startswith("pytest")
 
 
 def texts(*patterns: str) -> list[Path]:
