@@ -1,6 +1,6 @@
 """The blockwise pass's per-block work in torch ops, on the device that holds the block.
 
-``mltk.metrics`` computes every block of similarities ``S = q[r0:r1] @ g[c0:c1].T`` and hands it to numba kernels
+``mltk.allpairs`` computes every block of similarities ``S = q[r0:r1] @ g[c0:c1].T`` and hands it to numba kernels
 on the CPU: the kNN heaps (``rows``, ``cols``, ``sort_heaps``), the pair histogram (``count``) and the pass that
 splits heavy bins (``recount``). On a GPU that copies every block to the host (2 TB at N = 1,000,000) and
 histograms 5e11 scores on a few CPU cores. The consumers here do the same work where the block is, with torch
@@ -244,7 +244,7 @@ class BlockConsumer:
 class RecountConsumer:
     """The pass that splits heavy bins (numba's ``recount``), block by block on ``device``.
 
-    The arrays are those ``mltk.metrics._recount`` builds: ``first`` (bins + 1: bin b's ranges are first[b] to
+    The arrays are those ``mltk.allpairs._recount`` builds: ``first`` (bins + 1: bin b's ranges are first[b] to
     first[b + 1]), the ranges of keys [``lo``, ``hi``) sorted by bin then key, each split into ``pieces``
     equal parts numbered from ``offset`` (len(lo) + 1). A pair whose key lies in a range of its own bin is
     counted in fine[same?, piece], and its key kept in low[piece] if lower, high[piece] if higher. Leave-one-out

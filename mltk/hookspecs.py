@@ -23,7 +23,7 @@ def register_miners(register):
 
 @hookspec
 def register_metrics(register):
-    """Register metrics: ``register(name, function)``; see mltk.metrics for the signature."""
+    """Register metrics: ``register(name, function, needs="neighbours" | "pairs")``, needs what it reads (none: both); see mltk.metrics."""
 
 
 @hookspec

@@ -1,9 +1,9 @@
-"""The numba kernels of mltk.metrics' blockwise pass: each consumes a block of similarities on the CPU.
+"""The numba kernels of mltk.allpairs' blockwise pass: each consumes a block of similarities on the CPU.
 
 Each query keeps a heap of its k best (similarity, gallery index) with the worst at the root; "worse" is
 a lower similarity, or an equal one with a higher index, which makes the kept set exactly that of a
 stable sort. The pair histogram counts every pair of a row in one increment (no label test in the hot
-loop) and the pairs of the query's class apart. Imported on first use (mltk.metrics stays light to
+loop) and the pairs of the query's class apart. Imported on first use (mltk.allpairs stays light to
 import); compiled once and cached on disk by numba (``cache=True``: in ``__pycache__`` beside this file,
 or numba's user-wide cache where that is not writable), so only the first evaluation on a machine waits
 for the compiler.
@@ -152,3 +152,29 @@ def recount(S, K, lo, hi_, r0, c0, diagonal, qlab, glab, first, cell_lo, cell_hi
                 fine[1 if glab[c0 + c] == label else 0, p] += 1
                 low[p] = min(low[p], key)
                 high[p] = max(high[p], key)
+
+
+@jit
+def flush(every, same, pending, bins, counts):
+    # a fold's histograms (pending + the threads' every, the threads' same), emptied in one pass: each bin that
+    # holds pairs written to bins[n], its (negative, positive) counts to counts[:, n]; returns n
+    n = 0
+    for b in range(pending.shape[0]):
+        total = pending[b]
+        if total:
+            pending[b] = 0
+        for t in range(every.shape[0]):
+            if every[t, b]:
+                total += every[t, b]
+                every[t, b] = 0
+        if total:
+            positive = 0
+            for t in range(same.shape[0]):
+                if same[t, b]:
+                    positive += same[t, b]
+                    same[t, b] = 0
+            bins[n] = b
+            counts[0, n] = total - positive
+            counts[1, n] = positive
+            n += 1
+    return n

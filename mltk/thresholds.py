@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mltk.errors import MltkError, UsageError
-from mltk.metrics import RULE_OF_30, equal_error
+from mltk.errors import MltkError, UsageError, first_line
+from mltk.roc import RULE_OF_30, equal_error
 
 FORMAT = "mltk-thresholds-1"
 FILE = "thresholds.json"
@@ -85,7 +85,7 @@ def parse_far(text: str) -> float | str:
 
 
 def calibrate(roc, negatives: int, positives: int, model: str, source: str, fars=FARS, flip_tta: bool = False, evaluated: dict | None = None) -> Calibration:
-    """The operating points of a ROC curve (``mltk.metrics.roc_curve``, not thinned: every threshold) at ``fars`` and the EER."""
+    """The operating points of a ROC curve (``mltk.roc.roc_curve``, not thinned: every threshold) at ``fars`` and the EER."""
     points = []
     for far in fars:
         i = int(np.searchsorted(roc.fpr, far, side="right")) - 1  # the last point with FPR <= far: the highest TAR there
@@ -128,7 +128,7 @@ def read(path: str | Path) -> Calibration:
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise _bad(path, f"is not JSON ({(str(exc).splitlines() or [''])[0]})") from None
+        raise _bad(path, f"is not JSON ({first_line(exc, '')})") from None
     return from_json(data, lambda problem: _bad(path, problem))
 
 

@@ -1,6 +1,6 @@
 """mltk.gpu_pass (the blockwise pass in torch ops, for a GPU) against mltk.metrics' numba kernels: identical arrays.
 
-Run on CPU tensors here. Each case drives the consumers with ``mltk.metrics._sweep`` itself (the same blocks, so the
+Run on CPU tensors here. Each case drives the consumers with ``mltk.allpairs._sweep`` itself (the same blocks, so the
 same similarities) and compares with what the numba path gives for the same evaluation.
 """
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mltk import gpu_pass, metrics
-from mltk.metrics import BINS, _WORST, Evaluation, evaluate_embeddings
+from mltk import allpairs, gpu_pass
+from mltk.allpairs import BINS, _WORST
+from mltk.metrics import Evaluation, evaluate_embeddings
 
 SMALL_CHUNK = 2000  # elements: every row, column and tie chunk of a block is cut into many pieces
 
@@ -69,11 +70,11 @@ def on_the_cpu():
 
 
 def sweep(ev, consumer):
-    """Every block of ``metrics._sweep`` to ``consumer``: the same blocks, fold ends and similarities (bit for bit)
+    """Every block of ``allpairs._sweep`` to ``consumer``: the same blocks, fold ends and similarities (bit for bit)
     as ``numba_pass`` gets; a block goes to the consumer's device (on the CPU, a tensor sharing its memory)."""
     consume = lambda S, r0, c0, diagonal, split: consumer.consume(torch.as_tensor(S, device=consumer.device), r0, c0, diagonal)  # noqa: E731
     with on_the_cpu():
-        metrics._sweep(ev, metrics._threads(), consume, consumer.fold_done)
+        allpairs._sweep(ev, allpairs._threads(), consume, consumer.fold_done)
 
 
 def block_consumer(ev, k, knn=True, hist=True, chunk=1 << 25, device="cpu", compile=False):
@@ -86,13 +87,13 @@ def block_consumer(ev, k, knn=True, hist=True, chunk=1 << 25, device="cpu", comp
 def numba_pass(ev, k, knn=True, hist=True):
     """(hv, hi), raw histogram (folds, same?, BINS) of mltk.metrics' numba pass."""
     captured = []
-    original = metrics._resolve
-    metrics._resolve = lambda ev, used, counts: captured.append((used, counts))
+    original = allpairs._resolve
+    allpairs._resolve = lambda ev, used, counts: captured.append((used, counts))
     try:
         with on_the_cpu():
-            heaps, _ = metrics._block_pass(ev, k, knn, hist)
+            heaps, _ = allpairs.block_pass(ev, k, knn, hist)
     finally:
-        metrics._resolve = original
+        allpairs._resolve = original
     by_fold = np.zeros((ev.folds, 2, BINS), np.int64)
     if hist:
         used, counts = captured[0]
@@ -108,11 +109,11 @@ def block_pass_on_device(ev, k, knn, hist):
     sweep(ev, consumer)
     heaps, by_fold = consumer.result()
     used = np.flatnonzero(by_fold.sum(axis=(0, 1)))
-    return heaps, (metrics._resolve(ev, used, by_fold[:, :, used]) if hist else None)
+    return heaps, (allpairs._resolve(ev, used, by_fold[:, :, used]) if hist else None)
 
 
 def recount_on_device(ev, bins, lo, hi, chunk=1 << 23, device="cpu"):
-    pieces = np.minimum(hi - lo, max(2, metrics.SPLIT // len(lo)))
+    pieces = np.minimum(hi - lo, max(2, allpairs.SPLIT // len(lo)))
     offset = np.concatenate([[0], np.cumsum(pieces)])
     first = np.searchsorted(bins, np.arange(BINS + 1))
     consumer = gpu_pass.RecountConsumer(
@@ -164,7 +165,7 @@ def test_lists_do_not_depend_on_the_order_the_blocks_come_in(split):
     (hv, hi), _ = numba_pass(ev, 20, True, False)
     blocks = []
     with on_the_cpu():
-        metrics._sweep(ev, 1, lambda S, r0, c0, diagonal, split: blocks.append((S.copy(), r0, c0, diagonal)))
+        allpairs._sweep(ev, 1, lambda S, r0, c0, diagonal, split: blocks.append((S.copy(), r0, c0, diagonal)))
     consumer = block_consumer(ev, 20, hist=False)
     for S, r0, c0, diagonal in reversed(blocks):
         consumer.consume(torch.from_numpy(S), r0, c0, diagonal)
@@ -205,7 +206,7 @@ def numba_on_block(S, labels, k, monkeypatch):
             fold_done(0)
 
     with monkeypatch.context() as patch:
-        patch.setattr(metrics, "_sweep", one_block)
+        patch.setattr(allpairs, "_sweep", one_block)
         return numba_pass(ev, k)
 
 
@@ -213,7 +214,7 @@ def test_signed_zeros_ties_and_bin_edges_equal_the_numba_kernels(monkeypatch):
     """A hand-made block: -0.0 beside 0.0 (equal, so the index decides), runs of equal values, and scores at every
     kind of bin edge (both sides of bin boundaries, tiny values either side of 0, beyond [-1, 1])."""
     rng = np.random.default_rng(0)
-    edges = metrics._key_value(metrics._first_key(rng.integers(0, BINS, 60)))
+    edges = allpairs._key_value(allpairs._first_key(rng.integers(0, BINS, 60)))
     special = np.array([0.0, -0.0, 2.0**-54, -(2.0**-54), -(2.0**-53), 2.0**-30, -(2.0**-30), 1e-45, -1e-45, 1.0, -1.0, 1.003, -1.003], np.float32)
     values = np.concatenate([edges, np.nextafter(edges, np.float32(-2)), np.nextafter(edges, np.float32(2)), special])
     values = np.concatenate([values, -values, np.zeros(40, np.float32), -np.zeros(40, np.float32), np.full(40, 0.25, np.float32)])
@@ -234,13 +235,13 @@ def test_signed_zeros_ties_and_bin_edges_equal_the_numba_kernels(monkeypatch):
 def test_bins_are_the_kernels_bins_for_every_kind_of_float():
     """``_bin`` against the kernel's formula, in float64 with truncation, on scores at and beside every bin edge."""
     bins = np.concatenate([np.arange(0, BINS + 1, 61), np.arange(BINS // 2 - 100, BINS // 2 + 100), [1, BINS - 1, BINS]])
-    keys = metrics._first_key(bins)
+    keys = allpairs._first_key(bins)
     keys = np.concatenate([keys + d for d in (-2, -1, 0, 1)])
     tiny = np.ldexp(1.0, np.arange(-149, 1)).astype(np.float32)
-    s = np.concatenate([metrics._key_value(keys[np.abs(keys) < 0x7F800000]), tiny, -tiny, np.nextafter(tiny, np.float32(0)), -np.nextafter(tiny, np.float32(0))])
+    s = np.concatenate([allpairs._key_value(keys[np.abs(keys) < 0x7F800000]), tiny, -tiny, np.nextafter(tiny, np.float32(0)), -np.nextafter(tiny, np.float32(0))])
     kernel = np.clip(np.trunc((s.astype(np.float64) + 1.0) * (BINS / 2)), 0, BINS - 1).astype(np.int64)
     got = gpu_pass._bin(torch.from_numpy(s), BINS, gpu_pass._half(BINS, "cpu")).numpy()
-    assert np.array_equal(got, kernel) and np.array_equal(got, metrics._bin_of(s))
+    assert np.array_equal(got, kernel) and np.array_equal(got, allpairs._bin_of(s))
     assert got.dtype == np.int32 and np.isin(np.minimum(bins, BINS - 1), got).all()  # every bin tried, from both sides
 
 
@@ -262,15 +263,15 @@ def test_recount_equals_the_numba_kernel(case, monkeypatch):
     split = {"query": np.arange(0, 150, 4), "gallery": np.setdiff1d(np.arange(150), np.arange(0, 150, 4))} if "query" in case else {}
     ev = Evaluation(x, labels, block=96, **split)
     calls = []
-    original = metrics._recount
+    original = allpairs._recount
 
     def both(ev, bins, lo, hi):
         expected = original(ev, bins, lo, hi)
         calls.append((expected, recount_on_device(ev, bins, lo, hi), recount_on_device(ev, bins, lo, hi, chunk=SMALL_CHUNK)))
         return expected
 
-    monkeypatch.setattr(metrics, "_recount", both)
-    metrics._block_pass(ev, 1, False, True)
+    monkeypatch.setattr(allpairs, "_recount", both)
+    allpairs.block_pass(ev, 1, False, True)
     assert len(calls) >= (1 if case == "quantised" else 2)  # near zero: bins split, then split again
     for expected, got, got_small in calls:
         assert len(expected[0]) > 0
@@ -293,8 +294,8 @@ def test_metrics_are_the_same_through_the_device_pass(case, monkeypatch):
     data, split = END_TO_END[case]
     x, labels = data()
     expected = evaluate_embeddings(x, labels, block=128, **split)
-    monkeypatch.setattr(metrics, "_block_pass", block_pass_on_device)
-    monkeypatch.setattr(metrics, "_recount", recount_on_device)
+    monkeypatch.setattr(allpairs, "block_pass", block_pass_on_device)
+    monkeypatch.setattr(allpairs, "_recount", recount_on_device)
     got = evaluate_embeddings(x, labels, block=128, **split)
     assert got.values == expected.values and "roc_auc" in got.values and "map@r" in got.values
     ours, theirs = got.evaluation.pair_counts(), expected.evaluation.pair_counts()
@@ -322,10 +323,10 @@ def test_on_the_device_lists_histograms_and_recounts_equal_the_numba_kernels(com
         (gv, gi), g_fold = consumer.result()
         assert np.array_equal(gv, hv) and np.array_equal(gi, hi) and np.array_equal(g_fold, by_fold), case
     calls = []
-    original = metrics._recount
-    monkeypatch.setattr(metrics, "_recount", lambda ev, *args: calls.append((original(ev, *args), recount_on_device(ev, *args, device=DEVICE))) or calls[-1][0])
+    original = allpairs._recount
+    monkeypatch.setattr(allpairs, "_recount", lambda ev, *args: calls.append((original(ev, *args), recount_on_device(ev, *args, device=DEVICE))) or calls[-1][0])
     with on_the_cpu():
-        metrics._block_pass(Evaluation(*near_zero(), block=96), 1, False, True)
+        allpairs.block_pass(Evaluation(*near_zero(), block=96), 1, False, True)
     assert len(calls) >= 2 and all(np.array_equal(e, g) for expected, got in calls for e, g in zip(expected, got))
 
 
@@ -379,7 +380,7 @@ def test_metrics_wire_the_device_pass_in_where_it_runs(monkeypatch):
         expected = evaluate_embeddings(x, labels)
         assert not used
         with monkeypatch.context() as patch:
-            patch.setattr(metrics, "_torch_pass", lambda: True)
+            patch.setattr(allpairs, "_torch_pass", lambda device: True)
             got = evaluate_embeddings(x, labels)
         assert got.values == expected.values
         ours, theirs = got.evaluation.pair_counts(), expected.evaluation.pair_counts()

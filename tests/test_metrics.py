@@ -6,7 +6,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import mltk
-from mltk import metrics
+from mltk import allpairs, metrics
 from mltk.errors import UsageError
 from mltk.metrics import Pairs, evaluate_embeddings, roc_auc
 from mltk.plugins import pm
@@ -364,6 +364,54 @@ def test_a_plugin_metric_is_computed_from_the_shared_pass():
     assert "median_first_hit" not in mltk.registry.list_metrics()
 
 
+class _Declared:
+    """Third-party metrics that say what they read, and one that says it wrongly."""
+
+    @mltk.hookimpl
+    def register_metrics(self, register):
+        register("first_hit_share", lambda ev: {"first_hit_share": float(ev.neighbours().match[ev.neighbours().included, 0].mean())}, needs="neighbours")
+        register("positive_share", lambda ev: {"positive_share": float(ev.pair_counts().positive.sum() / ev.total_pairs)}, needs="pairs")
+        register("misdeclared", lambda ev: {}, needs="knn")
+
+
+def test_a_plugin_metric_that_declares_what_it_needs_gets_only_that_pass(plugin, monkeypatch):
+    from mltk.plugins import errors
+
+    plugin(_Declared(), "declared")
+    x, labels = clustered(n=300)
+    passes = []
+    block_pass = allpairs.block_pass
+    monkeypatch.setattr(allpairs, "block_pass", lambda ev, k, knn, hist: passes.append((knn, hist)) or block_pass(ev, k, knn, hist))
+    result = evaluate_embeddings(x, labels, metrics=["first_hit_share"])
+    assert passes == [(True, False)] and result.evaluation._counts is None and "pairs" not in result.values  # no pair histogram
+    assert result.values["first_hit_share"] == evaluate_embeddings(x, labels, metrics=["precision_at_k"]).values["precision@1"]
+    passes.clear()
+    result = evaluate_embeddings(x, labels, metrics=["positive_share"])
+    assert passes == [(False, True)] and result.evaluation._neighbours is None and result.values["pairs"] == 300 * 299 // 2
+    passes.clear()
+    evaluate_embeddings(x, labels, metrics=["first_hit_share", "roc_auc"])  # both kinds asked for: still one pass
+    assert passes == [(True, True)]
+    # a metric that declares something else is refused on its own, in one line that names it; the others stay
+    assert errors["declared"] == "register_metrics: metric 'misdeclared' refused: needs='knn' is not 'neighbours' or 'pairs' (or nothing, for both)"
+    assert {"first_hit_share", "positive_share"} <= set(mltk.registry.list_metrics()) and "misdeclared" not in mltk.registry.list_metrics()
+    with pytest.raises(UsageError, match=r"^unknown metric 'misdeclared'.*plugins that failed: declared; see `mltk plugins`"):
+        evaluate_embeddings(x, labels, metrics=["misdeclared"])
+
+
+def test_a_plugin_metric_that_declares_nothing_gets_both_kinds_of_work(monkeypatch):
+    """As before metrics declared what they read: the pass fills the kNN heaps and the pair histogram for it."""
+    plugin = _MedianRank()
+    pm.register(plugin, name="median_rank")
+    try:
+        passes = []
+        block_pass = allpairs.block_pass
+        monkeypatch.setattr(allpairs, "block_pass", lambda ev, k, knn, hist: passes.append((knn, hist)) or block_pass(ev, k, knn, hist))
+        evaluate_embeddings(*clustered(n=200), metrics=["median_first_hit"])
+        assert passes == [(True, True)] and mltk.registry.get("metrics", "median_first_hit").needs is None
+    finally:
+        pm.unregister(plugin)
+
+
 def test_bad_input_is_a_usage_error():
     x, labels = clustered(n=50)
     with pytest.raises(UsageError, match="L2-normalised"):
@@ -486,8 +534,8 @@ def test_verification_matches_sklearn_however_concentrated_the_scores(case, path
 def test_the_block_pass_computes_only_what_the_metrics_ask_for(monkeypatch):
     x, labels = clustered(n=300)
     passes = []
-    block_pass = metrics._block_pass
-    monkeypatch.setattr(metrics, "_block_pass", lambda ev, k, knn, hist: passes.append((knn, hist)) or block_pass(ev, k, knn, hist))
+    block_pass = allpairs.block_pass
+    monkeypatch.setattr(allpairs, "block_pass", lambda ev, k, knn, hist: passes.append((knn, hist)) or block_pass(ev, k, knn, hist))
     result = evaluate_embeddings(x, labels, metrics=VERIFICATION)  # no kNN heaps
     assert passes == [(False, True)] and result.evaluation._neighbours is None
     passes.clear()
@@ -515,7 +563,7 @@ def test_concentrated_scores_take_no_more_memory_than_spread_ones():
 
 
 def test_the_int32_pair_counts_are_emptied_before_they_could_overflow(monkeypatch):
-    counts = metrics._FoldCounts(folds=1, threads=2, bins=4, block=4096)
+    counts = allpairs._FoldCounts(folds=1, threads=2, bins=4, block=4096)
     counts.every[0, 2] = counts.every[1, 2] = 2**31 - 2**20  # two threads, each near the int32 limit
     counts.counted(2**31 - 2**20)
     assert counts.every.sum() == 0 and counts.pending[2] == 2 * (2**31 - 2**20)  # moved into int64, not wrapped
@@ -523,10 +571,10 @@ def test_the_int32_pair_counts_are_emptied_before_they_could_overflow(monkeypatc
     counts.same[1, 1] = 2
     counts.fold_done(0)
     assert counts.by_fold[0].tolist() == [[0, 3, 2 * (2**31 - 2**20), 0], [0, 2, 0, 0]]  # (negative, positive) per bin
-    assert metrics._int32_room(4096) == 2**31 - 1 - 4096**2 and metrics._int32_room(40_000) == 0
+    assert allpairs._int32_room(4096) == 2**31 - 1 - 4096**2 and allpairs._int32_room(40_000) == 0
 
     # a pass that empties its int32 counts after every block gives the same histogram as one that never needs to
     x, labels = clustered(n=500)
     expected = evaluate_embeddings(x, labels, metrics=VERIFICATION, block=64).values
-    monkeypatch.setattr(metrics, "_int32_room", lambda block: 1)
+    monkeypatch.setattr(allpairs, "_int32_room", lambda block: 1)
     assert evaluate_embeddings(x, labels, metrics=VERIFICATION, block=64).values == expected

@@ -9,8 +9,9 @@ import mltk
 def register_metrics(register):
     from mltk import metrics
 
-    for function in (
-        metrics.recall_at_k, metrics.precision_at_k, metrics.map_at_r,
-        metrics.roc_auc, metrics.tar_at_far, metrics.eer, metrics.accuracy_10fold,
+    for needs, functions in (
+        ("neighbours", (metrics.recall_at_k, metrics.precision_at_k, metrics.map_at_r)),
+        ("pairs", (metrics.roc_auc, metrics.tar_at_far, metrics.eer, metrics.accuracy_10fold)),
     ):
-        register(function.__name__, function, description=function.__doc__.splitlines()[0])
+        for function in functions:
+            register(function.__name__, function, description=function.__doc__.splitlines()[0], needs=needs)
