@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mltk.errors import UsageError
+from mltk.errors import UsageError, first_line
 from mltk.rules import (
     FLAGS, AnyOf, Choice, Flag, ListOf, MappingOf, Maybe, Number, Options, Rule, Scalar, Seq, Text, named, number, show, unknown,
 )
@@ -215,7 +215,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f"line {exc.problem_mark.line + 1}: " if exc.problem_mark else ""
         raise UsageError(f"config file {str(path)!r} is not valid YAML: {where}{exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"config file {str(path)!r} is not valid YAML: {first_line(exc)}") from None
     except (RecursionError, ValueError) as exc:  # nesting beyond the parser's stack; an int of 5000 digits
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0][:200]
         raise UsageError(f"config file {str(path)!r} is not valid YAML: {reason}") from None

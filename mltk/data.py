@@ -13,7 +13,7 @@ from typing import Iterator, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from mltk.errors import MltkError, UsageError
+from mltk.errors import MltkError, UsageError, first_line
 
 
 class CroppedImage(str):
@@ -381,7 +381,7 @@ def check_image(path: str | Path) -> str | None:
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         return f"too large: {pixels[1] + ' pixels, ' if pixels else ''}over PIL's limit of {Image.MAX_IMAGE_PIXELS}"
     except Exception as exc:  # truncated or corrupt: PIL raises OSError, SyntaxError, ValueError ...
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return first_line(exc)
     return None
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mltk.data import _CONTROL, MAX_CSV_LINE, CroppedImage, LabelledImages, _short, image_inside
-from mltk.errors import MltkError, UsageError
+from mltk.errors import MltkError, UsageError, first_line
 
 TRAIN_TEST = ("train", "test")
 MAX_EDGE = 2**31 - 1  # pixels: PIL's image sides are C ints, so a box edge past this is past every image
@@ -249,8 +249,7 @@ def read_mat(path: Path) -> dict:
     try:
         return loadmat(path, squeeze_me=True)
     except Exception as exc:  # not a .mat file, a damaged one, or v7.3 (HDF5): scipy raises ValueError, TypeError, NotImplementedError ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MltkError(f"{str(path)!r} is not a readable .mat file ({first[:120]})") from None
+        raise MltkError(f"{str(path)!r} is not a readable .mat file ({first_line(exc)[:120]})") from None
 
 
 def mat_names(path: Path, mat: dict) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mltk.errors import MltkError
+from mltk.errors import MltkError, first_line
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,7 @@ def start(world: World, device: torch.device) -> None:
     try:
         dist.init_process_group(backend, rank=world.rank, world_size=world.size)
     except (RuntimeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MltkError(f"cannot join the torch.distributed group ({backend}, rank {world.rank} of {world.size}): {first}") from None
+        raise MltkError(f"cannot join the torch.distributed group ({backend}, rank {world.rank} of {world.size}): {first_line(exc)}") from None
 
 
 def stop(finished: bool = True) -> None:

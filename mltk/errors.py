@@ -27,5 +27,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def out_of_memory(exc: BaseException, advice: str) -> MltkError:
     """The one-line error for running out of memory: what ran out, then which settings to lower."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return MltkError(f"out of memory ({first[:120]}): {advice}")
+    return MltkError(f"out of memory ({first_line(exc)[:120]}): {advice}")
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's text, for a one-line message; ``default`` (its type's name) where it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__ if default is None else default])[0]

@@ -11,7 +11,8 @@ for speed (and ivfpq for memory) on galleries in the millions; flat, ivf and hns
 vectors in memory. ``check`` measures what an approximate search found against the exact one.
 
 Indexes are built and stored in their CPU form. A search runs on every GPU faiss sees, the vectors
-sharded across them (flat, ivf, ivfpq; HNSW has no GPU form, and faiss's GPU search takes k <= 2048). Vectors are added in chunks
+sharded across them (flat, ivf, ivfpq; HNSW has no GPU form, and faiss's GPU search takes k <= 2048); the copy on the
+GPUs is kept with the index for its next search, and an index faiss cannot copy there is searched on the CPU with a warning. Vectors are added in chunks
 and queries searched in blocks, so a float32 ``np.memmap`` is read, never copied whole. A search
 returns k results for every query whenever the index holds k vectors: a query an approximate
 search leaves short is searched again exactly.
@@ -20,16 +21,19 @@ search leaves short is searched again exactly.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Callable
 
 import numpy as np
 
-from mltk.errors import UsageError
+from mltk.errors import UsageError, first_line
 
-KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+#: each index kind, and the options of ``mltk index`` it takes (``build`` takes them)
+OPTIONS = {"flat": (), "ivf": ("nlist", "nprobe"), "ivfpq": ("nlist", "nprobe", "pq_m"), "hnsw": ("m", "ef_search")}
+KINDS = tuple(OPTIONS)
 APPROXIMATE = ("ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")
-OPTIONS = {"flat": (), "ivf": ("nlist", "nprobe"), "ivfpq": ("nlist", "nprobe", "pq_m"), "hnsw": ("m", "ef_search")}  # what each kind takes
 GPU_MAX_K = 2048  # faiss's GPU search: k and nprobe at most this
 CHUNK = 65536  # vectors added to an index at a time
 BLOCK = 4096  # queries searched at a time
@@ -198,11 +202,11 @@ def search(index, queries: np.ndarray, k: int, block: int = BLOCK) -> tuple[np.n
         raise UsageError(f"k={k} is more than the {index.ntotal} vectors in the index" if k > 0 else f"k={k}: k is at least 1")
     kind, cpu = kind_of(index), faiss.downcast_index(index)
     params = faiss.SearchParametersHNSW(efSearch=max(cpu.hnsw.efSearch, k)) if kind == "hnsw" else None
-    device = _on_gpus(cpu, kind, k)
+    device = _on_gpus(index, kind, k)
     sims, positions = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
     for r0 in range(0, len(queries), block):
         q = np.ascontiguousarray(queries[r0 : r0 + block], np.float32)
-        s, p = _search(cpu, q, k, params) if device is cpu else _search(device, q, k)
+        s, p = _search(cpu, q, k, params) if device is index else _search(device, q, k)
         short = np.flatnonzero((p < 0).any(1))
         if len(short):  # fewer than k found (cells too small, a graph walk cut short): search those exactly
             s[short], p[short] = _exact_search(cpu, kind, q[short], k)
@@ -210,19 +214,35 @@ def search(index, queries: np.ndarray, k: int, block: int = BLOCK) -> tuple[np.n
     return sims, positions
 
 
+#: each index's copy on the GPUs (None where faiss refused the copy), with what it was copied with:
+#: a copy of a large gallery takes seconds, so it is made once and dropped with the index
+_ON_GPUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _on_gpus(index, kind: str, k: int):
-    """The index on every GPU faiss sees, or the index itself (no GPU, HNSW, or past faiss's GPU limits)."""
+    """The index on every GPU faiss sees, or the index itself (no GPU, HNSW, or past faiss's GPU limits).
+
+    The copy is kept for the next search of the same index; it is made again once vectors are added or nprobe changes."""
     import faiss
 
-    if faiss.get_num_gpus() == 0 or kind == "hnsw" or k > GPU_MAX_K or (kind in IVF_KINDS and index.nprobe > GPU_MAX_K):
+    cpu = faiss.downcast_index(index)
+    gpus = faiss.get_num_gpus()
+    if gpus == 0 or kind == "hnsw" or k > GPU_MAX_K or (kind in IVF_KINDS and cpu.nprobe > GPU_MAX_K):
         return index
+    copied_with = (gpus, index.ntotal, cpu.nprobe if kind in IVF_KINDS else None)
+    known = _ON_GPUS.get(index)
+    if known is not None and known[0] == copied_with:
+        return index if known[1] is None else known[1]
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True  # each GPU holds 1/n of the vectors (not a copy of all): n GPUs hold an n times larger gallery
     options.useFloat16LookupTables = kind == "ivfpq"  # faiss's GPU IVF-PQ needs them past 48 bytes per vector
     try:
-        return faiss.index_cpu_to_all_gpus(index, co=options)  # copies nprobe with the vectors
-    except RuntimeError:  # a form faiss's GPU code does not take (e.g. some pq_m): search on the CPU
-        return index
+        device = faiss.index_cpu_to_all_gpus(cpu, co=options)  # copies nprobe with the vectors
+    except RuntimeError as exc:  # a form faiss's GPU code does not take (e.g. some pq_m): search on the CPU, and say so once
+        warnings.warn(f"faiss cannot search this {kind} index on the GPU ({first_line(exc)[:200]}); it is searched on the CPU", stacklevel=3)
+        device = index
+    _ON_GPUS[index] = (copied_with, None if device is index else device)  # None: the entry must not keep the index alive
+    return device
 
 
 def _exact_search(index, kind: str, queries: np.ndarray, k: int):

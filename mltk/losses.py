@@ -9,6 +9,7 @@ from torch import nn
 
 from mltk import registry
 from mltk.config import RunConfig, parse_loss_spec
+from mltk.errors import UsageError
 
 
 class CenterLoss(BaseMetricLossFunction):
@@ -93,10 +94,22 @@ class WeightedLosses(nn.Module):
         return sum(self.weights[name] * value for name, value in parts.items())
 
 
+#: Registered losses that `mltk run` cannot train, and why: it refuses them before any work, and
+#: `mltk list losses` says so in their description.
+CANNOT_TRAIN = {
+    "DynamicSoftMarginLoss": "it keeps its histogram's graph from one step to the next, so the second step fails",
+    "HistogramLoss": "it indexes past its last bin when a cosine similarity reaches 1 (two embeddings that point the same way)",
+    "ManifoldLoss": "it takes no labels",
+    "VICRegLoss": "it takes no labels (it compares two views of each image)",
+}
+
+
 def check_loss_names(spec: str) -> None:
-    """Every loss the spec names is registered (an unknown one: a UsageError naming close matches)."""
+    """Every loss the spec names is registered (an unknown one: a UsageError naming close matches) and can train."""
     for _, name in parse_loss_spec(spec):
         registry.get("losses", name)
+        if name in CANNOT_TRAIN:
+            raise UsageError(f"loss {name!r} cannot train under mltk run: {CANNOT_TRAIN[name]}; see `mltk list losses` for the others")
 
 
 def build_losses(cfg: RunConfig, num_classes: int, dim: int) -> WeightedLosses:

@@ -22,6 +22,8 @@ NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 MAX_NAME = 100
 #: names that plugins outside mltk's core register, and how to get them: said when such a name is not found
 ELSEWHERE = {("loggers", "mlflow"): "pip install ./plugins/mltk-mlflow, in a clone of mltk's repository"}
+#: what a metric may say it reads (``register(name, fn, needs=...)``, mltk.metrics): the kNN lists or the pair counts
+NEEDS = ("neighbours", "pairs")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Entry:
     factory: Callable[..., Any]
     plugin: str
     description: str = ""
+    needs: str | None = None  # a metric's: what it reads, one of NEEDS; None: both
 
 
 def catalogue(kind: str) -> dict[str, Entry]:
@@ -44,15 +47,15 @@ def catalogue(kind: str) -> dict[str, Entry]:
         plugin = impl.plugin_name
         added: dict[str, Entry] = {}
 
-        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
-            problem = refusal(name, factory, description)
+        def register(name: str, factory: Callable[..., Any], description: str = "", needs: str | None = None) -> None:
+            problem = refusal(name, factory, description) or refused_needs(kind, name, needs)
             if problem:  # this entry only: the plugin's others are fine
                 report(plugin, f"register_{kind}: {KINDS[kind]} {problem}")
                 return
             owner = entries.get(name) or added.get(name)
             if owner is not None:
                 raise ValueError(f"{KINDS[kind]} {name!r} is already registered by {owner.plugin!r}")
-            added[name] = Entry(name, factory, plugin, description)
+            added[name] = Entry(name, factory, plugin, description, needs)
 
         try:
             impl.function(register=register)
@@ -79,6 +82,17 @@ def refusal(name: Any, factory: Any, description: Any) -> str | None:
     return None
 
 
+def refused_needs(kind: str, name: str, needs: Any) -> str | None:
+    """Why ``register(name, ..., needs=needs)`` is refused for an entry of ``kind``, or None."""
+    if needs is None:
+        return None
+    if kind != "metrics":
+        return f"{name!r} refused: needs= is for metrics, which say with it what they read"
+    if needs not in NEEDS:
+        return f"{name!r} refused: needs={_shown(needs)} is not {' or '.join(map(repr, NEEDS))} (or nothing, for both)"
+    return None
+
+
 def _shown(value: Any, limit: int = 40) -> str:
     """A short repr: strings quoted (control characters escaped) and cut, other values by their type."""
     if not isinstance(value, str):
@@ -96,8 +110,13 @@ def report(plugin: str, message: str) -> None:
 
 
 def names(kind: str, pattern: str = "*") -> list[str]:
-    """Sorted names of one kind matching an fnmatch pattern."""
-    return sorted(n for n in catalogue(kind) if fnmatch.fnmatchcase(n, pattern))
+    """Names of one kind matching an fnmatch pattern, in natural order ("loss2" before "loss10")."""
+    return sorted((n for n in catalogue(kind) if fnmatch.fnmatchcase(n, pattern)), key=natural)
+
+
+def natural(name: str) -> tuple[list, str]:
+    """A sort key that compares the runs of digits in a name by their value; the name itself breaks ties ("a01", "a1")."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))], name
 
 
 def get(kind: str, name: str) -> Entry:
@@ -160,10 +179,6 @@ def create_loss(name: str, num_classes: int, embedding_size: int, **kwargs: Any)
 
 def create_miner(name: str, **kwargs: Any):
     return get("miners", name).factory(**kwargs)
-
-
-def get_metric(name: str) -> Callable[..., Any]:
-    return get("metrics", name).factory
 
 
 def create_dataset(name: str, **kwargs: Any):

@@ -35,6 +35,7 @@ import pytest
 from conftest import REPO, TINY, make_image_folder
 
 from mltk import registry
+from mltk.losses import CANNOT_TRAIN
 
 pytestmark = pytest.mark.gpu
 
@@ -390,35 +391,11 @@ def test_onnx_export_of_a_gpu_trained_run(gpu_run, mltk_main, tmp_path):
 # -- AMP training steps, for every loss the registry lists (plugins are not loaded in the tests: conftest). Last in the
 # -- file, so that a loss that breaks the GPU for the rest of the process does so after the other tests have run.
 
-LOSSES = registry.list_losses()
+# Those mltk run refuses (mltk.losses.CANNOT_TRAIN, tested in test_losses.py) are left out.
+LOSSES = [name for name in registry.list_losses() if name not in CANNOT_TRAIN]
 NEEDS = {"RankedListLoss": {"margin": 0.4, "Tn": 1.0}}  # options pytorch-metric-learning gives no default (as test_registry.py)
-# Registered, but they do not train under `mltk run` on any device: each fails the same way on the CPU in float32,
-# without AMP. Listed so that the others are tested; xfail names the error, and a pass shows as XPASS.
-CANNOT_TRAIN = {
-    "DynamicSoftMarginLoss": (RuntimeError, "keeps a graph across steps: 'Trying to backward through the graph a second time' at step 2"),
-    "HistogramLoss": (RuntimeError, "on some batches: PML indexes bin 101 of 101 when a cosine similarity rounds above 1"),
-    "ManifoldLoss": (ValueError, "takes no labels: 'labels are ref_labels are not supported for this loss function'"),
-    "VICRegLoss": (ValueError, "takes no labels (it compares two views of each image): 'labels are ref_labels are not supported'"),
-}
 OWNS = {"center": ["centers"], "ce": ["classifier.weight", "classifier.bias"], "arcface": ["W"]}  # mltk's own three (test_registry.py)
-AMP_CLASSES, AMP_PER_CLASS = 8, 32  # 256 images in batches of 8: 32 steps (fp16 tried on the CPU skipped the first 8 for ArcFace: scale 2**16 to 2**8)
-
-
-# In this process on a GPU, this one would take every later test down with it: an index out of range in a CUDA kernel
-# is a device-side assert, after which the process's CUDA context is unusable.
-POISONS_CUDA = {"HistogramLoss"}
-
-
-def loss_params():
-    for name in LOSSES:
-        if name in POISONS_CUDA and ON_GPU:
-            reason = f"{name}: {CANNOT_TRAIN[name][1]}, which on a GPU is a device-side assert that leaves CUDA unusable for the tests after it"
-            yield pytest.param(name, marks=pytest.mark.skip(reason=reason))
-        elif name in CANNOT_TRAIN:
-            error, reason = CANNOT_TRAIN[name]
-            yield pytest.param(name, marks=pytest.mark.xfail(raises=error, reason=f"{name} cannot train under mltk run: {reason}"))
-        else:
-            yield name
+AMP_CLASSES, AMP_PER_CLASS = 8, 32  # 256 images in batches of 8: 32 steps (fp16 tried on the CPU from torch's first scale, 2**16, skipped the first 8 for ArcFace: down to 2**8)
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +408,7 @@ def cpu_copy(state: dict) -> dict:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", list(loss_params()))
+@pytest.mark.parametrize("name", LOSSES)
 def test_amp_steps_train_every_loss_and_its_own_parameters(amp_images, tmp_path, monkeypatch, record_property, name, precision):
     import torch
 
@@ -473,8 +450,8 @@ def test_amp_steps_train_every_loss_and_its_own_parameters(amp_images, tmp_path,
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True, map_location="cpu")
     assert state["epoch"] == 1 and state["config"]["amp"] is True
     if precision == "fp16":
-        # The scaler starts at 2**16 and halves at each step it skips (inf/NaN gradients; it grows only after 2000).
-        skipped = round(math.log2(2.0**16 / state["scaler"]["scale"]))
+        # The scaler starts at FP16_INIT_SCALE and halves at each step it skips (inf/NaN gradients; it grows only after 2000).
+        skipped = round(math.log2(train_module.FP16_INIT_SCALE / state["scaler"]["scale"]))
         assert 0 <= skipped < steps, f"the GradScaler skipped {skipped} of {steps} steps (scale {state['scaler']['scale']})"
         record_property("gradscaler_skipped_steps", skipped)
     else:

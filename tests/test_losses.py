@@ -70,3 +70,26 @@ def test_a_misspelt_loss_name_is_one_usage_error_naming_the_close_match():
     check_loss_names("0.01*center+ce+arcface")
     with pytest.raises(UsageError, match="unknown loss 'arcfase'; did you mean 'arcface'"):
         check_loss_names("ce+arcfase")
+
+
+@pytest.mark.parametrize("name", ["DynamicSoftMarginLoss", "HistogramLoss", "ManifoldLoss", "VICRegLoss"])
+def test_a_loss_that_cannot_train_is_refused_in_one_line_before_any_work(mltk_main, tmp_path, name):
+    from conftest import make_image_folder, snapshot
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    before = snapshot(images)
+    code, out, err = mltk_main("run", "--data", images, "--backbone", "test_resnet", "--loss", f"ce+{name}", "--out", tmp_path / "run")
+    assert code == 2 and err.startswith(f"error: loss {name!r} cannot train under mltk run: it ")
+    assert err.endswith("see `mltk list losses` for the others\n") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() and snapshot(images) == before
+
+
+def test_mltk_list_losses_says_which_cannot_train(mltk_main):
+    from mltk.losses import CANNOT_TRAIN
+
+    code, out, err = mltk_main("list", "losses", "*Loss")
+    text = " ".join(out.split())  # the table wraps long descriptions
+    assert code == 0 and sorted(CANNOT_TRAIN) == ["DynamicSoftMarginLoss", "HistogramLoss", "ManifoldLoss", "VICRegLoss"]
+    for name, why in CANNOT_TRAIN.items():
+        assert f"{name} mltk pytorch-metric-learning; cannot train under mltk run: {why}" in text
+    assert text.count("cannot train") == len(CANNOT_TRAIN) and "TripletMarginLoss mltk pytorch-metric-learning " in text

@@ -1,9 +1,12 @@
 """The registry lists and creates every built-in; plugins come and go through the same hooks."""
 
+import json
+
 import pytest
 import torch
 
 import mltk
+from conftest import plugins_data_builder, plugins_data_losses
 from mltk import registry
 from mltk.errors import UsageError
 from mltk.plugins import errors, pm
@@ -22,14 +25,28 @@ TINY_BACKBONES = {
 
 
 def builtin_names(kind):
-    return [n for n, e in registry.catalogue(kind).items() if e.description not in ("timm", "pytorch-metric-learning")]
+    return [n for n, e in registry.catalogue(kind).items() if e.description.partition(";")[0] not in ("timm", "pytorch-metric-learning")]
 
 
 def test_list_is_sorted_and_matches_fnmatch():
     assert registry.list_losses("arc*") == ["arcface"]
-    assert registry.list_backbones("resnet10?") == ["resnet101", "resnet10t"]
+    assert registry.list_backbones("resnet10?") == ["resnet10t", "resnet101"]  # natural order: 10 before 101
     everything = registry.list_miners()
     assert everything == sorted(everything) and "hard" in everything and "MultiSimilarityMiner" in everything
+
+
+class _Numbered:
+    @mltk.hookimpl
+    def register_losses(self, register):
+        for name in ("loss10", "loss2", "loss1", "Loss3", "loss2b"):
+            register(name, lambda num_classes, embedding_size: name)
+
+
+def test_names_are_listed_in_natural_order(plugin, mltk_main):
+    plugin(_Numbered(), "numbered")
+    assert registry.list_losses("*oss[0-9]*") == ["Loss3", "loss1", "loss2", "loss2b", "loss10"]
+    code, out, _ = mltk_main("list", "losses", "loss*")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == ["loss1", "loss2", "loss2b", "loss10"]
 
 
 def test_every_timm_model_and_pml_class_is_reachable():
@@ -131,3 +148,44 @@ def test_raising_hook_is_reported_and_the_rest_works(plugin):
     plugin(_Raises(), "raiser")
     assert "hard" in registry.list_miners()
     assert errors["raiser"] == "register_miners: RuntimeError: boom"
+
+
+# --- names a plugin registers are checked one by one; its other entries stay usable
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [42, None, "", "two words", "0.5*ce", "a+b", "[red]x[/red]", "x\x1b[2J", "tab\tname", "9lives", "x" * 101],
+    ids=["int", "None", "empty", "space", "star", "plus", "markup", "ansi", "tab", "digit-first", "too-long"],
+)
+def test_a_bad_plugin_name_is_refused_alone_and_mltk_plugins_still_works(plugin, mltk_main, bad):
+    plugin(plugins_data_losses((bad, plugins_data_builder, ""), ("pd_good.loss-1", plugins_data_builder, "")), "pd_names")
+    assert "pd_good.loss-1" in registry.list_losses()  # the entry after the bad one is kept
+    assert registry.create_loss("pd_good.loss-1", num_classes=2, embedding_size=2) == "built"
+    assert "refused" in errors["pd_names"] and errors["pd_names"].startswith("register_losses: loss name ")
+    code, out, err = mltk_main("plugins", "--json")
+    assert code == 0, err
+    row = {r["name"]: r for r in json.loads(out)}["pd_names"]
+    assert row["registers"] == {"losses": ["pd_good.loss-1"]} and "refused" in row["error"]
+    code, out, err = mltk_main("plugins")
+    assert code == 0 and "pd_names" in out and "refused" in out and "\x1b" not in out, err
+    code, out, err = mltk_main("list", "losses", "pd_*")
+    assert code == 0 and out.split() == ["name", "plugin", "description", "pd_good.loss-1", "pd_names"]
+    assert "warning: plugin 'pd_names' failed: register_losses: loss name " in err and "\x1b" not in err
+
+
+def test_every_name_the_registry_takes_can_be_written_in_a_loss_spec(plugin):
+    from mltk.config import parse_loss_spec
+
+    names = ["pd_a", "_pd", "pd.b-2", "pd_" + "x" * 90, "pdé"]
+    plugin(plugins_data_losses(*[(n, plugins_data_builder, "") for n in names]), "pd_spec")
+    assert set(names) <= set(registry.list_losses()) and "pd_spec" not in errors
+    assert [n for _, n in parse_loss_spec("+".join(f"0.5*{n}" for n in names))] == names
+
+
+def test_a_builder_that_is_not_callable_or_a_description_that_is_not_text_is_refused(plugin, mltk_main):
+    plugin(plugins_data_losses(("pd_five", 5, ""), ("pd_desc", plugins_data_builder, ["a", "list"]), ("pd_fine", plugins_data_builder, "ok")), "pd_kinds")
+    assert {"pd_five", "pd_desc"}.isdisjoint(registry.list_losses()) and "pd_fine" in registry.list_losses()
+    assert "'pd_five' refused: its builder is a int" in errors["pd_kinds"] and "'pd_desc' refused: its description is a list" in errors["pd_kinds"]
+    code, out, err = mltk_main("list", "losses", "pd_*")
+    assert code == 0 and "pd_fine" in out, err

@@ -46,7 +46,7 @@ def check_keys(model_name: str, state: dict, weights: str, kwargs: dict) -> None
     Swin checkpoint or another layout timm converts fits as it would from the hub. Classifier weights and
     non-persistent buffers (Swin's relative_position_index) may be in the file too.
     """
-    from mltk.errors import MltkError
+    from mltk.errors import MltkError, first_line
     from mltk.model import state_mismatch
 
     skeleton, convert = timm_filter(model_name, state, kwargs)
@@ -54,8 +54,7 @@ def check_keys(model_name: str, state: dict, weights: str, kwargs: dict) -> None
         try:  # a copy: filters may edit the dict in place, and timm runs the filter again on ``state`` as it loads
             state = apply_filter(convert, dict(state), skeleton)
         except Exception as exc:  # the file's layout is not one timm knows for this architecture
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise MltkError(f"{str(weights)!r} does not fit backbone {model_name!r}: timm's conversion failed ({type(exc).__name__}: {first})") from None
+            raise MltkError(f"{str(weights)!r} does not fit backbone {model_name!r}: timm's conversion failed ({type(exc).__name__}: {first_line(exc, '')})") from None
     own = skeleton.state_dict()
     classifier = skeleton.pretrained_cfg.get("classifier") or ()
     heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))

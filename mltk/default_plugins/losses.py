@@ -80,11 +80,12 @@ def arcface(num_classes: int, embedding_size: int, **kwargs):
 def register_losses(register):
     from pytorch_metric_learning import losses
 
-    from mltk.losses import CenterLoss, CrossEntropyLoss
+    from mltk.losses import CANNOT_TRAIN, CenterLoss, CrossEntropyLoss
 
     register("center", declared(center, CenterLoss), description="CenterLoss: distance of each embedding to its learned class center")
     register("ce", declared(ce, CrossEntropyLoss), description="softmax cross-entropy through a linear classifier on the embedding")
     register("arcface", declared(arcface, losses.ArcFaceLoss), description="pytorch-metric-learning ArcFaceLoss")
     for name, cls in sorted(vars(losses).items()):
         if inspect.isclass(cls) and issubclass(cls, losses.BaseMetricLossFunction) and name not in NOT_LOSSES:
-            register(name, declared(functools.partial(pml_loss, name), cls), description="pytorch-metric-learning")
+            why = f"; cannot train under mltk run: {CANNOT_TRAIN[name]}" if name in CANNOT_TRAIN else ""
+            register(name, declared(functools.partial(pml_loss, name), cls), description=f"pytorch-metric-learning{why}")
