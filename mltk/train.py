@@ -29,7 +29,8 @@ from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, ou
 from mltk.lifecycle import Lifecycle, PluginExit, Silent
 from mltk.losses import WeightedLosses, build_losses, check_loss_names
 from mltk.memory import available as available_memory
-from mltk.model import Embedder, build_embedder, load_checkpoint, load_state, save_checkpoint
+from mltk.checkpoint import load_checkpoint, save_checkpoint
+from mltk.model import Embedder, build_embedder, load_state
 from mltk.outputs import writing
 from mltk.run_dir import RunDirectory, read_history, resumed_config, write_config, write_history
 
@@ -398,7 +399,15 @@ def mixed_precision(cfg: RunConfig, device: torch.device) -> tuple[bool, torch.d
     """Whether autocast is on, its dtype (bfloat16 where the device has it), and the scaler float16 needs."""
     amp = cfg.amp if cfg.amp is not None else default_amp(device)
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return amp, amp_dtype, torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+    return amp, amp_dtype, torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=amp and amp_dtype == torch.float16)
+
+
+#: float16's first loss scale. At torch's default, 2**16, a scaled gradient passes float16's 65504 on the first steps of
+#: a loss in the tens (ArcFace's scaled logits): each such step is skipped and the scale halved, eight times for ArcFace
+#: (2**16 down to 2**8) on a tiny run, while the warm-up goes on. 2**8, fairseq's order (it starts at 2**7), is where
+#: those runs settle; it still lifts gradients down to 2e-7 out of float16's subnormals, and the scaler doubles it after
+#: every 2000 steps without an overflow.
+FP16_INIT_SCALE = 2.0**8
 
 
 def restore(state: dict, path: Path, model: nn.Module, losses: nn.Module | None, optimizer, scheduler, scaler) -> None:
@@ -431,17 +440,66 @@ def write_run_files(run_dir: Path, cfg: RunConfig, history: list[dict], skipped:
         write_config(cfg, run_dir / "config.yaml")
 
 
-def epoch_loader(train_set: ImageDataset, sampler: MPerClassSampler, cfg: RunConfig, epoch: int, device: torch.device, world):
-    """The epoch's batches, as ``sampler`` draws them; the workers' augmentation seeded by (seed, epoch, rank). Images
-    decoded in memory are transformed in this process on the CPU."""
+def train_loader(train_set: ImageDataset, sampler: MPerClassSampler, cfg: RunConfig, device: torch.device, world):
+    """The run's batches, as ``sampler`` draws them, epoch after epoch. Its worker processes start once and stay; each
+    epoch reseeds their augmentation by (seed, epoch, rank) as freshly started workers would be seeded (``EpochSeeds``).
+    Images decoded in memory are transformed in this process on the CPU, from the epoch's seeded global generator."""
     in_memory = train_set.decoded is not None and device.type == "cpu"  # transforms of decoded images: cheap beside a step
+    workers = 0 if in_memory else cfg.workers  # on the CPU, worker processes would take cores from the model
     return torch.utils.data.DataLoader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=0 if in_memory else cfg.workers,  # on the CPU, worker processes would take cores from the model
+        EpochSeeded(train_set) if workers else train_set,
+        batch_sampler=EpochSeeds(sampler, cfg.seed, world.rank) if workers else sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * world.rank),  # each process its own augmentation
+        generator=torch.Generator().manual_seed(cfg.seed),  # each iteration draws from it, never from the global one
     )
+
+
+def worker_seed(seed: int, epoch: int, rank: int) -> int:
+    """The base seed of an epoch's workers (worker ``i`` takes ``base + i``): what a DataLoader made for the epoch, with a
+    generator seeded by (seed, epoch, rank), would give its workers; each process its own augmentation."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch + 7919 * rank)
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+class EpochSeeds:
+    """``sampler``'s batches, each index paired with its epoch's worker seed, so that workers that stay from one epoch to
+    the next can reseed themselves when an epoch starts."""
+
+    def __init__(self, sampler: MPerClassSampler, seed: int, rank: int):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        base = worker_seed(self.seed, self.sampler.epoch, self.rank)
+        for batch in self.sampler:
+            yield [(base, i) for i in batch]
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """``dataset`` read by (epoch's worker seed, index): the first image of an epoch seeds the worker as torch seeds a
+    worker it starts (``random``, torch and numpy, from ``base + worker id``)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset, self.base = dataset, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        base, i = key
+        if base != self.base:
+            from torch.utils.data._utils.worker import _generate_state  # numpy's seed, as torch derives it
+
+            worker = torch.utils.data.get_worker_info().id
+            random.seed(base + worker)
+            torch.manual_seed(base + worker)
+            np.random.seed(_generate_state(base, worker))
+            self.base = base
+        return self.dataset[i]
 
 
 class StepValues:
@@ -487,11 +545,12 @@ def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, lrs:
     return record
 
 
-def recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Leave-one-out recall@1 over queries whose class has another image."""
+def recall_at_1(embeddings: np.ndarray, labels: np.ndarray, device: torch.device | None = None) -> float:
+    """Leave-one-out recall@1 over queries whose class has another image, computed on ``device`` (the run's: a run
+    on the CPU keeps the pass on the CPU where a GPU is seen)."""
     from mltk.metrics import evaluate_embeddings
 
-    result = evaluate_embeddings(embeddings, labels, metrics=["recall_at_k"], ks=(1,))
+    result = evaluate_embeddings(embeddings, labels, metrics=["recall_at_k"], ks=(1,), device=None if device is None else str(device))
     return float(result.values["recall@1"])
 
 
@@ -520,16 +579,51 @@ def report_failures(bad: list[Source], epoch: int, result: RunResult, warn: Call
         warn(f"epoch {epoch + 1}: {len(new)} images failed to decode and were skipped: {describe_files(failures)}")
 
 
-def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning, pressed=lambda: False) -> RunResult:
-    main = world.is_main  # the process that writes the run directory and reports
-    on_step, on_epoch, on_warning = (f if main else None for f in (on_step, on_epoch, on_warning))
-    warnings: list[str] = []
+class Warnings:
+    """What the run warns about: kept (``RunResult.warnings``) and handed to ``on_warning`` as it comes."""
 
-    def warn(message: str) -> None:
-        warnings.append(message)
-        if on_warning:
-            on_warning(message)
+    def __init__(self, on_warning: Callable[[str], None] | None):
+        self.said: list[str] = []
+        self.on_warning = on_warning
 
+    def __call__(self, message: str) -> None:
+        self.said.append(message)
+        if self.on_warning:
+            self.on_warning(message)
+
+
+@dataclass
+class Parts:
+    """What a run is made of, built before its folder is made: so a bad option or a lack of memory leaves nothing."""
+
+    cfg: RunConfig  # the dataset's hints filled in
+    state: dict | None  # last.pt, when resuming
+    train_data: LabelledImages
+    val_data: LabelledImages | None
+    skipped: list[tuple[Source, str]]  # images left out by the scan, and why
+    sampler: MPerClassSampler
+    model: Embedder
+    layout: torch.memory_format  # the model's and its batches'
+    pre: dict  # the backbone's preprocessing
+    train_set: ImageDataset
+    val_set: ImageDataset | None
+    loader: torch.utils.data.DataLoader
+    backbone: list[nn.Parameter]  # the backbone's parameters the run may train
+    losses: WeightedLosses | None
+    net: nn.Module  # the model as the steps call it (DDP-wrapped across processes)
+    objective: nn.Module | None  # the losses, the same way
+    miner: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    amp: bool
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    loggers: dict
+
+
+def prepare(cfg: RunConfig, home: RunDirectory, world, device: torch.device, resume: bool, warn: Callable[[str], None]) -> Parts:
+    """Everything the run needs, in order: last.pt's settings when resuming, the data, the model, the losses, the optimiser,
+    the loggers."""
     # Resume: the run's own settings, read before the data (only how the run proceeds may change).
     state = None
     if resume:
@@ -540,7 +634,6 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
     train_data, val_data, skipped = read_data(cfg, warn)
     cfg = resolve_hints(cfg, train_data)
     sampler = make_sampler(train_data, cfg, world, warn)
-    steps_per_epoch = len(sampler)
 
     # Model, losses and optimiser: allocated here, so a lack of memory is one line naming what to lower.
     with building(cfg):
@@ -562,40 +655,183 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             net, objective, miner = distribute(model, losses, miner, device, some_frozen=cfg.freeze_backbone_epochs > 0)
 
         # Optimiser: AdamW over the model and the parameters the losses own, warm-up then cosine, mixed precision.
-        optimizer, scheduler = build_optimizer(cfg, model, backbone, losses, steps_per_epoch)
+        optimizer, scheduler = build_optimizer(cfg, model, backbone, losses, len(sampler))
     amp, amp_dtype, scaler = mixed_precision(cfg, device)
 
     # Loggers (--log): made before the run directory, so that a missing package costs one line and no file.
-    loggers = {name: registry.create_logger(name, replace(cfg, amp=amp, out=str(home.path)), home.path) for name in cfg.log} if main else {}
+    loggers = {name: registry.create_logger(name, replace(cfg, amp=amp, out=str(home.path)), home.path) for name in cfg.log} if world.is_main else {}
+    return Parts(
+        cfg, state, train_data, val_data, skipped, sampler, model, layout, pre, train_set, val_set,
+        train_loader(train_set, sampler, cfg, device, world), backbone, losses, net, objective, miner,
+        optimizer, scheduler, amp, amp_dtype, scaler, loggers,
+    )
+
+
+@dataclass
+class Progress:
+    """How far the run has come: the epoch last.pt holds (None: none yet), and whether it trained to the end."""
+
+    run_dir: Path
+    epochs: int
+    done: int | None
+    finished: bool = False
+
+    def kept(self) -> str:
+        """What the run folder keeps if the run stops now, and how to go on."""
+        if self.done is None:
+            return "the run has no checkpoint yet: start it again with --overwrite"
+        if self.finished or self.done >= self.epochs:
+            return f"the run is complete: last.pt keeps its last epoch, {self.done}"
+        return f"last.pt keeps epoch {self.done}: `mltk run --out {self.run_dir} --resume` goes on from there"
+
+
+@contextmanager
+def said_in_epochs(progress: Progress, p: Parts):
+    """Ctrl-C or a lack of memory in the epochs: one line that says which epoch it cut short, or what to lower, and what
+    last.pt keeps."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = progress.done
+        cut = done < progress.epochs  # else the last epoch is saved: Ctrl-C came in its epoch_ended
+        raise Interrupted(f"interrupted in epoch {done + 1}; {progress.kept()} (epoch {done + 1} starts over)" if cut else f"interrupted; {progress.kept()}") from None
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        advice = f"lower --batch-size (now {p.cfg.batch_size}), --image-size (now {p.pre['input_size'][1]}) or --dim (now {p.model.dim})"
+        raise out_of_memory(exc, f"{advice}{'' if p.amp else ', or turn on --amp'}; last.pt keeps epoch {progress.done}") from None
+
+
+def check_batch(failed: torch.Tensor, data: LabelledImages, step: int, epoch: int, done: int) -> None:
+    """A batch of which not one image decodes stops the run: the data went away; don't train on blanks."""
+    if bool((failed >= 0).all()):
+        first = data.sources[int(failed[0])]
+        raise MltkError(
+            f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
+            f"is the data still there? last.pt keeps epoch {done}"
+        )
+
+
+def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """The optimiser's step through the scaler; whether it was taken. float16 gradients that overflowed skip it and lower
+    the scale (the usual test: the scale went down), and the learning-rate schedule must not advance on such a step."""
+    before = scaler.get_scale()  # float16 only: a disabled scaler reads 1.0 without waiting for the GPU
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= before
+
+
+class StepLog:
+    """An epoch's steps as they are logged: each step's losses checked (a loss gone NaN stops the run), summed for the
+    epoch's record, and handed to the plugins and the progress bar; read as ``StepValues`` lets them be read."""
+
+    def __init__(self, epoch: int, steps: int, cfg: RunConfig, device: torch.device, progress: Progress, hooks, on_step):
+        self.epoch, self.steps, self.cfg, self.progress, self.hooks, self.on_step = epoch, steps, cfg, progress, hooks, on_step
+        self.values = StepValues(device)
+        self.sums: dict[str, float] = {}
+        self.lrs: list[float] = []  # the rates of the last step
+        self.seen, self.started, self.elapsed = 0, time.perf_counter(), 0.0
+
+    def put(self, logged: torch.Tensor, step: int, names: list[str], lrs: list[float], images: int) -> None:
+        """A step's values (the total, then each of ``names``), the rates it used and its images (every process's);
+        the steps whose values are in are logged."""
+        self.seen += images
+        self.lrs = lrs
+        self.values.put(logged, step=step, names=names, lrs=lrs, seen=self.seen)
+        for values, context in self.values.readable():
+            self.log(values, **context)
+
+    def close(self) -> None:
+        """The epoch's last step logged (on a GPU, once it is in), and the epoch's seconds taken."""
+        for values, context in self.values.readable(last=True):
+            self.log(values, **context)
+        self.elapsed = time.perf_counter() - self.started
+
+    def log(self, values: list[float], step: int, names: list[str], lrs: list[float], seen: int) -> None:
+        checked, *values = values
+        if not math.isfinite(checked):
+            raise MltkError(
+                f"the loss became {checked} at epoch {self.epoch + 1}, step {step + 1}; last.pt keeps epoch {self.progress.done}, "
+                f"the last good one: lower --lr (now {self.cfg.lr}) or the loss weights, or keep gradient clipping on"
+            )
+        terms = {name if name == "loss" else f"loss/{name}": value for name, value in zip(names, values)}  # as metrics.jsonl names them
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - self.started)}
+        self.hooks.call("step_logged", epoch=self.epoch + 1, step=step + 1, steps=self.steps, logs=logs)
+        if self.on_step:
+            self.on_step(self.epoch, step + 1, self.steps, logs)
+
+
+def close_epoch(
+    epoch: int, log: StepLog, unreadable: set[int], p: Parts, cfg: RunConfig, result: RunResult, progress: Progress,
+    hooks, checkpoint: Callable[..., dict], world, device: torch.device, warn: Callable[[str], None], on_epoch,
+) -> dict:
+    """The epoch's record, with validation recall@1; the best epoch so far; then the writes: the metrics line, best.pt,
+    then last.pt (a run killed, or a disk that fills, before last.pt is replaced redoes this epoch). Returns the record."""
+    record = epoch_record(epoch, log.sums, log.steps, p.optimizer, log.lrs, log.seen, log.elapsed, world)
+    bad = [p.train_data.sources[i] for i in sorted(unreadable)]
+    if p.val_set is not None:
+        embeddings, kept_rows, failed = validate(p.model, p.val_set, cfg, device, world)
+        labels = np.asarray(p.val_data.labels)[kept_rows]
+        record["val_recall@1"] = recall_at_1(embeddings, labels, device)
+        bad += [p.val_data.sources[i] for i in failed]
+        hooks.call(
+            "validation_embedded", epoch=epoch + 1, embeddings=embeddings, labels=labels,
+            sources=[p.val_data.sources[i] for i in kept_rows], classes=p.val_data.classes,
+        )
+        del embeddings
+    kept = f"last.pt keeps epoch {progress.done}"
+    if world.is_main:
+        with writing("skipped_images.txt", kept):
+            report_failures(bad, epoch, result, warn)
+    score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
+    improved = not result.best or score > result.best["score"]
+    if improved:
+        result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if p.val_set is not None else "-loss"}
+    if world.is_main:
+        with writing("metrics.jsonl", kept), open(result.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if improved:
+            with writing("best.pt", kept):
+                save_checkpoint(checkpoint(epoch + 1, resumable=False), result.run_dir / "best.pt")
+        with writing("last.pt", kept):
+            save_checkpoint(checkpoint(epoch + 1), result.run_dir / "last.pt")
+    progress.done = epoch + 1
+    result.history.append(record)
+    if on_epoch:
+        on_epoch(record)
+    return record
+
+
+def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on_warning, pressed=lambda: False) -> RunResult:
+    main = world.is_main  # the process that writes the run directory and reports
+    on_step, on_epoch, on_warning = (f if main else None for f in (on_step, on_epoch, on_warning))
+    warn = Warnings(on_warning)
+
+    # Setup: last.pt's settings when resuming, data, model, losses, optimiser, loggers (rank 0's); no file is written yet.
+    p = prepare(cfg, home, world, device, resume, warn)
+    model, losses, optimizer, scheduler, scaler = p.model, p.losses, p.optimizer, p.scheduler, p.scaler
 
     # Run directory: made (or claimed, with --overwrite cleared) only now that every part is built, so a bad
     # option leaves nothing behind; then the checkpoint is loaded before anything in it is written.
     run_dir = home.make()
-    done, finished = (None if state is None else state["epoch"]), False  # the epoch last.pt holds (None: none yet); trained to the end
-
-    def kept_now() -> str:
-        """What the run folder keeps if the run stops now, and how to go on."""
-        if done is None:
-            return "the run has no checkpoint yet: start it again with --overwrite"
-        if finished or done >= cfg.epochs:
-            return f"the run is complete: last.pt keeps its last epoch, {done}"
-        return f"last.pt keeps epoch {done}: `mltk run --out {run_dir} --resume` goes on from there"
-
-    with said_when_stopped(kept_now):  # Ctrl-C or a plugin's exit from here on: one line, what is kept
-        cfg = replace(cfg, amp=amp, out=str(run_dir))  # config.yaml records what ran, and where
-        result = RunResult(run_dir, train_images=len(train_data), train_classes=len(train_data.classes), warnings=warnings, skipped=skipped)
-        result.in_memory = train_set.decoded_bytes
-        if val_data:
-            result.val_images, result.val_classes = len(val_data), len(val_data.classes)
+    progress = Progress(run_dir, p.cfg.epochs, None if p.state is None else p.state["epoch"])
+    with said_when_stopped(progress.kept):  # Ctrl-C or a plugin's exit from here on: one line, what is kept
+        cfg = replace(p.cfg, amp=p.amp, out=str(run_dir))  # config.yaml records what ran, and where
+        result = RunResult(run_dir, train_images=len(p.train_data), train_classes=len(p.train_data.classes), warnings=warn.said, skipped=p.skipped)
+        result.in_memory = p.train_set.decoded_bytes
+        if p.val_data:
+            result.val_images, result.val_classes = len(p.val_data), len(p.val_data.classes)
         start_epoch = 0
-        if state is not None:
-            restore(state, run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
-            start_epoch, result.best = state["epoch"], state["best"]
+        if p.state is not None:
+            restore(p.state, run_dir / "last.pt", model, losses, optimizer, scheduler, scaler)
+            start_epoch, result.best = p.state["epoch"], p.state["best"]
             result.history = [r for r in read_history(run_dir) if r["epoch"] <= start_epoch]
-            del state  # its tensors: memory the run needs
+            p.state = None  # its tensors: memory the run needs
         kept = f"last.pt keeps epoch {start_epoch}" if resume else "the run has no checkpoint yet: start it again with --overwrite"
         if main:
-            write_run_files(run_dir, cfg, result.history, skipped, kept)
+            write_run_files(run_dir, cfg, result.history, p.skipped, kept)
 
         def checkpoint(epoch: int, resumable: bool = True) -> dict:
             """What best.pt (``resumable=False``) and last.pt hold; the optimiser's state, which only resuming needs
@@ -603,13 +839,13 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
             return {
                 "config": to_dict(cfg),
-                "classes": train_data.classes,
-                "data_config": pre,
+                "classes": p.train_data.classes,
+                "data_config": p.pre,
                 "epoch": epoch,
                 "best": result.best,
                 "model": model.state_dict(),
                 "losses": losses.state_dict() if losses is not None else {},
-                "sampler": {"seed": sampler.seed, "epoch": epoch},
+                "sampler": {"seed": p.sampler.seed, "epoch": epoch},
                 "rng": {"seed": cfg.seed, "epoch": epoch},
                 **(training if resumable else {}),
             }
@@ -620,127 +856,53 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
         if not resume and main:  # from the start there is a last.pt to resume from, should epoch 1 be cut short
             with writing("last.pt", kept):
                 save_checkpoint(checkpoint(0), run_dir / "last.pt")
-        done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
+        progress.done = start_epoch  # the epoch last.pt holds: where Ctrl-C, a crash or a lack of memory leaves the run
+        hooks = Lifecycle(p.loggers, warn) if main else Silent()
 
-        # Plugins and loggers follow the run from here (rank 0 only): run_started, then run_ended with what ended it.
-        hooks = Lifecycle(loggers, warn) if main else Silent()
+    # Epochs: plugins and loggers follow them (rank 0 only): run_started, then run_ended with what ended the run.
+    with said_when_stopped(progress.kept), hooks.running(cfg, run_dir, result), said_in_epochs(progress, p):
+        for epoch in range(start_epoch, cfg.epochs):
+            # Epoch: its randomness (sampler, augmentation, workers) follows from (seed, epoch); some parts may sit it out.
+            seed_everything(cfg.seed * 1000 + epoch)
+            p.sampler.set_epoch(epoch)
+            set_learning(model, cfg, epoch, p.backbone)
+            log = StepLog(epoch, len(p.sampler), cfg, device, progress, hooks, on_step)
+            unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
+            for step, (images, labels, failed) in enumerate(p.loader):
+                # Batch: a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here, as does a batch of blanks.
+                if pressed():
+                    raise KeyboardInterrupt
+                unreadable.update(failed[failed >= 0].tolist())
+                check_batch(failed, p.train_data, step, epoch, progress.done)
+                images, labels = images.to(device, non_blocking=True, memory_format=p.layout), labels.to(device, non_blocking=True)
+                # Forward under autocast; the losses run in float32 (their parameters and margins need it).
+                with torch.autocast(device.type, dtype=p.amp_dtype, enabled=p.amp):
+                    embeddings = p.net(images)
+                embeddings = embeddings.float()
+                indices = p.miner(embeddings, labels) if p.miner is not None else None
+                total, terms = p.objective(embeddings, labels, indices)
+                # What is logged and checked: the mean over processes, so every process takes the same decision.
+                logged = distributed.mean(torch.stack([total.detach(), losses.weighted(terms), *terms.values()]), world)
+                # Backward and step: gradients clipped unscaled; the schedule advances with the steps taken.
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], cfg.grad_clip)
+                lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
+                if optimizer_step(scaler, optimizer):
+                    scheduler.step()
+                log.put(logged, step, ["loss", *terms], lrs, len(labels) * world.size)  # every process's images (equal batches)
+            log.close()
 
-        def log_step(values: list[float], epoch: int, sums: dict, started: float, step: int, names: list[str], lrs: list[float], seen: int) -> None:
-            """A step's losses: checked (a loss gone NaN stops the run), added to the epoch's ``sums``, and handed to the
-            plugins and the progress bar."""
-            checked, *values = values
-            if not math.isfinite(checked):
-                raise MltkError(
-                    f"the loss became {checked} at epoch {epoch + 1}, step {step + 1}; last.pt keeps epoch {done}, "
-                    f"the last good one: lower --lr (now {cfg.lr}) or the loss weights, or keep gradient clipping on"
-                )
-            terms = {name if name == "loss" else f"loss/{name}": value for name, value in zip(names, values)}  # as metrics.jsonl names them
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value
-            logs = {**terms, "lr": lrs[0], "images_per_s": seen / (time.perf_counter() - started)}
-            hooks.call("step_logged", epoch=epoch + 1, step=step + 1, steps=steps_per_epoch, logs=logs)
-            if on_step:
-                on_step(epoch, step + 1, steps_per_epoch, logs)
+            # Epoch close: the record, validation, the best epoch; the metrics line, best.pt, then last.pt.
+            record = close_epoch(epoch, log, unreadable, p, cfg, result, progress, hooks, checkpoint, world, device, warn, on_epoch)
 
-        with hooks.running(cfg, run_dir, result):
-            # Epochs: steps over the sampler's batches, then the epoch's record and checkpoints.
-            try:
-                for epoch in range(start_epoch, cfg.epochs):
-                    # Every epoch's randomness (sampler, augmentation, workers) follows from (seed, epoch).
-                    seed_everything(cfg.seed * 1000 + epoch)
-                    sampler.set_epoch(epoch)
-                    loader = epoch_loader(train_set, sampler, cfg, epoch, device, world)
-                    set_learning(model, cfg, epoch, backbone)  # which parts learn in this epoch
-                    sums: dict[str, float] = {}
-                    steps = StepValues(device)
-                    unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
-                    seen, started = 0, time.perf_counter()
-                    for step, (images, labels, failed) in enumerate(loader):
-                        if pressed():  # a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here
-                            raise KeyboardInterrupt
-                        unreadable.update(failed[failed >= 0].tolist())
-                        if bool((failed >= 0).all()):  # not one image decodes: the data went away, don't train on blanks
-                            first = train_data.sources[int(failed[0])]
-                            raise MltkError(
-                                f"no image of batch {step + 1} in epoch {epoch + 1} can be read ({first}: {check_image(first)}); "
-                                f"is the data still there? last.pt keeps epoch {done}"
-                            )
-                        images, labels = images.to(device, non_blocking=True, memory_format=layout), labels.to(device, non_blocking=True)
-                        # Forward under autocast; the losses run in float32 (their parameters and margins need it).
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                            embeddings = net(images)
-                        embeddings = embeddings.float()
-                        indices = miner(embeddings, labels) if miner is not None else None
-                        total, parts = objective(embeddings, labels, indices)
-                        # What is logged and checked: the mean over processes, so every process takes the same decision.
-                        logged = distributed.mean(torch.stack([total.detach(), losses.weighted(parts), *parts.values()]), world)
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(total).backward()
-                        if cfg.grad_clip:
-                            scaler.unscale_(optimizer)
-                            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used, for the record
-                        scheduler.step()
-                        seen += len(labels) * world.size  # every process's images (equal batches)
-                        steps.put(logged, step=step, names=["loss", *parts], lrs=lrs, seen=seen)
-                        for values, context in steps.readable():
-                            log_step(values, epoch, sums, started, **context)
-                    for values, context in steps.readable(last=True):  # the epoch's last step, on a GPU
-                        log_step(values, epoch, sums, started, **context)
-                    elapsed = time.perf_counter() - started
-
-                    # Epoch record: each loss term, learning rates, throughput, validation recall@1; the best epoch so far.
-                    record = epoch_record(epoch, sums, steps_per_epoch, optimizer, lrs, seen, elapsed, world)
-                    bad = [train_data.sources[i] for i in sorted(unreadable)]
-                    if val_set is not None:
-                        embeddings, kept_rows, failed = validate(model, val_set, cfg, device, world)
-                        labels = np.asarray(val_data.labels)[kept_rows]
-                        record["val_recall@1"] = recall_at_1(embeddings, labels)
-                        bad += [val_data.sources[i] for i in failed]
-                        hooks.call(
-                            "validation_embedded", epoch=epoch + 1, embeddings=embeddings, labels=labels,
-                            sources=[val_data.sources[i] for i in kept_rows], classes=val_data.classes,
-                        )
-                        del embeddings
-                    if main:
-                        with writing("skipped_images.txt", f"last.pt keeps epoch {done}"):
-                            report_failures(bad, epoch, result, warn)
-                    score = record.get("val_recall@1", -record["loss"])  # no validation data: lowest training loss is best
-                    improved = not result.best or score > result.best["score"]
-                    if improved:
-                        result.best = {"epoch": epoch + 1, "score": score, "by": "val_recall@1" if val_set is not None else "-loss"}
-
-                    # Checkpoint: the metrics line, best.pt, then last.pt; a run killed (or a disk that fills) before last.pt
-                    # is replaced redoes this epoch.
-                    if main:
-                        kept = f"last.pt keeps epoch {done}"
-                        with writing("metrics.jsonl", kept), open(run_dir / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        if improved:
-                            with writing("best.pt", kept):
-                                save_checkpoint(checkpoint(epoch + 1, resumable=False), run_dir / "best.pt")
-                        with writing("last.pt", kept):
-                            save_checkpoint(checkpoint(epoch + 1), run_dir / "last.pt")
-                    done = epoch + 1
-                    result.history.append(record)
-                    if on_epoch:
-                        on_epoch(record)
-
-                    # Early stop: --early-stop's patience, or a plugin's reason (rank 0's plugins; every process stops).
-                    asked = hooks.stop_reason(record, run_dir)  # every plugin sees every epoch
-                    reason = early_stop(cfg, epoch + 1, result.best) or asked or ""
-                    if distributed.any_true(bool(reason), world, device):
-                        result.stopped = reason or "rank 0's plugins asked to stop"
-                        break
-            except KeyboardInterrupt:
-                cut = done < cfg.epochs  # else the last epoch is saved: Ctrl-C came in its epoch_ended
-                raise Interrupted(f"interrupted in epoch {done + 1}; {kept_now()} (epoch {done + 1} starts over)" if cut else f"interrupted; {kept_now()}") from None
-            except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                advice = f"lower --batch-size (now {cfg.batch_size}), --image-size (now {pre['input_size'][1]}) or --dim (now {model.dim})"
-                raise out_of_memory(exc, f"{advice}{'' if amp else ', or turn on --amp'}; last.pt keeps epoch {done}") from None
-            finished = True  # every epoch, or an early stop: what is left is run_ended
+            # Early stop: --early-stop's patience, or a plugin's reason (rank 0's plugins; every process stops).
+            asked = hooks.stop_reason(record, run_dir)  # every plugin sees every epoch
+            reason = early_stop(cfg, epoch + 1, result.best) or asked or ""
+            if distributed.any_true(bool(reason), world, device):
+                result.stopped = reason or "rank 0's plugins asked to stop"
+                break
+        progress.finished = True  # every epoch, or an early stop: what is left is run_ended
     return result

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import mltk
-from conftest import TINY, make_image_folder
+from conftest import TINY, make_image_folder, not_an_image
+from mltk.data import load_data
 from mltk.errors import MltkError
-from mltk.evaluate import untrained_model
+from mltk.evaluate import evaluate, untrained_model
 
 
 def test_validation_embeds_as_mltk_evaluate_does_whatever_precision_training_used(tmp_path, monkeypatch):
@@ -20,7 +21,7 @@ def test_validation_embeds_as_mltk_evaluate_does_whatever_precision_training_use
 
     seen = []
     recall_at_1 = training.recall_at_1
-    monkeypatch.setattr(training, "recall_at_1", lambda e, y: seen.append(np.array(e)) or recall_at_1(e, y))
+    monkeypatch.setattr(training, "recall_at_1", lambda e, y, device=None: seen.append(np.array(e)) or recall_at_1(e, y, device))
     folder = make_image_folder(tmp_path / "images", classes=10, per_class=5)
     cfg = make_config({**TINY, "data": str(folder), "val_classes": 0.4, "batch_size": 12, "amp": True})  # bf16 steps on the CPU
     training.train(cfg, tmp_path / "run")
@@ -66,3 +67,11 @@ def test_embed_dataset_fills_a_given_array_in_order_and_reports_what_failed(tmp_
     flipped, _ = embed_dataset(model.embedder, dataset, model.device, batch_size=4, workers=0, flip_tta=True)
     np.testing.assert_allclose(np.linalg.norm(flipped, axis=1), 1, atol=1e-5)
     assert not np.allclose(flipped, target)  # the mirrored images count
+
+
+def test_an_image_that_fails_while_embedding_is_an_error_not_a_stand_in(image_folder, monkeypatch):
+    monkeypatch.setattr("mltk.evaluate.readable", lambda data, skipped: data)  # passes the scan, fails when embedded
+    bad = not_an_image(image_folder / "class_01" / "2.png")
+    model = untrained_model("test_resnet", image_size=32, device="cpu")
+    with pytest.raises(MltkError, match=f"1 images could not be read while embedding: {bad}"):
+        evaluate(model, data=load_data(str(image_folder)), workers=0)
