@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from mltk import thresholds
+from mltk.embedding import EmbedSettings
 from mltk.errors import MltkError
 from mltk.model import EmbeddingModel
 from mltk.thresholds import Calibration, OperatingPoint
 
 
 def resolve(
-    model: EmbeddingModel, source: str | Path, far: float | str | None = None, *, batch_size: int = 128, workers: int = 2, progress=None,
+    model: EmbeddingModel, source: str | Path, far: float | str | None = None, *, settings: EmbedSettings = EmbedSettings(), progress=None,
 ) -> tuple[Calibration, OperatingPoint]:
-    """The calibration of ``model`` that ``source`` gives, and its operating point at ``far`` (default 1e-3)."""
+    """The calibration of ``model`` that ``source`` gives, and its operating point at ``far`` (default 1e-3); images are
+    embedded with ``settings`` (its batch size and workers: the model is on its device already)."""
     far = thresholds.DEFAULT_FAR if far is None else far
     path = Path(source)
     if _is_evaluation(path):
@@ -33,7 +35,7 @@ def resolve(
         if calibration.flip_tta:
             raise MltkError(f"{str(source)!r} was evaluated with --flip-tta; search and verify do not average flips, so its scores do not apply: evaluate without it")
     else:
-        calibration = score(model, source, batch_size=batch_size, workers=workers, progress=progress)
+        calibration = score(model, source, settings=settings, progress=progress)
     point = calibration.at(far)
     if point.threshold is None:
         raise MltkError(f"at {'the EER' if far == 'eer' else f'FAR {far:g}'} no threshold exists on {calibration.source} (a different-identity pair scores highest); choose a higher --far")
@@ -50,7 +52,7 @@ def _is_evaluation(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() != ".csv"
 
 
-def score(model: EmbeddingModel, data: str | Path, *, batch_size: int = 128, workers: int = 2, progress=None) -> Calibration:
+def score(model: EmbeddingModel, data: str | Path, *, settings: EmbedSettings = EmbedSettings(), progress=None) -> Calibration:
     """Embed ``data`` (a folder, CSV or dataset name; a dataset: its test split) and read the operating points off all its pairs."""
     from mltk.data import load_data
     from mltk.evaluate import evaluate
@@ -64,7 +66,7 @@ def score(model: EmbeddingModel, data: str | Path, *, batch_size: int = 128, wor
     if np.count_nonzero(sizes) < 2 or sizes.max() < 2:  # before any image is embedded
         raise _one_kind(data)
     try:
-        result = evaluate(model, data=images, metrics=["tar_at_far", "eer"], batch_size=batch_size, workers=workers, progress=progress)
+        result = evaluate(model, data=images, metrics=["tar_at_far", "eer"], batch_size=settings.batch_size, workers=settings.workers, progress=progress)
     except NotApplicable:  # the unreadable images left out took every pair of one kind
         raise _one_kind(data) from None
     if result.calibration is None:

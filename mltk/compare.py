@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mltk.checkpoint import CHECKPOINT_FILES
 from mltk.display import setting, shown
 from mltk.errors import MltkError, UsageError
 from mltk.outputs import check_file, check_replaceable, stale_temporaries, temporary, writing
@@ -130,7 +131,7 @@ def stale(run: Run) -> bool:
     """The checkpoint its latest evaluation scored (as recorded; else last.pt, which ``mltk evaluate RUN`` reads, or
     best.pt) is newer than that evaluation."""
     scored = Path((run.evaluated or {}).get("checkpoint") or "").name
-    names = [scored] if scored in ("last.pt", "best.pt") else ["last.pt", "best.pt"]  # mltk.model.find_checkpoint's order
+    names = [scored] if scored in CHECKPOINT_FILES else CHECKPOINT_FILES  # mltk.checkpoint.find_checkpoint's order
     checkpoint = next((run.path / name for name in names if (run.path / name).is_file()), None)
     return run.evaluation is not None and checkpoint is not None and checkpoint.stat().st_mtime > run.evaluation.stat().st_mtime
 

@@ -9,7 +9,7 @@ metrics.jsonl and ``mltk evaluate``'s recall@1 of the same checkpoint are one co
 same vectors. The model is put in eval mode first (BatchNorm's running statistics, no dropout).
 """
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +19,28 @@ import torch
 from mltk import distributed
 from mltk.data import ImageDataset, LabelledImages, check_image, describe_files
 from mltk.distributed import World
-from mltk.errors import MltkError, is_out_of_memory, out_of_memory
-from mltk.outputs import temporary
+from mltk.errors import MltkError, UsageError, is_out_of_memory, out_of_memory
+from mltk.outputs import replace_file
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How a command embeds its images (evaluate, index, search, calibrate, verify): one set of options, one check."""
+
+    batch_size: int = 128  # images per batch
+    workers: int = 2  # data-loading processes (0: load in this process)
+    device: str | None = None  # auto (None), cpu, cuda, cuda:1 ...
+    flip_tta: bool = False  # average each embedding with the mirrored image's
+
+    def check(self) -> "EmbedSettings":
+        """Numbers in range, before any work: one line naming the option."""
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be a positive number of images, got {self.batch_size}")
+        if self.workers < 0:
+            raise UsageError(f"--workers must be 0 (load in this process) or more processes, got {self.workers}")
+        return self
 
 
 def float32_convolutions():
@@ -104,8 +122,7 @@ def embed(
     if out is None:
         return run(None)
     out = Path(out)
-    tmp = temporary(out)
-    try:
+    with replace_file(out) as tmp:
         if len(data):
             vectors = run(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape))
             vectors.flush()
@@ -113,7 +130,4 @@ def embed(
         else:  # numpy cannot map an empty array
             with open(tmp, "wb") as f:
                 np.save(f, np.zeros(shape, np.float32))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return np.load(out, mmap_mode="r") if len(data) else np.load(out)

@@ -4,15 +4,16 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from mltk.checkpoint import CHECKPOINTS, MAX_SIDE, find_checkpoint
 from mltk.data import LabelledImages, drop_unreadable, load_data, merge, readable, select_classes, split_classes, write_skipped
-from mltk.embedding import Progress, embed
+from mltk.embedding import EmbedSettings, Progress, embed
 from mltk.errors import MltkError, UsageError
-from mltk.model import MAX_SIDE, EmbeddingModel, Embedder
+from mltk.model import EmbeddingModel, Embedder, inference_device
 from mltk.outputs import check_dir, check_replaceable, disk_error, replace_folder
 from mltk.rerank import create as create_reranker
 from mltk.thresholds import Calibration
@@ -31,10 +32,7 @@ def untrained_model(backbone: str, pretrained: bool = False, weights: str | None
 
 def check_settings(batch_size: int = 1, workers: int = 0, max_pairs: int | None = None, image_size: int | None = None) -> None:
     """Numbers that must be in range, checked before any work: one line naming the option."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive number of images, got {batch_size}")
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 (load in this process) or more processes, got {workers}")
+    EmbedSettings(batch_size, workers).check()
     if max_pairs is not None and max_pairs < 1:
         raise UsageError(f"--max-pairs must be a positive number of pairs, got {max_pairs}")
     if image_size is not None and not 8 <= image_size <= MAX_SIDE:  # what mltk run takes
@@ -53,6 +51,17 @@ def held_out_data(model: EmbeddingModel) -> LabelledImages:
     if cfg.data_classes:
         data = select_classes(data, cfg.data_classes)
     return split_classes(data, cfg.val_classes, cfg.seed)[1]
+
+
+def check_metrics(names: list[str] | None, engine: str) -> None:
+    """The metrics and the kNN engine asked for exist: a misspelt name fails before the embedding."""
+    from mltk import metrics as metrics_mod
+    from mltk import registry
+
+    for name in names or []:
+        registry.get("metrics", name)
+    if engine not in metrics_mod.ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(metrics_mod.ENGINES)}")
 
 
 @dataclass
@@ -103,20 +112,31 @@ def evaluate(
     memory map (rows: the pair list's images, the query then the gallery images, or the set). ``spec`` is how the
     images were named (``data_spec``), for ``EvalResult.provenance``; by default, the names of the sets given.
     """
+    check_settings(batch_size, workers, max_pairs)
+    check_metrics(metrics, engine)  # a misspelt metric or engine fails now, not after the embedding
+    reranker = create_reranker(rerank)  # a misspelt re-ranker or parameter fails now too
+    return embed_and_score(
+        model, EmbedSettings(batch_size, workers, flip_tta=flip_tta), reranker, data=data, pairs_file=pairs_file, pairs_root=pairs_root,
+        query=query, gallery=gallery, metrics=metrics, max_pairs=max_pairs, progress=progress, engine=engine, index_options=index_options,
+        embeddings_file=embeddings_file, spec=spec,
+    )
+
+
+def embed_and_score(
+    model: EmbeddingModel, settings: EmbedSettings, reranker, *, data: LabelledImages | None = None, pairs_file: str | Path | None = None,
+    pairs_root: str | Path | None = None, query: LabelledImages | None = None, gallery: LabelledImages | None = None,
+    metrics: list[str] | None = None, max_pairs: int | None = None, progress: Progress | None = None, engine: str = "blocks",
+    index_options: dict | None = None, embeddings_file: str | Path | None = None, spec: dict | None = None,
+) -> EvalResult:
+    """``evaluate``'s work, on options already checked (``evaluate``, ``EvaluateRequest.check``); ``reranker``: built."""
     from mltk import metrics as metrics_mod
-    from mltk import registry
     from mltk.pairs import check_images, read_pairs
 
-    check_settings(batch_size, workers, max_pairs)
-    for name in metrics or []:  # a misspelt metric fails now, not after the embedding
-        registry.get("metrics", name)
-    if engine not in metrics_mod.ENGINES:  # a misspelt engine fails now too
-        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(metrics_mod.ENGINES)}")
-    reranker = create_reranker(rerank)  # a misspelt re-ranker or parameter fails now too
-    options = {"metrics": metrics, "engine": engine, "index_options": index_options, "rerank": reranker}
+    flip_tta = settings.flip_tta
+    options = {"metrics": metrics, "engine": engine, "index_options": index_options, "rerank": reranker, "device": str(model.device)}  # the metrics pass runs where the model does
     if max_pairs is not None:
         options["max_pairs"] = max_pairs
-    run_embed = lambda d: embed(model, d, batch_size, workers, flip_tta, progress, embeddings_file)  # noqa: E731
+    run_embed = lambda d: embed(model, d, settings.batch_size, settings.workers, flip_tta, progress, embeddings_file)  # noqa: E731
     if pairs_file is not None:
         pair_list = read_pairs(pairs_file, pairs_root)
         check_images(pair_list)  # every named image exists, before anything is embedded
@@ -170,6 +190,148 @@ def evaluate(
         result.values, result.roc, embeddings, labels, sources, classes, ev.query, ev.gallery, info, skipped, embeddings_file,
         result.left_out, calibration(result, evaluated, source, flip_tta), provenance=evaluated, not_measured=result.not_measured, **for_report(result),
     )
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What ``mltk evaluate`` is asked for, as its options name it; ``check`` holds it to them as a whole, before any
+    work, and fills in what it resolves (the way ``mltk.config.RunConfig`` is checked once for ``mltk run``)."""
+
+    run: Path | None = None  # a run directory or checkpoint file; or ``backbone``, an untrained one
+    checkpoint: str | None = None  # of a run directory: "last" (default) or "best"
+    backbone: str | None = None
+    pretrained: bool = False
+    weights: str | None = None
+    image_size: int | None = None
+    data: str | None = None  # the images (and the root of ``pairs``); None: the run's held-out classes
+    classes: list[str] | None = None
+    pairs: Path | None = None
+    query: str | None = None
+    gallery: str | None = None
+    out: Path | None = None  # None: RUN/eval (RUN/eval-best), or eval-BACKBONE
+    metrics: list[str] | None = None  # None: all
+    max_pairs: int | None = None
+    index: str | None = None  # a faiss index kind (``mltk.knn.KINDS``); None: the exact blockwise pass
+    nprobe: int | None = None
+    ef_search: int | None = None
+    rerank: str | None = None  # a re-ranker spec, ``mltk.rerank.parse_spec``
+    save_embeddings: bool = False
+    report: bool = True
+    log: list[str] | None = None  # logger names; None: the run's own, as its config.yaml names them
+    embed: EmbedSettings = EmbedSettings()
+    # filled in by ``check``:
+    scored: Path | None = None  # the checkpoint file evaluated
+    reranker: object = None  # ``rerank``, built
+
+    def check(self) -> "EvaluateRequest":
+        """The request with ``out``, ``scored`` and ``reranker`` resolved; anything that contradicts itself or is out of
+        range is one line, before a model loads or a folder is made."""
+        run, backbone, data, pairs = self.run, self.backbone, self.data, self.pairs
+        if (run is None) == (backbone is None):
+            raise UsageError("give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone")
+        if (self.query is None) != (self.gallery is None):
+            raise UsageError("--query and --gallery go together")
+        if pairs is not None and (data is None or not Path(data).is_dir()):  # not a dataset spec: its paths would be joined to the spec
+            given = "" if data is None else f"; {data!r} is {'a file' if Path(data).exists() else 'not a folder'}"
+            raise UsageError(f"--pairs needs --data: the folder its image names are relative to{given}")
+        if pairs is not None and self.classes:
+            raise UsageError("--classes picks images by class; a --pairs list names its images itself")
+        if backbone and not (data or self.query):
+            raise UsageError("--backbone needs --data (or --query and --gallery)")
+        if run is None and self.checkpoint is not None:
+            raise UsageError("--checkpoint picks best.pt or last.pt of a RUN directory; an untrained --backbone has none")
+        if run is not None and (self.pretrained or self.weights is not None or self.image_size is not None):
+            raise UsageError("--pretrained, --weights and --image-size go with --backbone; a run's checkpoint has its own")
+        kind = self.index
+        if self.nprobe is not None and kind not in ("ivf", "ivfpq") or self.ef_search is not None and kind != "hnsw":
+            raise UsageError("--nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw")
+        for option, value in (("--nprobe", self.nprobe), ("--ef-search", self.ef_search)):
+            if value is not None and value < 1:
+                raise UsageError(f"{option} must be a positive number, got {value}")
+        self.embed.check()
+        check_settings(max_pairs=self.max_pairs, image_size=self.image_size)
+        check_metrics(self.metrics, self.engine)
+        reranker = create_reranker(self.rerank)  # a misspelt re-ranker or parameter costs no embedding
+        inference_device(self.embed.device)
+        scored = find_checkpoint(run, self.checkpoint) if run is not None else None  # last.pt unless told: best.pt was chosen on the held-out classes
+        own = "eval-best" if self.checkpoint == "best" else "eval"  # RUN/eval stays the evaluation of what RUN means to index, export and verify
+        out = check_out(
+            self.out or (Path(run) / own if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")),
+            {"RUN": run, "--data": data, "--pairs": pairs, "--query": self.query, "--gallery": self.gallery, "--weights": self.weights},
+        )
+        return replace(self, out=out, scored=scored, reranker=reranker)
+
+    @property
+    def engine(self) -> str:
+        return self.index or "blocks"
+
+    @property
+    def index_options(self) -> dict:
+        return {k: v for k, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search)) if v is not None}
+
+
+@dataclass
+class Prepared:
+    """A checked request and what it reads, ready to run: the model, the images, the run's record, the loggers."""
+
+    request: EvaluateRequest
+    model: EmbeddingModel
+    inputs: dict  # ``evaluate``'s images: data, or query and gallery, or pairs_file and pairs_root
+    spec: dict  # how the images were named (``data_spec``)
+    run_dir: Path | None  # the run directory the model comes from
+    training: tuple[dict, list[dict]] | None  # its config and training curves, for the report
+    loggers: list
+
+
+def prepare(request: EvaluateRequest, warn) -> Prepared:
+    """Load what a ``check``ed request evaluates; ``warn(line)`` says what the report will leave out. The loggers come
+    first: a missing package costs one line, no embedding."""
+    from mltk.data import load_test_data
+    from mltk.lifecycle import evaluation_loggers
+    from mltk.model import load
+    from mltk.run_dir import run_of
+
+    run, backbone, data = request.run, request.backbone, request.data
+    training = None
+    if run is not None and request.report:
+        try:
+            training = training_of(run)
+        except MltkError as exc:  # the checkpoint is what is evaluated: a broken config.yaml or metrics.jsonl costs only the report's section
+            warn(f"report.html leaves out the run's configuration and training curves: {exc}")
+    device = request.embed.device
+    model = load(request.scored, device) if run is not None else untrained_model(backbone, request.pretrained, request.weights, request.image_size, device)
+    run_dir = run_of(run) if run is not None else None
+    loggers = evaluation_loggers(request.log, model.config, run_dir, warn)
+    if request.pairs is not None:
+        inputs = {"pairs_file": request.pairs, "pairs_root": data}
+    elif request.query is not None:
+        inputs = {"query": load_data(request.query, "test"), "gallery": load_data(request.gallery, "test")}  # a dataset: its test split unless named
+    else:
+        inputs = load_test_data(data) if data else {"data": held_out_data(model)}  # a dataset: its test split (In-Shop: query vs gallery)
+    if request.classes:
+        inputs = {key: select_classes(images, request.classes) for key, images in inputs.items()}
+    spec = data_spec(model, data, request.classes, request.pairs, request.query, request.gallery)
+    if backbone is not None:
+        spec["backbone"] = backbone
+    return Prepared(request, model, inputs, spec, run_dir, training, loggers)
+
+
+def execute(prepared: Prepared, progress: Progress | None = None) -> EvalResult:
+    """Embed, score and write the outputs into the request's ``out``, swapped in whole (``output_folder``)."""
+    request = prepared.request
+    with output_folder(request.out) as folder:
+        inputs = dict(prepared.inputs)
+        if request.save_embeddings:  # streamed there while embedding; the metrics read it as a memory map
+            inputs["embeddings_file"] = folder / "embeddings.npy"
+        result = embed_and_score(
+            prepared.model, request.embed, request.reranker, metrics=request.metrics, max_pairs=request.max_pairs, progress=progress,
+            engine=request.engine, index_options=request.index_options, spec=prepared.spec, **inputs,
+        )
+        title = f"mltk evaluate — {request.run if request.run is not None else request.backbone}"
+        html = build_report(result, title, progress=progress, training=prepared.training) if request.report else None
+        write_outputs(result, folder, request.save_embeddings, html)
+        result.embeddings = None  # the memory map of folder/embeddings.npy: closed before the folder moves
+    return result
 
 
 def check_disjoint(query: LabelledImages, gallery: LabelledImages) -> None:
@@ -302,7 +464,7 @@ def chosen_on(model: EmbeddingModel, classes: list[str] | None, held_out: bool) 
     no classes."""
     record = model.checkpoint or {}
     best = record.get("best") or {}
-    chosen = Path(record.get("path") or "").name == "best.pt" and best.get("by") == "val_recall@1" and best.get("epoch") == record.get("epoch")
+    chosen = Path(record.get("path") or "").name == CHECKPOINTS["best"] and best.get("by") == "val_recall@1" and best.get("epoch") == record.get("epoch")
     if not chosen or held_out:
         return chosen
     if classes is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mltk.errors import MltkError, UsageError
+from mltk.errors import MltkError, UsageError, first_line
 from mltk.outputs import aside, check_file, check_replaceable, disk_error, stale_temporaries, temporary
 
 FORMATS = ("onnx", "torchscript")
@@ -58,7 +58,8 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
     are written or neither: an earlier ``out`` stays as it was if anything fails, and a folder made
     for ``out`` is removed again.
     """
-    from mltk.model import find_checkpoint, load
+    from mltk.checkpoint import find_checkpoint
+    from mltk.model import load
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -92,7 +93,7 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
             try:
                 got = (run_onnx if fmt == "onnx" else run_torchscript)(tmp, check)
             except Exception as exc:  # e.g. a batch size baked into the graph
-                raise MltkError(f"the exported {fmt} model fails on a batch of {len(check)} ({type(exc).__name__}: {first_line(exc)}); nothing was written") from None
+                raise MltkError(f"the exported {fmt} model fails on a batch of {len(check)} ({type(exc).__name__}: {first_line(exc, '')[:200]}); nothing was written") from None
         # Keep the file only if it computes what PyTorch does.
         if got.shape != expected.shape:
             raise MltkError(f"the exported {fmt} model gives shape {tuple(got.shape)}, not {tuple(expected.shape)}; nothing was written")
@@ -262,14 +263,14 @@ def write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
             input_names=["images"], output_names=["embeddings"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
         )
     except Exception as exc:  # a backbone torch.export cannot capture: say which, in one line
-        raise MltkError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}); try --format torchscript") from None
+        raise MltkError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc, '')[:200]}); try --format torchscript") from None
 
 
 def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     try:
         traced = torch.jit.trace(module, example)
     except Exception as exc:
-        raise MltkError(f"TorchScript export failed ({type(exc).__name__}: {first_line(exc)}); try --format onnx") from None
+        raise MltkError(f"TorchScript export failed ({type(exc).__name__}: {first_line(exc, '')[:200]}); try --format onnx") from None
     traced.save(str(path))
 
 
@@ -282,7 +283,3 @@ def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
 
 def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
     return torch.jit.load(str(path), map_location="cpu")(images)
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]

@@ -13,13 +13,14 @@ import math
 import os
 import reprlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mltk.errors import MltkError, UsageError
-from mltk.knn import KINDS, Progress, build, check_options, configure, kind_of, neighbours, search, settings  # noqa: F401  (build, search: mltk.index's names since the start)
+from mltk.embedding import EmbedSettings
+from mltk.errors import MltkError, UsageError, first_line
+from mltk.knn import KINDS, OPTIONS, Progress, build, check_options, configure, kind_of, neighbours, search, settings
 from mltk.outputs import check_dir, check_replaceable, replace_folder
 from mltk.thresholds import Calibration, OperatingPoint
 
@@ -87,6 +88,47 @@ def load_gallery(spec: str, unlabelled: bool = False):
             "them all without classes, or move the ones at its top into class folders"
         )
     return gallery
+
+
+@dataclass(frozen=True)
+class IndexRequest:
+    """What ``mltk index`` is asked for, as its options name it; ``check`` holds it together before the model loads."""
+
+    run: Path  # a run directory or checkpoint file
+    data: str  # the gallery: what ``load_gallery`` reads
+    out: Path  # the index directory to write
+    kind: str = "flat"
+    options: dict = field(default_factory=dict)  # of the kind (``knn.OPTIONS``), those given: nlist, nprobe, pq_m, m, ef_search
+    unlabelled: bool = False
+    calibrate: str | None = None  # an evaluation of the model, or images (``mltk.calibrate.resolve``)
+    far: float | str | None = None  # the operating point of ``calibrate``
+    embed: EmbedSettings = EmbedSettings()
+
+    def check(self) -> "IndexRequest":
+        """One line for options that contradict each other or are out of range, and for an ``out`` that is not mltk's
+        to replace (``check_request``): before the model loads, a mistake costs nothing."""
+        wrong = sorted(set(self.options) - set(OPTIONS.get(self.kind, self.options)))  # an unknown kind: check_request says so
+        if wrong:
+            named = ", ".join("--" + k.replace("_", "-") for k in wrong)
+            raise UsageError(f"{named}: not an option of --kind {self.kind} (ivf: --nlist, --nprobe; ivfpq: those and --pq-m; hnsw: --m, --ef-search)")
+        if self.far is not None and self.calibrate is None:
+            raise UsageError("--far picks an operating point of --calibrate; give --calibrate EVAL_DIR_OR_DATA too")
+        inputs = {"RUN": self.run, "--data": self.data, "--calibrate": self.calibrate}
+        check_request(self.out, self.kind, self.embed.batch_size, self.embed.workers, inputs=inputs, **self.options)
+        return self
+
+    def load(self):
+        """The model and the gallery: what ``write`` indexes."""
+        from mltk.model import load
+
+        return load(self.run, self.embed.device), load_gallery(self.data, self.unlabelled)
+
+    def write(self, model, gallery, progress: Progress | None = None) -> tuple[IndexDir, list]:
+        """``write_index_dir`` of ``gallery``, embedded with ``model``, as asked."""
+        return write_index_dir(
+            model, gallery, self.out, self.kind, run=str(Path(self.run).resolve()), batch_size=self.embed.batch_size,
+            workers=self.embed.workers, progress=progress, calibrate=self.calibrate, far=self.far, **self.options,
+        )
 
 
 def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, workers: int = 2, inputs: dict | None = None, **options) -> Path:
@@ -164,7 +206,7 @@ def write_index_dir(
     from mltk.config import to_dict
     from mltk.data import readable, write_skipped
     from mltk.embedding import embed
-    from mltk.model import save_checkpoint
+    from mltk.checkpoint import save_checkpoint
 
     given = str(out)
     out = check_request(out, kind, batch_size, workers, **options)
@@ -176,7 +218,7 @@ def write_index_dir(
     if calibrate is not None:  # before the gallery is embedded: a wrong source costs nothing
         from mltk.calibrate import resolve
 
-        calibration = resolve(model, calibrate, far, batch_size=batch_size, workers=workers, progress=progress)
+        calibration = resolve(model, calibrate, far, settings=EmbedSettings(batch_size, workers), progress=progress)
     with replace_folder(out, f"index directory {given!r}", "nothing there was changed", recheck=lambda: _check_replaceable(out, given)) as tmp:
         vectors = embed(model, data, batch_size, workers, progress=progress, out=tmp / "embeddings.npy")
         index = build(vectors, kind, progress=progress, **options)
@@ -237,7 +279,7 @@ def open_index_dir(path: str | Path) -> IndexDir:
     try:
         index = faiss.read_index(str(path / "index.faiss"))
     except RuntimeError as exc:
-        raise _damaged(path, "index.faiss", f"cannot be read by faiss ({_first_line(exc)})") from None
+        raise _damaged(path, "index.faiss", f"cannot be read by faiss ({first_line(exc)})") from None
     found = {"kind": kind_of(index), "dim": index.d, "count": index.ntotal}
     for key, value in found.items():
         if value != meta[key]:
@@ -256,10 +298,6 @@ def open_index_dir(path: str | Path) -> IndexDir:
 
 def _damaged(path: Path, name: str, problem: str) -> MltkError:
     return MltkError(f"index directory {str(path)!r} is damaged: {name} {problem}; write it again with `mltk index`")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_meta(path: Path, meta: dict) -> None:
@@ -312,7 +350,7 @@ def _read_classes(path: Path) -> list[str]:
     try:
         classes = json.loads((path / "classes.json").read_bytes())
     except (OSError, ValueError, RecursionError) as exc:
-        raise _damaged(path, "classes.json", f"is not JSON ({_first_line(exc)})") from None
+        raise _damaged(path, "classes.json", f"is not JSON ({first_line(exc)})") from None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise _damaged(path, "classes.json", f"holds {reprlib.repr(classes)}; expected a list of class names (strings)")
     return classes
@@ -326,7 +364,7 @@ def _read_labels(path: Path, count: int, classes: int) -> np.ndarray:
     try:
         labels = np.load(path / "labels.npy", allow_pickle=False).astype(np.int64)
     except (OSError, ValueError, EOFError) as exc:
-        raise _damaged(path, "labels.npy", f"cannot be read ({_first_line(exc)})") from None
+        raise _damaged(path, "labels.npy", f"cannot be read ({first_line(exc)})") from None
     if not classes:
         labelled = np.flatnonzero(labels != -1)
         if len(labelled):
@@ -351,7 +389,7 @@ def _npy_header(path: Path, name: str) -> tuple[tuple, np.dtype]:
             shape, _, dtype = read(f)
             data = os.fstat(f.fileno()).st_size - f.tell()
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
-        raise _damaged(path, name, f"is not a numpy array file ({_first_line(exc)})") from None
+        raise _damaged(path, name, f"is not a numpy array file ({first_line(exc)})") from None
     if dtype.hasobject:
         raise _damaged(path, name, "holds Python objects, not numbers")
     if data != math.prod(shape) * dtype.itemsize:

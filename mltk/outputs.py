@@ -161,6 +161,39 @@ def writing(name: str, kept: str):
 
 
 @contextmanager
+def replace_file(path: str | Path, writing: str | None = None, kept: str = ""):
+    """A hidden sibling of ``path`` (``temporary``) to write a whole file into, renamed over ``path`` when the block ends.
+
+    The one way mltk writes a file whole (checkpoints, a run's records, compare's tables): the file is flushed to disk
+    before the rename, so ``path`` holds the earlier version or the new one, never part of either. If the block fails
+    or is interrupted, the sibling goes and ``path`` is as it was. An OSError (a full disk) is one line,
+    ``disk_error(exc, writing, kept)``; with no ``writing``, it goes to the caller, who says what is intact.
+    """
+    path = Path(path)
+    tmp = temporary(path)
+    try:
+        try:
+            yield tmp
+            _flush(tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            if writing is None:
+                raise
+            raise disk_error(exc, writing, kept) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _flush(path: Path) -> None:
+    """What was written to ``path`` is on the disk, not only in the cache: a crash after the rename keeps it whole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[], None] | None = None):
     """A hidden sibling of ``out`` (``.NAME.tmp-PID``) to write a whole folder into, renamed to ``out`` when the block ends.
 

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from mltk.checkpoint import CHECKPOINT_FILES, CHECKPOINTS
 from mltk.config import RULES, RunConfig, check_values, load_yaml, make_config, save_yaml, to_dict
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import check_dir, check_replaceable, stale_temporaries, temporary
+from mltk.outputs import check_dir, check_replaceable, replace_file, stale_temporaries
 from mltk.rules import Number, show
 
 try:
@@ -29,7 +30,7 @@ except ImportError:  # Windows: no flock; a run directory is then not held
 
 
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "skipped_images.txt")  # all mltk run writes
+RUN_FILES = (*CHECKPOINT_FILES, "metrics.jsonl", "config.yaml", "skipped_images.txt")  # all mltk run writes
 RUN_FOLDERS = ("tensorboard",)  # what mltk's own loggers write (--log tensorboard)
 NEEDS_LAST_PT = "--resume needs --out RUN_DIR of a run that has a last.pt"
 _HELD: set[int] = set()  # descriptors of the run directories this process holds
@@ -138,7 +139,7 @@ class RunDirectory:
     def check(self) -> None:
         """A run to resume has a last.pt; any other run there is started over only when told (``overwrite``)."""
         if self.resume:
-            if not (self.path / "last.pt").is_file():
+            if not (self.path / CHECKPOINTS["last"]).is_file():
                 raise MltkError(NEEDS_LAST_PT)
             return
         if self.overwrite:  # mltk replaces only what it wrote, never its own input: --config RUN/config.yaml is read, not started over
@@ -215,7 +216,7 @@ NUMBERS = {
 def run_of(path: str | Path) -> Path | None:
     """The run directory ``path`` is (one with a config.yaml) or whose best.pt / last.pt it is; None for any other."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent if path.name in ("best.pt", "last.pt") else None
+    folder = path if path.is_dir() else path.parent if path.name in CHECKPOINT_FILES else None
     return folder if folder is not None and (folder / "config.yaml").is_file() else None
 
 
@@ -290,20 +291,12 @@ def strict_json(text: str):
 
 
 def write_history(run_dir: Path, records: list[dict]) -> None:
-    path = run_dir / "metrics.jsonl"
-    tmp = temporary(path)
-    try:
+    """metrics.jsonl, whole or not at all (``outputs.replace_file``)."""
+    with replace_file(run_dir / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_config(cfg: RunConfig, path: Path) -> None:
-    """config.yaml, whole or not at all (a temporary renamed into place)."""
-    tmp = temporary(path)
-    try:
+    """config.yaml, whole or not at all (``outputs.replace_file``)."""
+    with replace_file(path) as tmp:
         save_yaml(cfg, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

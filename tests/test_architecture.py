@@ -4,13 +4,14 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mltk"
 
 # Lower number: lower layer. A module may import from its own layer or below, never above.
 LAYERS = {
     0: ["errors", "display", "outputs", "memory", "rules", "config", "hookspecs", "plugins", "registry", "lifecycle"],  # the ground
-    1: ["data", "datasets", "model", "embedding", "losses", "knn", "gpu_pass", "metrics_kernels", "metrics", "pairs", "report", "thresholds", "rerank", "distributed", "run_dir", "default_plugins"],  # the pieces
+    1: ["data", "datasets", "checkpoint", "model", "embedding", "losses", "knn", "gpu_pass", "metrics_kernels", "allpairs", "roc", "metrics", "pairs", "report", "thresholds", "rerank", "distributed", "run_dir", "default_plugins"],  # the pieces
     2: ["train", "evaluate", "calibrate", "index", "embed_files", "verify", "export", "compare", "fetch"],  # the workflows
     3: ["cli", "__main__", "__init__"],  # what users call: the commands, and the package's own names (mltk.load, mltk.hookimpl)
 }
@@ -95,3 +96,24 @@ def test_the_layers_named_here_are_those_of_docs_architecture():
         for name in names:
             if not name.startswith("__"):
                 assert name in text, f"docs/architecture.md does not place {name}"
+
+
+FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "marshal.loads"}
+
+
+def test_nothing_runs_code_from_strings_or_pickles():
+    """No eval/exec, no pickle or unsafe YAML; every torch.load passes weights_only=True, no np.load allows pickles."""
+    sources = [*(REPO / "mltk").rglob("*.py"), *(p for p in (REPO / "plugins").rglob("*.py") if "build" not in p.parts)]
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert name not in FORBIDDEN_CALLS, where
+                assert name != "torch.load" or keywords.get("weights_only") == "True", where
+                assert keywords.get("allow_pickle") != "True", where
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {"pickle", "dill", "marshal", "cloudpickle"} & {m.split(".")[0] for m in modules}, where
+    assert len(sources) > 20

@@ -258,13 +258,13 @@ def test_mltk_evaluate_takes_the_test_split(cub, mltk_main, tmp_path):
 
 
 def test_mltk_evaluate_on_inshop_searches_the_gallery_for_the_queries(inshop, mltk_main, monkeypatch, tmp_path):
-    seen, evaluate = {}, ev.evaluate
+    seen, embed_and_score = {}, ev.embed_and_score
 
-    def spy(model, **inputs):
+    def spy(model, settings, reranker, **inputs):
         seen.update(inputs)
-        return evaluate(model, **inputs)
+        return embed_and_score(model, settings, reranker, **inputs)
 
-    monkeypatch.setattr(ev, "evaluate", spy)
+    monkeypatch.setattr(ev, "embed_and_score", spy)
     code, _, err = mltk_main("evaluate", *EVAL_ARGS, "--data", f"inshop:{inshop}", "--out", tmp_path / "e")
     assert code == 0, err
     assert len(seen["query"]) == 3 and len(seen["gallery"]) == 6 and seen.get("data") is None

@@ -106,3 +106,33 @@ def test_a_read_only_output_folder_is_one_line_for_every_command_and_nothing_cha
         "1 error: cannot write --out 'ro/runs.md': 'ro' is not writable",
     ]
     assert snapshot(tmp_path / "ro") == before
+
+
+def test_replace_file_swaps_in_a_whole_file_or_leaves_the_earlier_one(tmp_path, monkeypatch):
+    import errno
+
+    from mltk.outputs import replace_file
+
+    path = tmp_path / "table.md"
+    path.write_text("earlier")
+    with replace_file(path, repr(str(path)), "it is as it was") as tmp:
+        tmp.write_text("new")
+        assert path.read_text() == "earlier"  # written aside until the block ends
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+
+    def full(*args):  # the disk fills up while the file is written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(MltkError, match=rf"^no space left on device writing '{path}'; it is as it was$"):
+        with replace_file(path, repr(str(path)), "it is as it was") as tmp:
+            tmp.write_text("half")
+            full()
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C, or an OSError with no ``writing``: the caller's to say
+        with replace_file(path) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "fsync", full)  # the flush before the rename fails: nothing is renamed
+    with pytest.raises(OSError, match="No space left"):
+        with replace_file(path) as tmp:
+            tmp.write_text("half")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]  # no temporary left

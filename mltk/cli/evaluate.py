@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 import typer
 
 from mltk.cli.options import BatchSize, Checkpoint, Device, IndexKind, Pretrained, Rerank, Run, Workers, classes_option, data_option, ef_search_option, log_option, logger_names, nprobe_option, out_option
-from mltk.errors import MltkError, UsageError
 
 
 def evaluate(
@@ -41,85 +40,26 @@ def evaluate(
     from rich.table import Table
     from rich.text import Text
 
+    from mltk import evaluate as ev
     from mltk.cli.output import console, interrupted_means, phases, warn
+    from mltk.data import describe_files
     from mltk.display import shown
+    from mltk.embedding import EmbedSettings
+    from mltk.lifecycle import evaluation_ended
     from mltk.report import metric_groups
 
-    if (run is None) == (backbone is None):
-        raise UsageError("give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone")
-    if (query is None) != (gallery is None):
-        raise UsageError("--query and --gallery go together")
-    if pairs is not None and (data is None or not Path(data).is_dir()):  # not a dataset spec: its paths would be joined to the spec
-        given = "" if data is None else f"; {data!r} is {'a file' if Path(data).exists() else 'not a folder'}"
-        raise UsageError(f"--pairs needs --data: the folder its image names are relative to{given}")
-    if pairs is not None and classes:
-        raise UsageError("--classes picks images by class; a --pairs list names its images itself")
-    if backbone and not (data or query):
-        raise UsageError("--backbone needs --data (or --query and --gallery)")
-    if run is None and checkpoint is not None:
-        raise UsageError("--checkpoint picks best.pt or last.pt of a RUN directory; an untrained --backbone has none")
-    if run is not None and (pretrained or weights is not None or image_size is not None):
-        raise UsageError("--pretrained, --weights and --image-size go with --backbone; a run's checkpoint has its own")
-    kind = index.value if index is not None else None
-    if nprobe is not None and kind not in ("ivf", "ivfpq") or ef_search is not None and kind != "hnsw":
-        raise UsageError("--nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw")
-    for option, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
-        if value is not None and value < 1:
-            raise UsageError(f"{option} must be a positive number, got {value}")
-
-    from mltk import evaluate as ev
-    from mltk.data import describe_files, load_data, load_test_data, select_classes
-    from mltk.lifecycle import evaluation_ended, evaluation_loggers
-    from mltk.run_dir import run_of
-    from mltk.model import find_checkpoint, inference_device, load
-    from mltk.rerank import create as create_reranker
-
-    # Options and the output folder are checked before any work: a mistake costs no embedding.
-    ev.check_settings(batch_size, workers, max_pairs, image_size)
-    create_reranker(rerank)  # a misspelt re-ranker or parameter costs no embedding
-    inference_device(device)
-    which = checkpoint.value if checkpoint is not None else None
-    scored = find_checkpoint(run, which) if run is not None else None  # last.pt unless told: best.pt was chosen on the held-out classes
-    own = "eval-best" if which == "best" else "eval"  # RUN/eval stays the evaluation of what RUN means to index, export and verify
-    out = ev.check_out(
-        out or (Path(run) / own if run is not None and Path(run).is_dir() else Path(f"eval-{backbone or Path(run).stem}")),
-        {"RUN": run, "--data": data, "--pairs": pairs, "--query": query, "--gallery": gallery, "--weights": weights},
-    )
-    training = None  # the run's config and training curves, for the report
-    if run is not None and report:
-        try:
-            training = ev.training_of(run)
-        except MltkError as exc:  # the checkpoint is what is evaluated: a broken config.yaml or metrics.jsonl costs only the report's section
-            warn(f"report.html leaves out the run's configuration and training curves: {exc}")
-    model = load(scored, device) if run is not None else ev.untrained_model(backbone, pretrained, weights, image_size, device)
-    run_dir = run_of(run) if run is not None else None
-    loggers = evaluation_loggers(logger_names(log), model.config, run_dir, warn)  # before the work: a missing package costs one line
-    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
-    inputs = {}
-    if pairs is not None:
-        inputs = {"pairs_file": pairs, "pairs_root": data}
-    elif query is not None:
-        inputs = {"query": load_data(query, "test"), "gallery": load_data(gallery, "test")}  # a dataset: its test split unless named
-    else:
-        inputs = load_test_data(data) if data else {"data": ev.held_out_data(model)}  # a dataset: its test split (In-Shop: query vs gallery)
-    if classes:
-        inputs = {key: select_classes(images, classes) for key, images in inputs.items()}
-    spec = ev.data_spec(model, data, classes, pairs, query, gallery)
-    if backbone is not None:
-        spec["backbone"] = backbone
-
+    request = ev.EvaluateRequest(
+        run=run, checkpoint=checkpoint.value if checkpoint is not None else None, backbone=backbone, pretrained=pretrained, weights=weights,
+        image_size=image_size, data=data, classes=classes, pairs=pairs, query=query, gallery=gallery, out=out,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, max_pairs=max_pairs,
+        index=index.value if index is not None else None, nprobe=nprobe, ef_search=ef_search, rerank=rerank, save_embeddings=save_embeddings,
+        report=report, log=logger_names(log), embed=EmbedSettings(batch_size, workers, device, flip_tta),
+    ).check()  # options and the output folder, before any work: a mistake costs no embedding
+    prepared = ev.prepare(request, warn)
+    out, model, run_dir, loggers = request.out, prepared.model, prepared.run_dir, prepared.loggers
     kept = f"nothing was written to {str(out)!r} (an earlier evaluation there is as it was)"
-    with interrupted_means(kept), ev.output_folder(out) as folder, phases() as progress:  # written aside, swapped in whole at the end; removed if anything fails
-        options = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
-        if save_embeddings:  # streamed there while embedding; the metrics read it as a memory map
-            inputs["embeddings_file"] = folder / "embeddings.npy"
-        result = ev.evaluate(
-            model, metrics=names, batch_size=batch_size, workers=workers, flip_tta=flip_tta, max_pairs=max_pairs, progress=progress,
-            engine=kind or "blocks", index_options=options, rerank=rerank, spec=spec, **inputs,
-        )
-        html = ev.build_report(result, f"mltk evaluate — {run if run is not None else backbone}", progress=progress, training=training) if report else None
-        ev.write_outputs(result, folder, save_embeddings, html)
-        result.embeddings = None  # the memory map of folder/embeddings.npy: closed before the folder moves
+    with interrupted_means(kept), phases() as progress:  # written aside, swapped in whole at the end; removed if anything fails
+        result = ev.execute(prepared, progress)
 
     # What was scored, and what a reader of the figures must know (the report and metrics.json say it too).
     if result.provenance.get("checkpoint"):

@@ -30,12 +30,11 @@ def export(
     from mltk.errors import UsageError
     from mltk.export import TOLERANCE
     from mltk.export import export as export_run
-    from mltk.thresholds import parse_far
 
     if far is not None and calibrate is None:
         raise UsageError("--far picks an operating point of --calibrate; give --calibrate EVAL_DIR_OR_DATA too")
     with interrupted_means(f"nothing was written to {str(out)!r} (an earlier export there is as it was)"):
-        result = export_run(run, out, fmt.value, calibrate, parse_far(far) if far is not None else None)
+        result = export_run(run, out, fmt.value, calibrate, far)
     info = result.info
     console.print(
         f"wrote {result.path} ({fmt.value}, {result.path.stat().st_size / 2**20:.1f} MiB): "

@@ -33,29 +33,19 @@ def index(
     from mltk.cli.output import console, interrupted_means, phases, warn
     from mltk.display import shown
     from mltk.data import describe_files
-    from mltk.errors import UsageError
-    from mltk.index import calibration_of, check_request, load_gallery, write_index_dir
-    from mltk.thresholds import describe, parse_far
-    from mltk.model import load
+    from mltk.embedding import EmbedSettings
+    from mltk.index import IndexRequest, calibration_of
+    from mltk.thresholds import describe
 
     options = {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "m": m, "ef_search": ef_search}
-    given = {k: v for k, v in options.items() if v is not None}
-    allowed = {"flat": set(), "ivf": {"nlist", "nprobe"}, "ivfpq": {"nlist", "nprobe", "pq_m"}, "hnsw": {"m", "ef_search"}}[kind.value]
-    if set(given) - allowed:
-        wrong = ", ".join("--" + k.replace("_", "-") for k in sorted(set(given) - allowed))
-        raise UsageError(f"{wrong}: not an option of --kind {kind.value} (ivf: --nlist, --nprobe; ivfpq: those and --pq-m; hnsw: --m, --ef-search)")
-    if far is not None and calibrate is None:
-        raise UsageError("--far picks an operating point of --calibrate; give --calibrate EVAL_DIR_OR_DATA too")
-    far_value = parse_far(far) if far is not None else None
-    check_request(out, kind.value, batch_size, workers, inputs={"RUN": run, "--data": data, "--calibrate": calibrate}, **given)  # before the model loads: a bad --out costs nothing
-    model = load(run, device)
-    gallery = load_gallery(data, unlabelled)
+    request = IndexRequest(
+        run, data, out, kind.value, {k: v for k, v in options.items() if v is not None}, unlabelled, calibrate, far,
+        EmbedSettings(batch_size, workers, device),
+    ).check()  # before the model loads: a bad --out costs nothing
+    model, gallery = request.load()
     kept = f"nothing was written to {str(out)!r} (an earlier index there is as it was)"
     with interrupted_means(kept), phases() as progress:
-        written, skipped = write_index_dir(
-            model, gallery, out, kind.value, run=str(run.resolve()), batch_size=batch_size, workers=workers, progress=progress,
-            calibrate=calibrate, far=far_value, **given,
-        )
+        written, skipped = request.write(model, gallery, progress)
     if skipped:
         warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)} (all in {out / 'skipped_images.txt'})")
     params = ", ".join(f"{k} {v}" for k, v in written.meta["params"].items())
@@ -87,9 +77,8 @@ def search(
 
     from mltk.cli.output import cell, console
     from mltk.index import search_images
-    from mltk.thresholds import parse_far
 
-    results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device, far=parse_far(far) if far is not None else None, rerank=rerank)
+    results = search_images(index_dir, images, k, nprobe=nprobe, ef_search=ef_search, device=device, far=far, rerank=rerank)
     if as_json:
         print(json.dumps(results, indent=2))
         return

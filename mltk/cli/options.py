@@ -5,7 +5,8 @@ command gives its own default, since Typer copies an alias's option for every pa
 whose meaning depends on the command (what ``--data`` holds, what ``--out`` writes, what
 ``--nprobe`` defaults to) are small factories taking the phrase that varies.
 
-``mltk --help`` imports this module: typer and the standard library only, no numpy, torch or faiss.
+``mltk --help`` imports this module: typer, the standard library and light mltk modules only (mltk.checkpoint imports
+torch where a tensor is read), no numpy, torch or faiss.
 """
 
 from enum import Enum
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from mltk.checkpoint import CHECKPOINTS
 
 
 class IndexKind(str, Enum):
@@ -24,11 +27,8 @@ class IndexKind(str, Enum):
     hnsw = "hnsw"
 
 
-class CheckpointKind(str, Enum):
-    """``mltk.model.CHECKPOINTS``, written out: importing mltk.model would import torch."""
-
-    last = "last"
-    best = "best"
+#: ``mltk.checkpoint.CHECKPOINTS`` by name (that module imports torch only where a tensor is read or written)
+CheckpointKind = Enum("CheckpointKind", {name: name for name in CHECKPOINTS}, type=str)
 
 
 Run = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint file.")]
@@ -105,7 +105,17 @@ Calibrate = Annotated[
         f"({IMAGES}) whose all-pairs scores give it.",
     ),
 ]
+
+
+def parse_far(text: str) -> float | str:
+    """``--far`` read as the command line is parsed: ``mltk.thresholds.parse_far`` (imported only when --far is given)."""
+    from mltk.thresholds import parse_far as parse
+
+    return parse(text)
+
+
+# A rate in (0, 1), or "eer", by the time the command runs: the option parses itself.
 Far = Annotated[
-    Optional[str],
-    typer.Option(help="False-accept rate of the threshold (the share of pairs of two identities it accepts): 1e-1, 1e-2, 1e-3 (default), 1e-4, or eer (where false accepts and false rejects are equal)."),
+    Optional[Any],
+    typer.Option(parser=parse_far, metavar="TEXT", help="False-accept rate of the threshold (the share of pairs of two identities it accepts): 1e-1, 1e-2, 1e-3 (default), 1e-4, or eer (where false accepts and false rejects are equal)."),
 ]

@@ -24,10 +24,9 @@ def verify(
 
     from mltk.cli.output import console
     from mltk.display import shown
-    from mltk.thresholds import parse_far
     from mltk.verify import verify as verify_images
 
-    verdict = verify_images(image_a, image_b, run=run, index_dir=index, calibrate=calibrate, far=parse_far(far) if far is not None else None, device=device)
+    verdict = verify_images(image_a, image_b, run=run, index_dir=index, calibrate=calibrate, far=far, device=device)
     point = verdict.point
     if as_json:
         print(json.dumps({"same": verdict.same, "score": verdict.score, "threshold": point.threshold, "operating_point": point.name, "calibrated_on": verdict.calibrated_on}, indent=2))
