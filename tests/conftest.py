@@ -153,3 +153,90 @@ def one_line_error(result, code: int | None = None) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+# ---- shared by the test files of several modules --------------------------------------------------------------------
+
+TINY_ARGS = ["--backbone", "test_resnet", "--image-size", "32", "--dim", "16", "--batch-size", "8", "--m-per-class", "2", "--workers", "0"]
+RUN_ARGS = [*TINY_ARGS, "--seed", "0"]  # TINY as `mltk run` options, but for the epochs
+
+
+def run_config(data, **overrides):
+    """TINY's run config on ``data``."""
+    from mltk.config import make_config
+
+    return make_config({**TINY, "data": str(data), **overrides})
+
+
+def tiny_config(data, **overrides):
+    """TINY's run config on ``data``, two epochs of seed 3: what the crash, resume and determinism cases train."""
+    return run_config(data, **{"epochs": 2, "seed": 3, **overrides})
+
+
+def not_an_image(path: Path) -> Path:
+    path.write_text("this is not an image")
+    return path
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a child, reaped: nothing else has that id for now): what a kill -9 leaves in
+    a temporary's name."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def cpu_allocator_fails(*args, **kwargs):
+    """The CPU allocator's real failure, as on a machine out of memory."""
+    import torch
+
+    return torch.empty(2**62, dtype=torch.uint8)
+
+
+def cuda_allocator_fails(*args, **kwargs):
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB")
+
+
+def evaluate_forbid_work(monkeypatch):
+    """Loading a model or embedding fails the test: a refusal must come before either."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the input was checked")
+
+    import mltk.evaluate
+    import mltk.model
+
+    monkeypatch.setattr(mltk.model, "load", no_work)
+    monkeypatch.setattr(mltk.evaluate, "untrained_model", no_work)
+    monkeypatch.setattr(mltk.evaluate, "embed", no_work)
+
+
+def evaluate_args(run, folder, out, *more):
+    return ("evaluate", run, "--data", folder, "--out", out, "--no-report", "--workers", "0", "--metrics", "roc_auc,recall_at_k", *more)
+
+
+@pytest.fixture(scope="module")
+def evaluate_checkpoint(trained_run):
+    """The trained run's best.pt, as torch reads it (to be spoilt one field at a time)."""
+    import torch
+
+    return torch.load(trained_run[0] / "best.pt", weights_only=True)
+
+
+def plugins_data_losses(*entries):
+    """A plugin object whose register_losses registers each ``(name, factory, description)`` in turn."""
+    import mltk
+
+    class Plugin:
+        @mltk.hookimpl
+        def register_losses(self, register):
+            for name, factory, description in entries:
+                register(name, factory, description=description)
+
+    return Plugin()
+
+
+def plugins_data_builder(num_classes=1, embedding_size=1, **kwargs):
+    return "built"

@@ -1,9 +1,13 @@
 """Datasets from folders, CSVs and names; class-disjoint splits; the m-per-class sampler."""
 
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from conftest import REPO, TINY, TINY_ARGS, make_image_folder, not_an_image, one_line_error, snapshot
 from mltk.data import MPerClassSampler, load_data, select_classes, split_classes
 from mltk.errors import MltkError
 
@@ -166,3 +170,198 @@ def test_csv_that_is_not_text_or_lacks_a_label_names_the_line(image_folder):
     (image_folder / "short.csv").write_text("path,label\nclass_00/0.png,a\nclass_00/1.png\n")
     with pytest.raises(MltkError, match="line 3: needs a path and a label"):
         load_data(str(image_folder / "short.csv"))
+
+
+# --- bad data is one line, and no run directory
+
+
+def csv_file(tmp_path: Path, text: str) -> str:
+    make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    (tmp_path / "images" / "list.csv").write_text(text)
+    return str(tmp_path / "images" / "list.csv")
+
+
+def empty_folder(tmp_path: Path) -> str:
+    (tmp_path / "empty").mkdir()
+    return str(tmp_path / "empty")
+
+
+def unreadable_folder(tmp_path: Path) -> str:
+    for c in range(2):
+        (tmp_path / "bad" / f"c{c}").mkdir(parents=True)
+        not_an_image(tmp_path / "bad" / f"c{c}" / "0.jpg")
+    return str(tmp_path / "bad")
+
+
+BAD_DATA = {
+    "missing folder": (lambda t: ["--data", f"{t}/nowhere/"], 1, "data '{t}/nowhere/' does not exist; give a folder of <class>/<image>, a .csv file or a dataset name"),
+    "empty folder": (lambda t: ["--data", empty_folder(t)], 1, "no images found in '{t}/empty'; expected <class>/<image> folders"),
+    "CSV without the columns": (lambda t: ["--data", csv_file(t, "file,label\nclass_00/0.png,a\n")], 1, "needs a header with the columns path,label"),
+    "CSV naming a missing image": (lambda t: ["--data", csv_file(t, "path,label\nclass_00/0.png,a\nnope.png,a\n")], 1, "line 3: image 'nope.png' does not exist"),
+    "too few classes for a batch": (lambda t: ["--data", str(make_image_folder(t / "two", classes=2))], 1, "needs 4 classes with 2+ images; the data has 2: lower --batch-size or raise --m-per-class"),
+    "no readable image": (lambda t: ["--data", unreadable_folder(t)], 1, "none of the 2 images of 'bad' can be read: {t}/bad/c0/0.jpg (not an image), {t}/bad/c1/0.jpg (not an image)"),
+    "unknown dataset": (lambda t: ["--data", "digit"], 2, "unknown dataset 'digit'; did you mean 'digits'?"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_line_and_no_run_directory(case, mltk_main, tmp_path):
+    args, code, message = BAD_DATA[case]
+    exit_code, out, err = mltk_main("run", *TINY_ARGS, "--epochs", "1", "--out", tmp_path / "run", *args(tmp_path))
+    assert exit_code == code and out.strip() == ""
+    assert err.startswith("error: ") and message.format(t=tmp_path) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+# --- CSV lists: an open quote, paths outside the CSV's folder, bounded lines
+
+
+def plugins_data_csv(folder: Path, body: str, name: str = "list.csv") -> Path:
+    path = folder / name
+    path.write_text("path,label\n" + body)
+    return path
+
+
+def test_an_unclosed_quote_names_its_line_and_not_the_file(image_folder):
+    from mltk.data import load_data
+
+    rows = "".join(f"class_00/{i % 4}.png,SECRET{i}\n" for i in range(200))
+    csv_file = plugins_data_csv(image_folder, f'class_00/0.png,a\n"class_00/1.png,a\n{rows}')
+    with pytest.raises(MltkError) as caught:
+        load_data(str(csv_file))
+    message = str(caught.value)
+    assert "line 3: a quoted field runs on to line 203; is a closing quote missing?" in message
+    assert "SECRET" not in message and len(message) < 200
+
+
+def test_an_unclosed_quote_in_a_large_file_stops_at_csv_field_limit(image_folder):
+    from mltk.data import load_data
+
+    csv_file = plugins_data_csv(image_folder, '"class_00/1.png,a\n' + "class_00/0.png,SECRET\n" * 20000)
+    with pytest.raises(MltkError, match=r"line 2: a quoted field runs on to line \d+; is a closing quote missing\?$") as caught:
+        load_data(str(csv_file))
+    assert "SECRET" not in str(caught.value)
+
+
+@pytest.mark.parametrize("rel", ["../outside.png", "class_00/../../outside.png", "ABSOLUTE", ".."])
+def test_csv_paths_must_stay_in_the_csv_folder(tmp_path, mltk_main, rel):
+    from mltk.data import load_data
+
+    folder = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    (tmp_path / "outside.png").write_bytes((folder / "class_00" / "0.png").read_bytes())
+    rel = str(tmp_path / "outside.png") if rel == "ABSOLUTE" else rel
+    csv_file = plugins_data_csv(folder, f"class_00/0.png,a\nclass_01/0.png,b\n{rel},a\n")
+    with pytest.raises(MltkError, match=r"line 4: the path '.*'(\.\.\.)? leaves the CSV's folder; paths are relative to it"):
+        load_data(str(csv_file))
+    before = snapshot(tmp_path)
+    line = one_line_error(mltk_main("run", "--data", csv_file, "--out", tmp_path / "run", "--backbone", TINY["backbone"], "--epochs", "0"))
+    assert "line 4: the path" in line and "leaves the CSV's folder" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_link_inside_the_csv_folder_is_followed(tmp_path):
+    from mltk.data import load_data
+
+    folder = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    elsewhere = make_image_folder(tmp_path / "elsewhere", classes=1, per_class=1)
+    (folder / "linked").symlink_to(elsewhere / "class_00")
+    data = load_data(str(plugins_data_csv(folder, "class_00/0.png,a\n./linked/0.png,b\n")))
+    assert data.sources[1] == (elsewhere / "class_00" / "0.png").resolve()
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("class_00/0.png,a\nclass_00/\x00.png,a\n", r"line 3: the path 'class_00/\\x00.png' holds control characters"),
+        ("class_00/0.png,a\nclass_00/1.png,b\x1b[31m\n", r"line 3: the label 'b\\x1b\[31m' holds control characters"),
+        ("class_00/0.png,a\n" + "x" * 70000 + ",a\n", r"line 3: longer than 65536 bytes; expected path,label lines"),
+        ("class_00/0.png,a\n" + "y" * 300 + ".png,a\n", r"line 3: image 'y{60}'\.\.\. cannot be opened \(File name too long\)"),
+        ("class_00/0.png,a\n" + "z" * 200 + ".png,a\n", r"line 3: image 'z{60}'\.\.\. does not exist$"),
+    ],
+    ids=["nul-in-path", "ansi-in-label", "huge-line", "name-too-long", "long-missing-name"],
+)
+def test_csv_fields_are_bounded_and_quoted_short(image_folder, body, message):
+    from mltk.data import load_data
+
+    with pytest.raises(MltkError, match=message) as caught:
+        load_data(str(plugins_data_csv(image_folder, body)))
+    assert len(str(caught.value)) < 300
+
+
+def test_a_csv_header_and_bom_and_column_order(image_folder):
+    from mltk.data import load_data
+
+    (image_folder / "bom.csv").write_bytes("\ufefflabel,extra,path\nb,1,class_01/0.png\n\na,2,class_00/0.png\n".encode())
+    data = load_data(str(image_folder / "bom.csv"))
+    assert data.classes == ["a", "b"] and data.labels == [1, 0]
+    (image_folder / "empty.csv").write_text("")
+    with pytest.raises(MltkError, match="needs a header with the columns path,label"):
+        load_data(str(image_folder / "empty.csv"))
+    (image_folder / "binary.csv").write_bytes(b"path,label\nclass_00/0.png,a\n\xff\xfe,b\n")
+    with pytest.raises(MltkError, match="line 3: not a readable CSV"):
+        load_data(str(image_folder / "binary.csv"))
+
+
+# --- images over PIL's pixel limit (a few KB on disk, gigabytes decoded)
+
+
+@pytest.fixture(scope="module")
+def plugins_data_bomb(tmp_path_factory):
+    """A 1-bit PNG of 10,000 x 10,000 pixels: 12 KB on disk, over PIL's warning limit, under its error limit."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (10000, 10000)).save(path)
+    assert path.stat().st_size < 100_000 and Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
+    return path
+
+
+def test_an_image_over_pils_limit_is_skipped_by_the_scan_with_a_reason(plugins_data_bomb, image_folder):
+    from PIL import Image
+
+    from mltk.data import check_image, drop_unreadable, load_data
+
+    reason = f"too large: 10000 x 10000 pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS}"
+    assert check_image(plugins_data_bomb) == reason
+    (image_folder / "class_02" / "huge.png").write_bytes(plugins_data_bomb.read_bytes())
+    kept, skipped = drop_unreadable(load_data(str(image_folder)))
+    assert skipped == [(image_folder / "class_02" / "huge.png", reason)] and len(kept) == 32
+
+
+def test_open_image_refuses_a_huge_image_before_decoding_it(plugins_data_bomb, monkeypatch):
+    from PIL import Image, ImageFile
+
+    from mltk.data import open_image
+
+    def no_decoding(self):
+        raise AssertionError("the huge image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(Image.DecompressionBombError, match="too large: 10000 x 10000 pixels"):
+        open_image(plugins_data_bomb, "RGB")
+
+
+def test_an_image_over_twice_the_limit_has_the_same_reason(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mltk.data import check_image
+
+    Image.new("L", (50, 50)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2,500 pixels: PIL refuses it while opening
+    assert check_image(tmp_path / "big.png") == "too large: 2500 pixels, over PIL's limit of 1000"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the limit turned off: mltk follows
+    assert check_image(tmp_path / "big.png") is None
+
+
+def test_pils_raw_warning_is_not_printed(plugins_data_bomb):
+    code = (
+        "import sys; from mltk.data import check_image, open_image\n"
+        f"print(check_image({str(plugins_data_bomb)!r}))\n"
+        "try:\n"
+        f"    open_image({str(plugins_data_bomb)!r}, 'RGB')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.splitlines()[1] == "DecompressionBombError"

@@ -5,8 +5,11 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
+from conftest import evaluate_args, evaluate_forbid_work, make_image_folder, not_an_image, one_line_error, snapshot
 from mltk.data import load_data
+from mltk.errors import MltkError
 from mltk.evaluate import evaluate, untrained_model
 from mltk.model import load
 
@@ -303,6 +306,205 @@ def test_a_library_evaluation_of_a_pair_list_records_it(run_copy, tmp_path):
 def test_the_checkpoint_option_names_what_the_model_module_knows():
     """The CLI writes the choices out (importing mltk.model would import torch into `mltk --help`)."""
     from mltk.cli.options import CheckpointKind
-    from mltk.model import CHECKPOINTS
+    from mltk.checkpoint import CHECKPOINTS
 
     assert [kind.value for kind in CheckpointKind] == list(CHECKPOINTS)
+
+
+# --- --out: checked before the work; never clobbers what mltk evaluate did not write; whole or absent
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("a file", r"--out '.*/notes.txt' is a file, not a folder"),
+        ("under a file", r"cannot write --out '.*/notes.txt/eval': '.*/notes.txt' is a file, not a folder"),
+        ("a folder of other files", r"--out '.*/mine' is not empty and not an earlier evaluation \('data.csv', 'paper.tex'\); mltk replaces only what it wrote: give a new or empty folder"),
+        ("a folder with a report.html only", r"--out '.*/mine' is not empty and not an earlier evaluation \(no metrics.json\)"),
+    ],
+)
+def test_evaluate_out_that_cannot_be_used_is_one_line_before_any_work(case, expected, trained_run, mltk_main, tmp_path, monkeypatch):
+    run, folder = trained_run
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "mine").mkdir()
+    if case == "a folder of other files":
+        (tmp_path / "mine" / "paper.tex").write_text("draft")
+        (tmp_path / "mine" / "data.csv").write_text("1,2")
+    elif case == "a folder with a report.html only":
+        (tmp_path / "mine" / "report.html").write_text("<p>my own report</p>")
+    out = {"a file": tmp_path / "notes.txt", "under a file": tmp_path / "notes.txt" / "eval"}.get(case, tmp_path / "mine")
+    before = snapshot(tmp_path)
+    evaluate_forbid_work(monkeypatch)
+    line = one_line_error(mltk_main(*evaluate_args(run, folder, out)), code=1)
+    assert re.search(expected, line), line
+    assert snapshot(tmp_path) == before
+
+
+def test_evaluate_replaces_its_own_earlier_folder_whole(trained_run, mltk_main, tmp_path):
+    run, folder = trained_run
+    out = tmp_path / "eval"
+    out.mkdir()  # an empty folder is fine
+    code, _, err = mltk_main(*evaluate_args(run, folder, out, "--save-embeddings"))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "labels.npy", "metrics.json", "paths.txt", "thresholds.json"]
+    # Again, without --save-embeddings: the folder holds this evaluation's files only, not a mix of two.
+    code, _, err = mltk_main(*evaluate_args(run, folder, out))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "thresholds.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporaries beside it
+    # The default, RUN/eval, is re-run as often as one likes.
+    for _ in range(2):
+        code, _, err = mltk_main("evaluate", run, "--no-report", "--workers", "0", "--metrics", "recall_at_k")
+        assert code == 0, err
+    assert json.loads((run / "eval" / "metrics.json").read_text())["queries"] == 12
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_evaluate_that_fails_midway_leaves_the_earlier_evaluation_as_it_was(trained_run, mltk_main, tmp_path, monkeypatch):
+    run, folder = trained_run
+    out = tmp_path / "eval"
+    assert mltk_main(*evaluate_args(run, folder, out, "--save-embeddings"))[0] == 0
+    before = snapshot(tmp_path)
+    import mltk.evaluate
+
+    def fail(*args, **kwargs):
+        raise MltkError("the metrics broke")
+
+    monkeypatch.setattr(mltk.evaluate, "write_outputs", fail)  # after the (other: --flip-tta) embeddings were streamed
+    assert one_line_error(mltk_main(*evaluate_args(run, folder, out, "--save-embeddings", "--flip-tta"))) == "error: the metrics broke"
+    assert snapshot(tmp_path) == before
+
+
+def test_an_interrupted_evaluation_leaves_no_folder(tmp_path):
+    from mltk.evaluate import output_folder
+
+    out = tmp_path / "new" / "deeper" / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        with output_folder(out) as folder:
+            (folder / "metrics.json").write_text("{}")
+            raise KeyboardInterrupt  # Ctrl-C while embedding
+    assert list(tmp_path.iterdir()) == []  # not even the folders made for it
+    with output_folder(out) as folder:
+        (folder / "metrics.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["metrics.json"] and [p.name for p in out.parent.iterdir()] == ["eval"]
+
+
+def test_evaluate_keeps_files_put_into_out_while_it_runs(tmp_path):
+    """--out is checked again just before the swap: what the user put there meanwhile is theirs, not replaced."""
+    from mltk.evaluate import check_out, output_folder
+
+    out = check_out(tmp_path / "eval")
+    with pytest.raises(MltkError, match=r"is not empty and not an earlier evaluation \('notes.txt'\)"):
+        with output_folder(out) as folder:
+            (folder / "metrics.json").write_text("{}")
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_metrics_json_is_strict_json_with_null_for_values_that_are_not_finite(tmp_path):
+    """JSON has no Infinity or NaN (JSON.parse, jq and most readers refuse them): such a metric is written as null."""
+    from mltk.evaluate import EvalResult, write_outputs
+
+    values = {"accuracy_threshold": float("inf"), "eer_threshold": np.float32("nan"), "roc_auc": np.float64(0.75), "pairs": np.int64(6)}
+    write_outputs(EvalResult(values, None, np.zeros((0, 2), np.float32), None, [], []), tmp_path, save_embeddings=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert {key: written[key] for key in values} == {"accuracy_threshold": None, "eer_threshold": None, "roc_auc": 0.75, "pairs": 6}
+
+
+# --- options, names and images: one line before any work
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--batch-size", "0"], "error: --batch-size must be a positive number of images, got 0"),
+        (["--workers", "-1"], "error: --workers must be 0 (load in this process) or more processes, got -1"),
+        (["--max-pairs", "0"], "error: --max-pairs must be a positive number of pairs, got 0"),
+        (["--backbone", "test_resnet", "--image-size", "-5"], "error: --image-size must be a side in pixels from 8 to 4096, got -5"),
+        (["--image-size", "64"], "error: --pretrained, --weights and --image-size go with --backbone; a run's checkpoint has its own"),
+        (["--index", "ivf", "--nprobe", "0"], "error: --nprobe must be a positive number, got 0"),
+        (["--device", "gpu0"], "error: --device 'gpu0' is not a device torch knows; give cpu, cuda, cuda:1, mps, ..."),
+        pytest.param(
+            ["--device", "cuda:3"], "error: --device 'cuda:3': there is no such CUDA GPU here (0 found); give --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU"),
+        ),
+    ],
+)
+def test_evaluate_numbers_out_of_range_are_one_line_before_any_work(options, expected, trained_run, mltk_main, tmp_path, monkeypatch):
+    run, folder = trained_run
+    evaluate_forbid_work(monkeypatch)
+    target = [] if "--backbone" in options else [run]
+    args = ["evaluate", *target, "--data", folder, "--out", tmp_path / "eval", "--workers", "0", *options]
+    assert one_line_error(mltk_main(*args), code=2) == expected
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_metric_is_one_line_with_a_suggestion(mltk_main, image_folder, tmp_path):
+    code, out, err = mltk_main("evaluate", "--backbone", "test_resnet", "--image-size", "32", "--data", image_folder, "--workers", "0", "--metrics", "roc_auc,recal_at_k", "--out", tmp_path / "e")
+    assert (code, out.strip(), err) == (2, "", "error: unknown metric 'recal_at_k'; did you mean 'recall_at_k' or 'precision_at_k'?\n")
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_prints_paths_as_they_are_not_as_rich_markup(trained_run, mltk_main, tmp_path):
+    run, folder = trained_run
+    out = tmp_path / "[/bold] [red]eval[/red]"
+    code, stdout, err = mltk_main(*evaluate_args(run, folder, out))
+    assert code == 0, err
+    assert f"written to {out}: metrics.json" in " ".join(stdout.split())
+    assert (out / "metrics.json").is_file()
+
+
+def test_pairs_naming_an_unreadable_image_are_left_out(tmp_path):
+    folder = make_image_folder(tmp_path / "images", classes=4, per_class=3)
+    bad = not_an_image(folder / "class_01" / "0.png")
+    (tmp_path / "pairs.csv").write_text("class_00/0.png,class_00/1.png,1\nclass_01/0.png,class_01/1.png,1\nclass_02/0.png,class_03/0.png,0\n")
+    model = untrained_model("test_resnet", image_size=32, device="cpu")
+    result = evaluate(model, pairs_file=tmp_path / "pairs.csv", pairs_root=folder, workers=0, metrics=["roc_auc"])
+    assert result.values["pairs"] == 2 and result.skipped == [(bad, "not an image")]
+    result = evaluate(model, data=load_data(str(folder)), workers=0, metrics=["recall_at_k"])
+    assert result.values["queries"] == 11 and result.skipped == [(bad, "not an image")]
+
+
+@pytest.mark.parametrize("options, refused", [
+    ({}, "give a RUN directory or checkpoint, or --backbone NAME for an untrained backbone"),
+    ({"backbone": "test_resnet", "query": "q"}, "--query and --gallery go together"),
+    ({"backbone": "test_resnet", "data": "digits", "pairs": "pairs.txt"}, "--pairs needs --data: the folder its image names are relative to; 'digits' is not a folder"),
+    ({"backbone": "test_resnet", "checkpoint": "best", "data": "digits"}, "--checkpoint picks best.pt or last.pt of a RUN directory"),
+    ({"run": "runs/a", "image_size": 64}, "--pretrained, --weights and --image-size go with --backbone"),
+    ({"backbone": "test_resnet", "data": "digits", "index": "hnsw", "nprobe": 4}, "--nprobe goes with --index ivf or ivfpq, --ef-search with --index hnsw"),
+    ({"backbone": "test_resnet", "data": "digits", "max_pairs": 0}, "--max-pairs must be a positive number of pairs, got 0"),
+    ({"backbone": "test_resnet", "data": "digits", "metrics": ["recal_at_k"]}, "unknown metric 'recal_at_k'"),
+    ({"backbone": "test_resnet", "data": "digits", "rerank": "k-reciprocal:k9=1"}, "k9"),
+])
+def test_an_evaluate_request_that_contradicts_itself_is_refused_by_its_check_before_any_work(options, refused, monkeypatch, tmp_path):
+    from mltk.evaluate import EvaluateRequest
+
+    evaluate_forbid_work(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MltkError, match=re.escape(refused)):
+        EvaluateRequest(**{"out": tmp_path / "e", **options}).check()
+    assert sorted(tmp_path.iterdir()) == []  # no folder made
+
+
+def test_a_checked_evaluate_request_resolves_its_checkpoint_output_and_reranker_once(trained_run, monkeypatch):
+    from mltk import rerank
+    from mltk.embedding import EmbedSettings
+    from mltk.evaluate import EvaluateRequest
+
+    built = []
+    real = rerank.create
+    monkeypatch.setattr(rerank, "create", lambda spec: built.append(spec) or real(spec))
+    monkeypatch.setattr("mltk.evaluate.create_reranker", rerank.create)
+    run, _ = trained_run
+    request = EvaluateRequest(run=run, checkpoint="best", rerank="qe:n=2", embed=EmbedSettings(batch_size=0))
+    with pytest.raises(MltkError, match="^--batch-size must be a positive number of images, got 0$"):
+        request.check()
+    checked = EvaluateRequest(run=run, checkpoint="best", rerank="qe:n=2").check()
+    assert (checked.scored, checked.out) == (run / "best.pt", run / "eval-best") and built == ["qe:n=2"]
+    assert checked.reranker is not None and checked.engine == "blocks" and checked.index_options == {}

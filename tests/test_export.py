@@ -1,13 +1,15 @@
 """mltk export: ONNX and TorchScript files that give a run's embeddings of real digits, with their preprocessing."""
 
+import errno
 import json
 import math
+import os
 import re
 import sys
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, evaluate_forbid_work, one_line_error, snapshot
 
 import mltk
 from mltk.config import make_config
@@ -180,3 +182,53 @@ def test_export_replaces_only_an_earlier_export_that_is_as_it_wrote_it(digits_ru
 
     line = one_line_error(mltk_main("export", digits_run, "--format", "torchscript", "--out", out), code=1)
     assert line.endswith("exists and is not the file its FILE.json describes (it changed since mltk export wrote it); mltk replaces only what it wrote: give another --out")
+
+
+# --- both files or neither; no folder left behind
+
+
+def test_export_with_a_folder_in_the_way_of_its_sidecar_is_one_line_before_exporting(trained_run, mltk_main, tmp_path, monkeypatch):
+    (tmp_path / "m.pt.json").mkdir()
+    before = snapshot(tmp_path)
+    evaluate_forbid_work(monkeypatch)
+    line = one_line_error(mltk_main("export", trained_run[0], "--format", "torchscript", "--out", tmp_path / "m.pt"), code=1)
+    assert line == f"error: {str(tmp_path / 'm.pt.json')!r} is a folder; the export writes its preprocessing there (FILE.json): give another --out"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_export_whose_sidecar_cannot_be_renamed_writes_neither_file(earlier, trained_run, mltk_main, tmp_path, monkeypatch):
+    from mltk import export
+
+    if earlier:  # mltk replaces only its own: an earlier export, as its FILE.json says
+        export.export(trained_run[0], tmp_path / "m.pt", "torchscript")
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", replace)
+    line = one_line_error(mltk_main("export", trained_run[0], "--format", "torchscript", "--out", tmp_path / "m.pt"), code=1)
+    assert line.startswith("error: Input/output error writing ") and "nothing was written" in line
+    assert snapshot(tmp_path) == before  # the earlier file is back, byte for byte; no temporaries
+
+
+def test_an_export_that_does_not_finish_removes_the_folder_it_made(trained_run, tmp_path, monkeypatch):
+    from mltk import export
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C while tracing
+
+    monkeypatch.setattr(export, "write_torchscript", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export(trained_run[0], tmp_path / "new" / "sub" / "m.pt", "torchscript")
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        export.export(trained_run[0], tmp_path / "kept" / "m.pt", "torchscript")
+    assert snapshot(tmp_path) == {".": "dir", "kept": "dir"}  # the folder it made is gone, the user's stays
+    monkeypatch.undo()
+    export.export(trained_run[0], tmp_path / "new" / "sub" / "m.pt", "torchscript")  # made when needed, and kept
+    assert sorted(p.name for p in (tmp_path / "new" / "sub").iterdir()) == ["m.pt", "m.pt.json"]

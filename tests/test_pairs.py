@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import evaluate_args, one_line_error
 from mltk.errors import MltkError
 from mltk.metrics import Pairs, evaluate_embeddings
 from mltk.pairs import check_images, read_csv_pairs, read_lfw_pairs, read_pairs
@@ -117,3 +118,64 @@ def test_paths_are_under_the_root(tmp_path):
     (tmp_path / "pairs.txt").write_text(LFW)
     pairs = read_pairs(tmp_path / "pairs.txt", Path("elsewhere"))
     assert pairs.pairs[0][0] == Path("elsewhere/Abel_Pacheco/Abel_Pacheco_0001.jpg")
+
+
+# --- errors quote the line as it is, CSV reader errors, both kinds of pair
+
+
+def test_lfw_error_quotes_the_line_as_it_is_in_the_file(tmp_path):
+    from mltk.pairs import read_pairs
+
+    (tmp_path / "pairs.txt").write_text("1\nAbel_Pacheco\t1\t4\n  Abel_Pacheco \t x \t4 \n")
+    with pytest.raises(MltkError, match=r"pairs.txt, line 3: expected 'name i j' or 'name1 i name2 j', got '  Abel_Pacheco \\t x \\t4 '$"):
+        read_pairs(tmp_path / "pairs.txt", tmp_path)
+    (tmp_path / "header.txt").write_text("10\t300 7\n")
+    with pytest.raises(MltkError, match=r"header.txt, line 1: expected a header 'folds n' or 'n', got '10\\t300 7'$"):
+        read_pairs(tmp_path / "header.txt", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('a.png,b.png,1\n"a.png,b.png,1\nc.png,d.png,0\ne.png,f.png,0\n', r"pairs.csv, line 2: a quote opens and is not closed on that line: '\"a.png,b.png,1'$"),
+        ("a.png,b.png,1\na.png," + "x" * 200_000 + ",0\n", r"pairs.csv, line 2: not a readable CSV line \(field larger than field limit \(131072\)\): 'a.png,xxx+\.\.\.'$"),
+        ("path1,path2,same\n a.png , b.png ,maybe\n", r"pairs.csv, line 2: expected 'path1,path2,same' with same 1/0/true/false, got ' a.png , b.png ,maybe'$"),
+    ],
+    ids=["unclosed quote", "field too large", "bad same"],
+)
+def test_csv_pair_list_errors_name_the_line_without_dumping_the_file(text, expected, tmp_path):
+    from mltk.pairs import read_pairs
+
+    (tmp_path / "pairs.csv").write_text(text)
+    with pytest.raises(MltkError, match=expected) as raised:
+        read_pairs(tmp_path / "pairs.csv", tmp_path)
+    assert len(str(raised.value)) < 400 and "\n" not in str(raised.value)
+
+
+def test_a_pair_list_that_is_not_text_names_the_line(tmp_path):
+    from mltk.pairs import read_pairs
+
+    (tmp_path / "pairs.csv").write_bytes(b"a.png,b.png,1\nc.png,\xff\xfe.png,0\n")
+    with pytest.raises(MltkError, match=r"pairs.csv, line 2: not UTF-8 text; a pair list is a text file$"):
+        read_pairs(tmp_path / "pairs.csv", tmp_path)
+
+
+@pytest.mark.parametrize("same, kind, other", [("1", "matched", "mismatched"), ("0", "mismatched", "matched")])
+def test_a_pair_list_of_one_kind_is_one_line_before_embedding(same, kind, other, trained_run, mltk_main, tmp_path, monkeypatch):
+    run, folder = trained_run
+    (tmp_path / "pairs.csv").write_text("".join(f"class_0{c}/0.png,class_0{c}/1.png,{same}\n" for c in range(4)))
+    import mltk.evaluate
+
+    monkeypatch.setattr(mltk.evaluate, "embed", lambda *a, **k: pytest.fail("embedded before the pair list was checked"))
+    line = one_line_error(mltk_main(*evaluate_args(run, folder, tmp_path / "eval", "--pairs", tmp_path / "pairs.csv")), code=1)
+    assert line.endswith(f"pairs.csv: every pair is {kind} (4); ROC-AUC, EER, TAR@FAR and accuracy need {other} pairs too")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_pair_list_left_with_one_kind_by_unreadable_images_says_so(tmp_path):
+    from mltk.pairs import read_pairs
+
+    (tmp_path / "pairs.csv").write_text("a.png,b.png,1\nc.png,d.png,0\n")
+    pairs = read_pairs(tmp_path / "pairs.csv", tmp_path)
+    with pytest.raises(MltkError, match=r"pairs.csv: every pair left once the unreadable images are left out is matched \(1\); .* need mismatched pairs too"):
+        pairs.without({tmp_path / "d.png"})

@@ -123,3 +123,14 @@ def test_a_name_a_broken_plugin_would_have_registered_points_at_it(broken_site, 
     result = mltk_cli("list", "losses", "gem_loss", env=plugin_env(broken_site))
     assert result.returncode == 2
     assert result.stderr == "error: unknown loss 'gem_loss'; see `mltk list losses` (plugins that failed: broken_cmd, broken_hook, broken_import, broken_spec; see `mltk plugins`)\n"
+
+
+def test_load_plugins_naming_an_uninstalled_plugin_is_reported(mltk_cli):
+    env = {"MLTK_LOAD_PLUGINS": "pd_not_installed"}
+    rows = {row["name"]: row for row in json.loads(mltk_cli("plugins", "--json", env=env).stdout)}
+    assert rows["pd_not_installed"]["error"].startswith("not installed")
+    listed = mltk_cli("list", "datasets", env=env)
+    assert listed.returncode == 0 and "digits" in listed.stdout
+    assert listed.stderr.startswith("warning: plugin 'pd_not_installed' failed: not installed")
+    rows = json.loads(mltk_cli("plugins", "--json", env={"MLTK_LOAD_PLUGINS": ""}).stdout)  # '' asks for none: nothing is missing
+    assert rows and all(row["error"] is None for row in rows)

@@ -264,3 +264,34 @@ def test_the_report_names_what_was_evaluated_and_folds_the_configuration():
     assert page.index("lead") < page.index("<details><summary><h2>Evaluated</h2>") < page.index("ROC-AUC") < page.index("<details><summary><h2>Configuration</h2>")
     bare = html_report("t", {}, {"images": 6}, {})
     assert 'class="lead"' not in bare and "<td>images</td><td>6</td>" in bare  # no provenance: the evaluation's info
+
+
+# --- strings are data: HTML and matplotlib's mathtext
+
+
+MARKUP_NAMES = ["$\\frac{1}{0}$", "<script>alert(1)</script>", "$\\foo{$", "[bold]x[/bold]"]
+
+
+def test_the_html_report_escapes_every_string(tmp_path):
+    from mltk.report import html_report
+
+    page = html_report(
+        "mltk evaluate — runs/<b>x</b>", {"recall@1": 0.5, "<i>m</i>": "<script>"},
+        {"pair list": "a<script>alert(1)</script>&\x1b[31m.csv"}, {"<img src=x onerror=alert(1)>": b"png"},
+    )
+    assert "<script>" not in page and "<b>x" not in page and "<i>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&amp;\\x1b[31m.csv" in page and "\x1b" not in page
+    assert "runs/&lt;b&gt;x&lt;/b&gt;" in page
+
+
+def test_class_names_are_drawn_as_they_are_not_as_mathtext(monkeypatch):
+    from mltk import report
+
+    figures = []
+    real_png = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: figures.append(fig) or real_png(fig))  # draws it: no parse error
+    points, labels = np.random.default_rng(0).normal(size=(8, 2)), np.repeat(np.arange(4), 2)
+    png = report.scatter_plot(points, labels, MARKUP_NAMES, "t-SNE")
+    assert png.startswith(b"\x89PNG")
+    texts = figures[0].axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in texts] == MARKUP_NAMES and not any(t.get_parse_math() for t in texts)

@@ -11,7 +11,8 @@ import yaml
 import mltk
 from mltk.config import RunConfig, make_config, parse_loss_spec
 from mltk.errors import UsageError
-from mltk.model import build_embedder, load_checkpoint
+from mltk.checkpoint import load_checkpoint
+from mltk.model import build_embedder
 from mltk.losses import build_losses
 from mltk.train import train
 

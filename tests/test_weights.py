@@ -143,3 +143,12 @@ def test_a_torchscript_file_is_named_as_one_with_no_warning_and_no_advice_to_unp
     assert [str(w.message) for w in caught] == []
     code, out, err = mltk_main("evaluate", path, "--data", image_folder, "--workers", "0")
     assert code == 1 and err.count("\n") == 1 and "TorchScript file" in err and "weights_only" not in err + out
+
+
+def test_weights_of_another_architecture_name_the_keys(tmp_path):
+    torch.save(create_backbone("resnet18").state_dict(), tmp_path / "resnet18.pt")
+    with pytest.raises(MltkError, match=r"resnet18.pt' does not fit backbone 'test_resnet': missing .* \(\d+\); unexpected .* \(\d+\)$"):
+        create_backbone("test_resnet", weights=str(tmp_path / "resnet18.pt"))
+    torch.save(create_backbone("test_resnet", in_chans=1).state_dict(), tmp_path / "grey.pt")
+    with pytest.raises(MltkError, match=r"grey.pt' does not fit backbone 'test_resnet': .*conv1.*"):
+        create_backbone("test_resnet", weights=str(tmp_path / "grey.pt"))
