@@ -78,7 +78,7 @@ tests_limit=$(( $(left) - 210 ))
 ((tests_limit > 240)) && tests_limit=240
 if ((tests_limit >= 30)); then  # (timeout 0 would mean no limit at all)
     say "pytest -m gpu: limit ${tests_limit}s"
-    timeout -k 10 "$tests_limit" python3 -m pytest -m gpu tests -p no:cacheprovider --continue-on-collection-errors \
+    timeout -k 10 "$tests_limit" python3 -m pytest -m gpu tests -o addopts= -p no:cacheprovider --continue-on-collection-errors \
         --junitxml="$OUT/junit.xml" -ra 2>&1 | tee "$OUT/pytest.log"
     tests_rc=${PIPESTATUS[0]}
 else

@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 os.environ["MLTK_LOAD_PLUGINS"] = ""  # read by mltk.plugins.load_plugins(), which runs at the first lookup
+# mltk's consoles are made when mltk.cli.output is first imported, and a COLUMNS set then fixes their width for good
+# (pytest-xdist's workers have one): unset, the width follows each test's own COLUMNS, 80 without one.
+os.environ.pop("COLUMNS", None)
 
 import pytest  # noqa: E402
 

@@ -1,14 +1,14 @@
 """The GPU path (issue 16): AMP steps for every loss, the full-size configs, torchrun with NCCL, faiss on the GPU,
 evaluate / index / search on the GPU against the CPU, and the ONNX export of a GPU-trained run.
 
-Every test here is marked ``gpu``: ``pytest -m gpu`` runs them on a machine with a CUDA GPU, and without one they
-are skipped (tests/conftest.py); ``pytest -m "not gpu"`` leaves them out. Nothing is downloaded: backbones are
+Every test here is marked ``gpu``: ``pytest -m gpu -n 0`` runs them on a machine with a CUDA GPU, in one process (the
+suite's workers would share the one GPU), and without one they are skipped (tests/conftest.py); ``pytest -m "not gpu"`` leaves them out. Nothing is downloaded: backbones are
 built with ``pretrained: false`` and the images are synthetic, written into the test's temporary folder.
 
 Environment:
 
 - ``MLTK_GPU_TEST_DEVICE`` (default ``cuda``): the device they train and embed on. ``MLTK_GPU_TEST_DEVICE=cpu
-  pytest -m gpu`` is a dry run of the same code on the CPU, to catch a plain bug before GPU time is spent. What
+  pytest -m gpu -n 0`` is a dry run of the same code on the CPU, to catch a plain bug before GPU time is spent. What
   needs CUDA itself is skipped there, with the reason: fp16 with a GradScaler, NCCL (the process group is gloo),
   faiss's GPU search and peak GPU memory; the full-size configs train one batch of 8 at 64 px instead of three of 64 at 224.
 - ``MLTK_GPU_REPORT``: a file to which the full-size config test appends one JSON line per config (its peak GPU

@@ -786,7 +786,8 @@ def test_search_options_out_of_range_on_an_approximate_index(index_copy, trained
     assert "ef_search=-2: it is at least 1" in one_line_error(mltk_main("search", tmp_path / "hnsw", query, "--ef-search", "-2"), 2)
 
 
-def test_search_prints_names_from_the_index_as_text_not_markup(index_copy, trained_run, mltk_main, tmp_path):
+def test_search_prints_names_from_the_index_as_text_not_markup(index_copy, trained_run, mltk_main, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # nothing wraps, however long the temporary folder's path
     names = ["[red]x[/red]", "\x1b[31mevil", "[bold]b", "ok"] + [f"c{i}" for i in range(6)]
     (index_copy / "classes.json").write_text(json.dumps(names))
     labels = np.load(index_copy / "labels.npy")

@@ -156,7 +156,8 @@ def test_evaluate_prints_a_dash_and_why_for_a_tar_from_two_negative_pairs(traine
     assert [p["reliable"] for p in points] == [False] * 5  # two negatives: no point rests on 30 false accepts
 
 
-def test_search_marks_hits_below_the_threshold_as_no_match(evaluated, mltk_main):
+def test_search_marks_hits_below_the_threshold_as_no_match(evaluated, mltk_main, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # nothing wraps, however long the temporary folder's path
     run, folder, root = evaluated
     meta = json.loads((root / "index" / "meta.json").read_text())
     threshold = thresholds.from_json(meta["calibration"]).at(1e-1).threshold
