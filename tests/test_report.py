@@ -295,3 +295,34 @@ def test_class_names_are_drawn_as_they_are_not_as_mathtext(monkeypatch):
     assert png.startswith(b"\x89PNG")
     texts = figures[0].axes[0].get_legend().get_texts()
     assert [t.get_text() for t in texts] == MARKUP_NAMES and not any(t.get_parse_math() for t in texts)
+
+
+def test_umap_s_neighbours_are_exact_cosine_ones_each_point_first_even_beside_a_duplicate():
+    from mltk.report import cosine_neighbours
+
+    points = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    points[1] = points[0] * 3  # a duplicate direction: distance 0 to point 0
+    order, distances, index = cosine_neighbours(points, 5)
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    brute = 1 - unit @ unit.T
+    assert index is None and order.shape == distances.shape == (40, 5)
+    assert (order[:, 0] == np.arange(40)).all() and (distances[:, 0] == 0).all()
+    for i in range(40):
+        others = np.sort(np.delete(brute[i], i))[:4]
+        np.testing.assert_allclose(distances[i, 1:], np.maximum(others, 0), atol=1e-5)
+    assert order[0, 1] == 1 and order[1, 1] == 0
+
+
+def test_umap_is_compiled_once_per_machine_not_once_per_report():
+    """umap-learn's numba functions are declared without cache=True; the report turns numba's disk cache on for them."""
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    from mltk.report import _umap, project
+
+    umap = _umap()
+    compiled = [f for m in (umap.umap_, umap.layouts) for f in vars(m).values() if isinstance(f, Dispatcher)]
+    assert umap.umap_.smooth_knn_dist in compiled and len(compiled) > 10
+    assert [f.__name__ for f in compiled if isinstance(f._cache, NullCache)] == []
+    points = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    assert project(points, "umap").shape == (30, 2)
