@@ -240,11 +240,10 @@ def _one_blas_thread():
 def _device(ev) -> str:
     """Where the blockwise pass runs: the evaluation's ``device`` where it is a CUDA one, the CPU where it is any other
     (the pass's consumers are the numba kernels there); with none given, the GPU when torch sees one."""
-    import torch
+    from mltk.devices import resolve_device
 
-    if ev.device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(ev.device) if torch.device(ev.device).type == "cuda" else "cpu"
+    device = resolve_device(ev.device)
+    return str(device) if device.type == "cuda" else "cpu"
 
 
 def _torch_pass(device: str) -> bool:

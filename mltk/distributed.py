@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mltk.devices import resolve_device
 from mltk.errors import MltkError, first_line
 
 
@@ -46,15 +47,8 @@ def from_environment() -> World:
 
 
 def device_for(world: World, requested: str) -> torch.device:
-    """``auto``: this process's GPU (cuda:LOCAL_RANK) when there are GPUs, else the CPU."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", world.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(requested)
-    if world.distributed and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", world.local_rank)
-    return device
+    """``auto``: this process's GPU (cuda:LOCAL_RANK) when there are GPUs, else the CPU; checked (``mltk.devices``)."""
+    return resolve_device(requested, world.local_rank, world.distributed)
 
 
 def start(world: World, device: torch.device) -> None:

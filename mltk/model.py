@@ -6,8 +6,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mltk.checkpoint import find_checkpoint, load_checkpoint, safe_load, show_value
+from mltk.checkpoint import find_checkpoint, load_checkpoint, safe_load
+from mltk.devices import resolve_device
 from mltk.errors import MltkError
+from mltk.rules import show
 
 
 class HybridBackbone(nn.Module):
@@ -76,7 +78,7 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
         if tensor.is_floating_point() or tensor.is_complex():
             if not bool(torch.isfinite(tensor).all()):
                 bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
-                raise MltkError(f"{source} holds {bad} values in {show_value(name)}; the file is damaged, or was saved from a run that diverged: give another")
+                raise MltkError(f"{source} holds {bad} values in {show(name)}; the file is damaged, or was saved from a run that diverged: give another")
 
 
 def state_mismatch(own: dict, state: dict, shapes: bool = True) -> str:
@@ -148,20 +150,8 @@ def build_embedder(cfg, from_checkpoint: bool = False) -> Embedder:
 
 
 def inference_device(device: str | None) -> torch.device:
-    """``device`` (None or ``auto``: a GPU when there is one, else the CPU); one that torch does not know, or that is not here, is one line."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from mltk.errors import UsageError
-
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--device {device!r} is not a device torch knows; give cpu, cuda, cuda:1, mps, ...") from None
-    if chosen.type == "cuda" and not (torch.cuda.is_available() and (chosen.index or 0) < torch.cuda.device_count()):
-        raise UsageError(f"--device {device!r}: there is no such CUDA GPU here ({torch.cuda.device_count()} found); give --device cpu")
-    if chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device!r}: MPS is not available here; give --device cpu")
-    return chosen
+    """``device`` (None or ``auto``: a GPU when there is one, else the CPU), checked (``mltk.devices``)."""
+    return resolve_device(device)
 
 
 class EmbeddingModel:

@@ -153,9 +153,9 @@ def train(
     if resume and overwrite:
         raise UsageError("--resume goes on with the run in --out, --overwrite starts it over: give one of them")
     world = distributed.from_environment()
+    device = distributed.device_for(world, cfg.device)  # one this machine lacks: refused before the run folder is made
     inputs = {"--config": config_file, **run_inputs(cfg)}
     with RunDirectory(run_dir, resume, overwrite, main=world.is_main, inputs=inputs) as home, remembered_ctrl_c() as pressed:  # checked (and held) before the data is read
-        device = distributed.device_for(world, cfg.device)
         joined = world.distributed and not torch.distributed.is_initialized()
         distributed.start(world, device)
         try:
