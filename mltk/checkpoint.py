@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mltk.errors import MltkError, UsageError
 from mltk.outputs import replace_file
+from mltk.rules import AnyOf, Choice, ListOf, Number, Options, Text, Where, from_file, show
 
 
 #: what to give instead of a TorchScript file, by what was expected
@@ -95,7 +96,7 @@ MAX_SIDE = 4096  # pixels; far above any backbone's input, below what would exha
 
 
 def check_checkpoint(state: dict, source: str, run: bool = False) -> dict:
-    """The checkpoint's known fields, each checked; ``source`` names it in the error. Other keys are left out."""
+    """The checkpoint's known fields, each checked (``FIELDS``); ``source`` names it in the error. Other keys are left out."""
     from mltk.config import make_config, to_dict
 
     record = run or any(key in state for key in RUN_FIELDS)  # all of them or none: a run's checkpoint or a slim one
@@ -106,79 +107,27 @@ def check_checkpoint(state: dict, source: str, run: bool = False) -> dict:
         config = to_dict(make_config(state["config"], source=f"the config of {source}"))
     except UsageError as exc:  # the file's fault, not the command line's: exit 1
         raise MltkError(str(exc)) from None
-    checked = {
-        "format": CHECKPOINT_FORMAT,
-        "config": config,
-        "data_config": check_data_config(state["data_config"], source),
-        "classes": _names(_check(state["classes"], source, "classes", "a list of class names or null", _is_names)),
-        "model": _check(state["model"], source, "model", "a state dict (names to tensors)", _is_state_dict),
-    }
-    if record:
-        checked["epoch"] = _check(state["epoch"], source, "epoch", "a whole number >= 0", lambda v: _is_int(v) and v >= 0)
-        checked["best"] = _check(state["best"], source, "best", "{} or {epoch, score, by}", _is_best)
-    for key in (RUN_FIELDS[2:] if record else ()) + (RESUME_FIELDS if run else ()):
-        checked[key] = _check(state[key], source, key, "a mapping", lambda v: isinstance(v, dict))
-    return checked
+    names = MODEL_FIELDS[2:] + (RUN_FIELDS if record else ()) + (RESUME_FIELDS if run else ())
+    checked = {key: from_file(FIELDS[key], state[key], key, source) for key in names}
+    checked["classes"] = None if checked["classes"] is None else list(checked["classes"])
+    return {"format": CHECKPOINT_FORMAT, "config": config, "data_config": check_data_config(state["data_config"], source), **checked}
 
 
 def check_data_config(data: dict, source: str) -> dict:
-    """timm's preprocessing settings, each in range: the transform of ``make_transform`` takes them as they are."""
-    if not isinstance(data, dict):
-        raise MltkError(f"{source}: data_config must be a mapping, got {show_value(data)}")
-    known = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    unknown, missing = sorted(set(data) - set(known), key=str), [k for k in known if k not in data]
-    if unknown or missing:
-        problem = f"has an unknown key {show_value(unknown[0])}" if unknown else f"lacks {missing[0]!r}"
-        raise MltkError(f"{source}: data_config {problem}; it holds {', '.join(known)}")
-    size = _check(data["input_size"], source, "data_config.input_size", f"[channels, height, width]: 1 or 3 channels, sides 1 to {MAX_SIDE}", _is_input_size)
-    channels = size[0]
-    numbers = lambda v: isinstance(v, (list, tuple)) and len(v) == channels and all(_is_number(x) for x in v)  # noqa: E731
-    return {
-        "input_size": tuple(size),
-        "interpolation": _check(data["interpolation"], source, "data_config.interpolation", f"one of {', '.join(INTERPOLATIONS)}", lambda v: isinstance(v, str) and v in INTERPOLATIONS),
-        "mean": tuple(map(float, _check(data["mean"], source, "data_config.mean", f"{channels} finite numbers, one per channel", numbers))),
-        "std": tuple(map(float, _check(data["std"], source, "data_config.std", f"{channels} finite numbers > 0, one per channel", lambda v: numbers(v) and min(v) > 0))),
-        "crop_pct": float(_check(data["crop_pct"], source, "data_config.crop_pct", "a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1)),
-        "crop_mode": _check(data["crop_mode"], source, "data_config.crop_mode", f"one of {', '.join(CROP_MODES)}", lambda v: isinstance(v, str) and v in CROP_MODES),
-    }
-
-
-def _check(value, source: str, name: str, expected: str, ok):
-    if not ok(value):
-        raise MltkError(f"{source}: {name} must be {expected}, got {show_value(value)}")
-    return value
-
-
-def show_value(value) -> str:
-    """A short quote of a value from a file: a tensor by its shape, anything else as ``mltk.config.show`` cuts it."""
-    from mltk.config import show
-
-    import torch
-
-    return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else show(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """timm's preprocessing settings, each in range (``DATA_CONFIG``): the transform of ``make_transform`` takes them as they are."""
+    data = from_file(DATA_CONFIG, data, "data_config", source)
+    channels = data["input_size"][0]
+    for key in ("mean", "std"):
+        if len(data[key]) != channels:
+            raise MltkError(f"{source}: data_config[{key!r}] must be {channels} numbers, one per channel, got {show(data[key])}")
+    return {**data, "input_size": tuple(data["input_size"]), "mean": tuple(map(float, data["mean"])), "std": tuple(map(float, data["std"]))}
 
 
 def _is_input_size(value) -> bool:
     return (
-        isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value)
+        isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         and value[0] in (1, 3) and all(1 <= side <= MAX_SIDE for side in value[1:])
     )
-
-
-def _is_names(value) -> bool:
-    return value is None or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-
-
-def _names(value) -> list[str] | None:
-    return None if value is None else list(value)
 
 
 def _is_state_dict(value) -> bool:
@@ -187,10 +136,28 @@ def _is_state_dict(value) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
-def _is_best(value) -> bool:
-    return isinstance(value, dict) and (
-        not value or set(value) == {"epoch", "score", "by"} and _is_int(value["epoch"]) and _is_number(value["score"]) and isinstance(value["by"], str)
-    )
+FINITE = Number(-math.inf, math.inf, strings=False, what="a finite number")
+DATA_CONFIG = Options(
+    {
+        "input_size": Where(_is_input_size, what=f"[channels, height, width]: 1 or 3 channels, sides 1 to {MAX_SIDE}"),
+        "interpolation": Choice(INTERPOLATIONS),
+        "mean": ListOf(FINITE, what="finite numbers, one per channel"),
+        "std": ListOf(Number(0, open_lo=True, strings=False), what="finite numbers > 0, one per channel"),
+        "crop_pct": Number(0, 1, open_lo=True, strings=False),
+        "crop_mode": Choice(CROP_MODES),
+    },
+    required=("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"),
+    empty_ok=False,
+)
+A_MAPPING = Where(lambda v: isinstance(v, dict), what="a mapping")
+#: each field of a checkpoint but its config (``mltk.config``'s rules) and data_config (``DATA_CONFIG``)
+FIELDS = {
+    "classes": Where(lambda v: v is None or isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v), what="a list of class names or null"),
+    "model": Where(_is_state_dict, what="a state dict (names to tensors)"),
+    "epoch": Number(0, whole=True, what="a whole number >= 0"),
+    "best": AnyOf((Options({}), Options({"epoch": Number(0, whole=True), "score": FINITE, "by": Text(r"(?s).*")}, required=("epoch", "score", "by"))), what="{} or {epoch, score, by}"),
+    **{key: A_MAPPING for key in RUN_FIELDS[2:] + RESUME_FIELDS},
+}
 
 
 #: a run directory's checkpoints, by the name ``--checkpoint`` gives them

@@ -22,6 +22,7 @@ from mltk.embedding import EmbedSettings
 from mltk.errors import MltkError, UsageError, first_line
 from mltk.knn import KINDS, OPTIONS, Progress, build, check_options, configure, kind_of, neighbours, search, settings
 from mltk.outputs import check_dir, check_replaceable, replace_folder
+from mltk.rules import Choice, MappingOf, Number, Options, Text, Where, from_file
 from mltk.thresholds import Calibration, OperatingPoint
 
 FORMAT = "mltk-index-1"
@@ -31,8 +32,22 @@ FORMAT = "mltk-index-1"
 # only an index, and replacing it (a removal of the whole folder) would take the rest with it.
 WRITTEN = ("index.faiss", "embeddings.npy", "paths.txt", "labels.npy", "classes.json", "model.pt", "meta.json", "skipped_images.txt")
 META_MAX = 1 << 20  # meta.json holds a few hundred bytes: a larger file of that name is not one
-META_FIELDS = {"kind": str, "metric": str, "dim": int, "count": int, "params": dict}  # what a search relies on
-META_TEXT = ("run", "data", "model", "mltk_version", "faiss_version", "torch_version", "created")  # strings when present
+TEXT = Text(r"(?s).*")
+#: meta.json, checked whole: what a search relies on (required), then the record of what made it (text when present)
+META = Options(
+    {
+        "format": Choice((FORMAT,)),
+        "kind": Choice(tuple(KINDS)),
+        "metric": Choice(("inner_product",)),
+        "dim": Number(1, whole=True),
+        "count": Number(1, whole=True),
+        "params": MappingOf(Number(-(2**63), 2**63 - 1, whole=True, what="a whole number")),
+        **{key: TEXT for key in ("run", "data", "model", "mltk_version", "faiss_version", "torch_version", "created", "operating_point")},
+        "calibration": Where(lambda v: isinstance(v, dict), what="a calibration (what thresholds.json holds)"),  # checked by calibration_of
+    },
+    required=("format", "kind", "metric", "dim", "count", "params"),
+    empty_ok=False,
+)
 
 
 @dataclass
@@ -296,26 +311,15 @@ def open_index_dir(path: str | Path) -> IndexDir:
     return IndexDir(path, index, paths, labels, classes, meta)
 
 
+AGAIN = "write it again with `mltk index`"
+
+
 def _damaged(path: Path, name: str, problem: str) -> MltkError:
-    return MltkError(f"index directory {str(path)!r} is damaged: {name} {problem}; write it again with `mltk index`")
+    return MltkError(f"index directory {str(path)!r} is damaged: {name} {problem}; {AGAIN}")
 
 
 def _check_meta(path: Path, meta: dict) -> None:
-    for key, kind in META_FIELDS.items():
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise _damaged(path, "meta.json", f"has {key}={reprlib.repr(meta.get(key))}; expected {kind.__name__}")
-    for key in META_TEXT:
-        if key in meta and not isinstance(meta[key], str):
-            raise _damaged(path, "meta.json", f"has {key}={reprlib.repr(meta[key])}; expected str")
-    problems = [
-        (meta["kind"] not in KINDS, f"kind={meta['kind']!r}; expected one of {', '.join(KINDS)}"),
-        (meta["metric"] != "inner_product", f"metric={meta['metric']!r}; expected 'inner_product'"),
-        (meta["dim"] < 1 or meta["count"] < 1, f"dim={meta['dim']}, count={meta['count']}; expected at least 1"),
-        (not all(isinstance(v, int) and not isinstance(v, bool) for v in meta["params"].values()), f"params={reprlib.repr(meta['params'])}; expected whole numbers"),
-    ]
-    for wrong, problem in problems:
-        if wrong:
-            raise _damaged(path, "meta.json", f"has {problem}")
+    from_file(META, meta, "meta.json", f"index directory {str(path)!r} is damaged", AGAIN)
 
 
 def calibration_of(path: Path, meta: dict) -> tuple[Calibration, OperatingPoint] | None:
@@ -324,7 +328,7 @@ def calibration_of(path: Path, meta: dict) -> tuple[Calibration, OperatingPoint]
 
     if "calibration" not in meta and "operating_point" not in meta:
         return None
-    calibration = thresholds.from_json(meta.get("calibration"), lambda problem: _damaged(path, "meta.json", f"has a calibration that {problem}"))
+    calibration = thresholds.from_json(meta.get("calibration"), f"index directory {str(path)!r} is damaged: meta.json", AGAIN)
     name = meta.get("operating_point")
     point = next((p for p in calibration.points if p.name == name), None)
     if point is None or point.threshold is None:

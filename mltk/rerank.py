@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from mltk import knn
 from mltk.errors import MltkError, UsageError
 from mltk.memory import available as available_memory
-from mltk.rules import show
+from mltk.rules import Number, show
 
 BLOCK = 4096  # gallery rows or queries at a time
 SCRATCH = 256 << 20  # bytes a block's temporaries may take
@@ -241,18 +241,18 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _checked(method: str, name: str, value, low, high=None, span: str | None = None, whole: bool = True):
-    """A parameter as an int (``whole``) or float from ``low`` to ``high``, or a UsageError naming it."""
-    kind = "a whole number" if whole else "a number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (whole and not _whole(value)):
-        raise UsageError(f"{method}: {name}={show(value)}; it is {kind}")
-    if not (low <= value and (high is None or value <= high)):
-        raise UsageError(f"{method}: {name}={show(value)}; it is {span or f'at least {low}'}")
-    return int(value) if whole else float(min(value, sys.float_info.max))  # an int past float's range (1e400 in digits): the largest float
+def _checked(method: str, name: str, value, rule: Number):
+    """A parameter by its rule (``mltk.rules``): an int when whole, else a float; a UsageError ``method: NAME must be ...``."""
+    if rule.whole and isinstance(value, float) and value.is_integer():  # 20.0, or 1e300 from a spec: a whole number
+        value = int(value)
+    try:
+        value = rule.check(value, name, "")
+    except UsageError as exc:
+        raise UsageError(f"{method}: {exc}") from None
+    return int(value) if rule.whole else float(min(value, sys.float_info.max))  # an int past float's range (1e400 in digits): the largest float
 
 
-def _whole(value: numbers.Real) -> bool:
-    return isinstance(value, numbers.Integral) or float(value).is_integer()
+AT_LEAST_1 = Number(1, whole=True)
 
 
 class NoRerank:
@@ -395,10 +395,10 @@ class KReciprocal:
     """
 
     def __init__(self, k1: int = 20, k2: int = 6, lam: float = 0.3, candidates: int = 100):
-        self.k1 = _checked("k-reciprocal", "k1", k1, 1)
-        self.k2 = _checked("k-reciprocal", "k2", k2, 1, self.k1 + 1, f"1 to k1+1 (k1={show(self.k1)})")
-        self.lam = _checked("k-reciprocal", "lambda", lam, 0, 1, "0 to 1", whole=False)
-        self.candidates = _checked("k-reciprocal", "candidates", candidates, 1)
+        self.k1 = _checked("k-reciprocal", "k1", k1, AT_LEAST_1)
+        self.k2 = _checked("k-reciprocal", "k2", k2, Number(1, self.k1 + 1, whole=True, what=f"an integer from 1 to k1+1 (k1={show(self.k1)})"))
+        self.lam = _checked("k-reciprocal", "lambda", lam, Number(0, 1, strings=False))
+        self.candidates = _checked("k-reciprocal", "candidates", candidates, AT_LEAST_1)
 
     def memory(self, c: Candidates) -> int:
         """Bytes it will need, about ng (k1+1) (32 + 16 (1 + k2)) + nq k1 12 + a block's scratch (+ the gallery, to index it).
@@ -498,8 +498,8 @@ class QueryExpansion:
 
     def __init__(self, n: int = 3, alpha: float = 3.0, dba: bool = False):
         name = "dba" if dba else "qe"
-        self.n = self.candidates = _checked(name, "n", n, 1)
-        self.alpha, self.dba = _checked(name, "alpha", alpha, 0, whole=False), bool(dba)
+        self.n = self.candidates = _checked(name, "n", n, AT_LEAST_1)
+        self.alpha, self.dba = _checked(name, "alpha", alpha, Number(0, strings=False)), bool(dba)
 
     def memory(self, c: Candidates) -> int:
         """Bytes it will need, about: the gallery's exact index (unless ``search`` is given), DBA's index and lists, a block's scratch."""

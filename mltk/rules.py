@@ -1,6 +1,8 @@
 """Rules for values from a user or a file: each checks one value and, when it does not hold, raises a
 UsageError that names the option, what it takes and what it got (cut short: a megabyte is never
-echoed back). ``mltk.config`` states each run option's rule with these.
+echoed back). ``mltk.config`` states each run option's rule with these; the files mltk reads back
+(a checkpoint's fields, an index's meta.json, thresholds.json) and the re-rankers' parameters are
+stated with them too, and ``from_file`` makes a file's failure the file's fault.
 """
 
 import difflib
@@ -11,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from mltk.errors import UsageError
+from mltk.errors import MltkError, UsageError
 
 FLAGS = "options"  # the source name of values given as command-line flags: messages name them --like-this
 FLAG_NAMES = {"data_classes": "classes"}  # keys whose flag is not the key's name: ``mltk run --classes`` sets data_classes
@@ -19,11 +21,12 @@ FLAG_NAMES = {"data_classes": "classes"}  # keys whose flag is not the key's nam
 
 def named(path: str, source: str) -> str:
     """How a message names an option: ``--image-size`` given on the command line, else ``image_size in c.yaml``;
-    an item of a list (``data_classes[0]``) by the flag that gave it (``--classes``, one per item)."""
+    an item of a list (``data_classes[0]``) by the flag that gave it (``--classes``, one per item); with no
+    source (the caller names the file around the message), by its path alone."""
     key = path.split("[", 1)[0]
     if source == FLAGS and key.isidentifier():  # an option given as a flag
         return "--" + FLAG_NAMES.get(key, key).replace("_", "-")
-    return f"{path} in {source}"
+    return f"{path} in {source}" if source else path
 
 
 _short = reprlib.Repr()
@@ -34,6 +37,8 @@ def show(value: Any) -> str:
     """A user's value for a message: its repr, cut short (a megabyte of YAML is not echoed back)."""
     if isinstance(value, int) and value.bit_length() > 128:
         return f"an integer of {value.bit_length()} bits"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor or an array: by its shape, not its numbers
+        return f"{'a tensor' if type(value).__name__ == 'Tensor' else 'an array'} of shape {list(value.shape)}"
     return _short.repr(value)
 
 
@@ -77,21 +82,33 @@ class Rule:
 
 @dataclass(frozen=True)
 class Number(Rule):
-    """A finite number in [lo, hi] (``hi`` left out when ``open``); an integer when ``whole``."""
+    """A finite number in [lo, hi] (``hi`` left out when ``open``, ``lo`` when ``open_lo``); an integer when ``whole``;
+    ``hi`` infinite: no upper bound ("at least lo")."""
 
     lo: float
-    hi: float
+    hi: float = math.inf
     whole: bool = False
     open: bool = False
+    open_lo: bool = False
+    strings: bool = True  # a numeric string is its number (YAML 1.1 reads 1e-3 as one); False for JSON files
+
 
     def __str__(self) -> str:
-        return self.what or f"{'an integer' if self.whole else 'a number'} in [{_g(self.lo)}, {_g(self.hi)}{')' if self.open else ']'}"
+        kind = "an integer" if self.whole else "a number"
+        if self.what:
+            return self.what
+        if math.isinf(self.hi):
+            return f"{kind} {'above' if self.open_lo else 'of at least'} {_g(self.lo)}"
+        return f"{kind} in {'(' if self.open_lo else '['}{_g(self.lo)}, {_g(self.hi)}{')' if self.open else ']'}"
 
     def check(self, value: Any, path: str, source: str):
-        n = number(value, self.whole)
-        if n is None or not (self.lo <= n and (n < self.hi if self.open else n <= self.hi)):  # nan fails both
+        n = None if isinstance(value, str) and not self.strings else number(value, self.whole)
+        if n is None or isinstance(n, float) and not math.isfinite(n) or not self.holds(n):  # nan fails every bound
             self.fail(value, path, source)
         return n
+
+    def holds(self, n) -> bool:
+        return (self.lo < n if self.open_lo else self.lo <= n) and (n < self.hi if self.open else n <= self.hi)
 
 
 @dataclass(frozen=True)
@@ -140,6 +157,18 @@ class Scalar(Rule):
 
     def check(self, value: Any, path: str, source: str):
         if not (value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value)):
+            self.fail(value, path, source)
+        return value
+
+
+@dataclass(frozen=True)
+class Where(Rule):
+    """A value ``test`` accepts, described by ``what``: for what the other rules cannot say (a state dict of tensors)."""
+
+    test: typing.Callable[[Any], bool]
+
+    def check(self, value: Any, path: str, source: str):
+        if not self.test(value):
             self.fail(value, path, source)
         return value
 
@@ -220,10 +249,12 @@ class MappingOf(Rule):
 
 @dataclass(frozen=True)
 class Options(Rule):
-    """A mapping of known option names, each with its rule; ``required`` ones must be there when any is."""
+    """A mapping of known option names, each with its rule; ``required`` ones must be there when any is (always, when
+    not ``empty_ok``: a record read from a file)."""
 
     rules: dict
     required: tuple = ()
+    empty_ok: bool = True
 
     def __str__(self) -> str:
         return self.what or "a mapping of options"
@@ -234,7 +265,7 @@ class Options(Rule):
         for key in value:
             if key not in self.rules:
                 raise UsageError(unknown(key, path, source, self.rules))
-        missing = [key for key in self.required if value and key not in value]
+        missing = [key for key in self.required if (value or not self.empty_ok) and key not in value]
         if missing:
             raise UsageError(f"{named(path, source)} needs {missing[0]!r} ({self.rules[missing[0]]})")
         return {key: self.rules[key].check(v, f"{path}[{key!r}]", source) for key, v in value.items()}
@@ -244,3 +275,12 @@ def unknown(key: str, path: str, source: str, known, owner: str = "") -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(sorted(known)) or 'none'}"
     return f"unknown key {show(key)} in {named(path, source)}{f' ({owner})' if owner else ''}; {hint}"
+
+
+def from_file(rule: Rule, value: Any, path: str, where: str, again: str = "") -> Any:
+    """``rule.check`` on a value read back from a file, whose failure is the file's fault, not the command line's: an
+    MltkError (exit 1) ``where: PATH must be ..., got ...`` (``where`` names the file), ``; again`` after it."""
+    try:
+        return rule.check(value, path, "")
+    except UsageError as exc:
+        raise MltkError(f"{where}: {exc}{f'; {again}' if again else ''}") from None

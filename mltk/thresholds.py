@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from mltk.errors import MltkError, UsageError, first_line
 from mltk.roc import RULE_OF_30, equal_error
+from mltk.rules import Choice, Flag, ListOf, Maybe, Number, Options, Text, Where, from_file, show
 
 FORMAT = "mltk-thresholds-1"
 FILE = "thresholds.json"
@@ -129,51 +129,66 @@ def read(path: str | Path) -> Calibration:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise _bad(path, f"is not JSON ({first_line(exc, '')})") from None
-    return from_json(data, lambda problem: _bad(path, problem))
+    return from_json(data, repr(str(path)), AGAIN)
 
 
-def from_json(data, bad=lambda problem: MltkError(f"calibration {problem}")) -> Calibration:
-    """A Calibration from its JSON form (thresholds.json, or an index's meta.json), every field checked; a file written
-    before thresholds.json recorded what it was evaluated on has no ``evaluated`` and is read as it is."""
+RATE = Number(0, 1, strings=False)
+POINT = Options(
+    {
+        "name": Text(r"eer|far=\S+", what="'eer', or 'far=' and its rate"),
+        "far": RATE,
+        "threshold": Maybe(Number(-1 - COSINE_ROUNDING, 1 + COSINE_ROUNDING, strings=False, what="a cosine score from -1 to 1, or null")),
+        "tar": RATE,
+        "far_measured": RATE,
+        "false_accepts": Number(0, whole=True, what="a count"),
+        "reliable": Flag(),
+    },
+    required=tuple(OperatingPoint.__dataclass_fields__),
+    empty_ok=False,
+)
+#: thresholds.json, and an index's meta.json["calibration"]: every field, checked whole
+CALIBRATION = Options(
+    {
+        "format": Choice((FORMAT,)),
+        "positives": Number(1, whole=True, what="a count of at least 1"),
+        "negatives": Number(1, whole=True, what="a count of at least 1"),
+        "model": Text(r"(?s).*"),
+        "source": Text(r"(?s).*"),
+        "flip_tta": Flag(),
+        "points": ListOf(POINT, tuple(range(1, 101)), what="a list of 1 to 100 operating points"),
+        "evaluated": Maybe(Where(lambda v: isinstance(v, dict), what="an object (what the pairs were), or null")),
+    },
+    required=("format", "positives", "negatives", "model", "source", "flip_tta", "points"),
+    empty_ok=False,
+)
+
+
+def from_json(data, where: str = "calibration", again: str = "") -> Calibration:
+    """A Calibration from its JSON form (thresholds.json, or an index's meta.json), every field checked (``CALIBRATION``);
+    a failure is one MltkError ``where: ...; again``. A file written before thresholds.json recorded what it was
+    evaluated on has no ``evaluated`` and is read as it is."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise bad(f"is not an mltk calibration (format {FORMAT})")
-    fields = {"positives": int, "negatives": int, "model": str, "source": str, "flip_tta": bool, "points": list}
-    for key, kind in fields.items():
-        if not isinstance(data.get(key), kind) or (kind is int and isinstance(data.get(key), bool)):
-            raise bad(f"has {key}={reprlib.repr(data.get(key))}; expected {kind.__name__}")
-    if data["positives"] < 1 or data["negatives"] < 1 or not data["points"] or len(data["points"]) > 100:
-        raise bad("has no pairs or no operating points")
-    if not isinstance(data.get("evaluated", {}), (dict, type(None))):
-        raise bad(f"has evaluated={reprlib.repr(data['evaluated'])}; expected an object (what the pairs were) or null")
-    points = tuple(_read_point(p, bad) for p in data["points"])
-    names = [p.name for p in points]
+        raise MltkError(f"{where} is not an mltk calibration (format {FORMAT}){f'; {again}' if again else ''}")
+    data = from_file(CALIBRATION, data, "calibration", where, again)
+    names = [p["name"] for p in data["points"]]
     twice = next((name for name in names if names.count(name) > 1), None)
-    if twice is not None:  # ``at`` would take the first: a second one is a forgery or a broken file, never a choice
-        raise bad(f"has two operating points named {twice!r}")
+    wrong = next((i for i, p in enumerate(data["points"]) if p["name"] not in ("eer", f"far={p['far']:g}")), None)
+    problem = (
+        f"calibration['points'][{wrong}]['name'] must be 'eer' or 'far={data['points'][wrong]['far']:g}' (its far), got {show(names[wrong])}" if wrong is not None
+        else f"calibration has two operating points named {show(twice)}" if twice is not None  # ``at`` would take the first: a forgery or a broken file
+        else None
+    )
+    if problem:
+        raise MltkError(f"{where}: {problem}{f'; {again}' if again else ''}")
+    points = tuple(OperatingPoint(**point) for point in data["points"])
     return Calibration(points, data["positives"], data["negatives"], data["model"], data["source"], data["flip_tta"], data.get("evaluated"))
 
 
-def _read_point(point, bad) -> OperatingPoint:
-    if not isinstance(point, dict) or set(point) != set(OperatingPoint.__dataclass_fields__):
-        raise bad(f"has an operating point {reprlib.repr(point)}; expected the keys {', '.join(OperatingPoint.__dataclass_fields__)}")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    threshold = point["threshold"]
-    expected = {
-        "far, tar and far_measured rates in [0, 1]": all(number(point[key]) and 0 <= point[key] <= 1 for key in ("far", "tar", "far_measured")),
-        "the name 'eer' or 'far=' and its far": point["name"] == "eer" or number(point["far"]) and point["name"] == f"far={point['far']:g}",
-        "the threshold a cosine score, from -1 to 1, or null": threshold is None or number(threshold) and abs(threshold) <= 1 + COSINE_ROUNDING,
-        "false_accepts a count": isinstance(point["false_accepts"], int) and not isinstance(point["false_accepts"], bool) and point["false_accepts"] >= 0,
-        "reliable true or false": isinstance(point["reliable"], bool),
-    }
-    wrong = next((what for what, holds in expected.items() if not holds), None)
-    if wrong is not None:
-        shown = {key: point[key] for key in ("name", "far", "threshold")}
-        raise bad(f"has an operating point {reprlib.repr(shown)} out of range: expected {wrong}")
-    return OperatingPoint(**point)
+AGAIN = "write it again with `mltk evaluate`"
 
 
 def _bad(path: Path, problem: str) -> MltkError:
-    return MltkError(f"{str(path)!r} {problem}; write it again with `mltk evaluate`")
+    return MltkError(f"{str(path)!r} {problem}; {AGAIN}")
 
 
 def describe(point: OperatingPoint, negatives: int) -> str:

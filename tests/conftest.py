@@ -9,6 +9,10 @@ os.environ["MLTK_LOAD_PLUGINS"] = ""  # read by mltk.plugins.load_plugins(), whi
 # mltk's consoles are made when mltk.cli.output is first imported, and a COLUMNS set then fixes their width for good
 # (pytest-xdist's workers have one): unset, the width follows each test's own COLUMNS, 80 without one.
 os.environ.pop("COLUMNS", None)
+# pytest-xdist runs a worker per core: each worker, and the mltk processes its tests start, get their share of the
+# cores, not one thread per core each (2 workers with 2 threads apiece on 2 cores spend a third of the suite waiting).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest  # noqa: E402
 

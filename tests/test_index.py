@@ -352,7 +352,7 @@ def test_an_index_refuses_a_model_pt_that_did_not_embed_its_gallery(index_dir, t
     code, out, err = mltk_main("search", copy, query, "--json")
     assert code == 0 and len(json.loads(out)[0]["neighbours"]) == 5, err
     (copy / "meta.json").write_text(json.dumps({**meta, "model": 7}))
-    assert "meta.json has model=7; expected str" in one_line_error(mltk_main("search", copy, query), 1)
+    assert "meta.json['model'] must be text, got 7" in one_line_error(mltk_main("search", copy, query), 1)
 
 
 def test_a_full_disk_while_writing_an_index_keeps_the_earlier_one(trained_run, tmp_path, mltk_main, monkeypatch):
@@ -663,15 +663,15 @@ TAMPERED = {
     "labels not npy": (index_write("labels.npy", b"\x80\x04junk"), "labels.npy is not a numpy array file"),
     "labels header lies": (index_lying_header, "labels.npy holds 320 bytes of data; its header announces int64 (99999,)"),
     "paths one short": (index_cut_paths, "paths.txt has 39 lines; meta.json says 40 images"),
-    "meta dim a string": (index_rewrite_meta(dim="16"), "meta.json has dim='16'; expected int"),
-    "meta count a bool": (index_rewrite_meta(count=True), "meta.json has count=True; expected int"),
-    "meta params a list": (index_rewrite_meta(params=[]), "meta.json has params=[]; expected dict"),
-    "meta kind unknown": (index_rewrite_meta(kind="annoy"), "meta.json has kind='annoy'; expected one of flat, ivf, ivfpq, hnsw"),
+    "meta dim a string": (index_rewrite_meta(dim="16"), "meta.json['dim'] must be an integer of at least 1, got '16'"),
+    "meta count a bool": (index_rewrite_meta(count=True), "meta.json['count'] must be an integer of at least 1, got True"),
+    "meta params a list": (index_rewrite_meta(params=[]), "meta.json['params'] must be a mapping of names to a whole number, got []"),
+    "meta kind unknown": (index_rewrite_meta(kind="annoy"), "meta.json['kind'] must be one of 'flat', 'ivf', 'ivfpq', 'hnsw', got 'annoy'"),
     "meta kind another": (index_rewrite_meta(kind="hnsw"), "index.faiss has kind flat; meta.json says hnsw"),
     "meta dim wrong": (index_rewrite_meta(dim=32), "index.faiss has dim 16; meta.json says 32"),
     "meta count wrong": (index_rewrite_meta(count=41), "index.faiss has count 40; meta.json says 41"),
-    "meta count zero": (index_rewrite_meta(count=0), "meta.json has dim=16, count=0; expected at least 1"),
-    "meta run not text": (index_rewrite_meta(run=["x"]), "meta.json has run=['x']; expected str"),
+    "meta count zero": (index_rewrite_meta(count=0), "meta.json['count'] must be an integer of at least 1, got 0"),
+    "meta run not text": (index_rewrite_meta(run=["x"]), "meta.json['run'] must be text, got ['x']"),
     "index.faiss junk": (index_write("index.faiss", b"IxFI" + b"\0" * 10), "index.faiss cannot be read by faiss"),
     "index.faiss missing": (lambda d: (d / "index.faiss").unlink(), "index.faiss is missing"),
     "model.pt missing": (lambda d: (d / "model.pt").unlink(), "model.pt is missing"),

@@ -271,15 +271,15 @@ def test_parse_spec_refuses_malformed_specs_in_one_line(spec):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: rerank.KReciprocal(k2=0), "k-reciprocal: k2=0; it is 1 to k1+1 (k1=20)"),
-    (lambda: rerank.KReciprocal(k1=4, k2=6), "k-reciprocal: k2=6; it is 1 to k1+1 (k1=4)"),
-    (lambda: rerank.KReciprocal(k1=0), "k-reciprocal: k1=0; it is at least 1"),
-    (lambda: rerank.KReciprocal(k1=2.5), "k-reciprocal: k1=2.5; it is a whole number"),
-    (lambda: rerank.KReciprocal(lam=1.5), "k-reciprocal: lambda=1.5; it is 0 to 1"),
-    (lambda: rerank.KReciprocal(candidates=0), "k-reciprocal: candidates=0; it is at least 1"),
-    (lambda: rerank.QueryExpansion(n=0), "qe: n=0; it is at least 1"),
-    (lambda: rerank.QueryExpansion(alpha=-1, dba=True), "dba: alpha=-1; it is at least 0"),
-    (lambda: rerank.QueryExpansion(n=True), "qe: n=True; it is a whole number"),
+    (lambda: rerank.KReciprocal(k2=0), "k-reciprocal: k2 must be an integer from 1 to k1+1 (k1=20), got 0"),
+    (lambda: rerank.KReciprocal(k1=4, k2=6), "k-reciprocal: k2 must be an integer from 1 to k1+1 (k1=4), got 6"),
+    (lambda: rerank.KReciprocal(k1=0), "k-reciprocal: k1 must be an integer of at least 1, got 0"),
+    (lambda: rerank.KReciprocal(k1=2.5), "k-reciprocal: k1 must be an integer of at least 1, got 2.5"),
+    (lambda: rerank.KReciprocal(lam=1.5), "k-reciprocal: lambda must be a number in [0, 1], got 1.5"),
+    (lambda: rerank.KReciprocal(candidates=0), "k-reciprocal: candidates must be an integer of at least 1, got 0"),
+    (lambda: rerank.QueryExpansion(n=0), "qe: n must be an integer of at least 1, got 0"),
+    (lambda: rerank.QueryExpansion(alpha=-1, dba=True), "dba: alpha must be a number of at least 0, got -1"),
+    (lambda: rerank.QueryExpansion(n=True), "qe: n must be an integer of at least 1, got True"),
 ])
 def test_parameters_are_checked_with_a_line_naming_them(make, message):
     with pytest.raises(UsageError) as e:
@@ -526,10 +526,10 @@ def test_a_parameter_beyond_the_gallery_counts_as_the_gallery_in_the_memory_esti
 
 
 @pytest.mark.parametrize("spec, message", [
-    (f"k-reciprocal:k1=20,k2=1{'0' * 400}", "k-reciprocal: k2=an integer of 1329 bits; it is 1 to k1+1 (k1=20)"),
-    (f"k-reciprocal:k1=1{'0' * 400},k2=0", "k-reciprocal: k2=0; it is 1 to k1+1 (k1=an integer of 1329 bits)"),
-    (f"k-reciprocal:lambda=1{'0' * 400}", "k-reciprocal: lambda=an integer of 1329 bits; it is 0 to 1"),
-    (f"qe:n=-1{'0' * 400}", "qe: n=an integer of 1329 bits; it is at least 1"),
+    (f"k-reciprocal:k1=20,k2=1{'0' * 400}", "k-reciprocal: k2 must be an integer from 1 to k1+1 (k1=20), got an integer of 1329 bits"),
+    (f"k-reciprocal:k1=1{'0' * 400},k2=0", "k-reciprocal: k2 must be an integer from 1 to k1+1 (k1=an integer of 1329 bits), got 0"),
+    (f"k-reciprocal:lambda=1{'0' * 400}", "k-reciprocal: lambda must be a number in [0, 1], got an integer of 1329 bits"),
+    (f"qe:n=-1{'0' * 400}", "qe: n must be an integer of at least 1, got an integer of 1329 bits"),
 ])
 def test_a_huge_parameter_is_named_in_a_short_line(spec, message):
     with pytest.raises(UsageError) as e:
