@@ -20,7 +20,7 @@ from pathlib import Path
 from mltk.checkpoint import CHECKPOINT_FILES
 from mltk.display import setting, shown
 from mltk.errors import MltkError, UsageError
-from mltk.outputs import check_file, check_replaceable, stale_temporaries, temporary, writing
+from mltk.outputs import check_file, check_replaceable, replace_files, writing
 from mltk.rules import show
 from mltk.run_dir import finite, read_config, read_records, read_text, strict_json
 
@@ -405,20 +405,14 @@ def written_by_compare(path: Path, fmt: str) -> bool:
 
 
 def write(table: Table, outputs: list[tuple[Path, str]]) -> None:
-    """Each output written under a temporary name beside it, then all renamed into place: an earlier file is replaced whole."""
+    """Every page written whole, then all renamed into place together (``outputs.replace_files``): an earlier page is
+    replaced, and a failure leaves each as it was."""
     pages = [(out, out.resolve(), html(table) if fmt == "html" else markdown(table)) for out, fmt in outputs]  # a link: the file it names
-    done: list[Path] = []
-    try:
-        for out, path, text in pages:
-            for stale in stale_temporaries(path.parent, path.name):  # what a killed compare left
-                stale.unlink(missing_ok=True)
-            done.append(path)  # its temporary is removed, whatever happens next
-            with writing(repr(str(out)), "nothing was written (a file there earlier is as it was)"):  # a full disk: stop here
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary(path).write_text(text, encoding="utf-8")
-        for out, path, _ in pages:
-            with writing(repr(str(out)), "it is as it was"):
-                os.replace(temporary(path), path)
-    finally:
-        for path in done:
-            temporary(path).unlink(missing_ok=True)
+    nothing = "nothing was written (a file there earlier is as it was)"
+    for out, path, _ in pages:
+        with writing(repr(str(out)), nothing):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    with replace_files([path for _, path, _ in pages], " and ".join(repr(str(out)) for out, _, _ in pages), nothing) as tmps:
+        for (out, _, text), tmp in zip(pages, tmps):
+            with writing(repr(str(out)), nothing):  # a full disk: stop here, naming the page
+                tmp.write_text(text, encoding="utf-8")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mltk.errors import MltkError, UsageError, first_line
-from mltk.outputs import aside, check_file, check_replaceable, disk_error, stale_temporaries, temporary
+from mltk.outputs import check_file, check_replaceable, disk_error, replace_files
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest absolute difference from PyTorch's embeddings that is accepted
@@ -79,14 +79,10 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
     example = torch.randn(2, *model.data_config["input_size"], generator=generator)
     check = torch.randn(3, *model.data_config["input_size"], generator=generator)  # another size: N must be free
     made = next((p for p in reversed(out.absolute().parents) if not p.exists()), None)  # the first folder this makes
-    tmp, sidecar_tmp = temporary(out), temporary(sidecar)
-    for name in (out.name, sidecar.name):  # what an export killed here (kill -9) left: its processes are gone
-        for stale in stale_temporaries(out.parent, name):
-            stale.unlink(missing_ok=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # Export to a temporary file in the same folder, so a failure leaves nothing behind.
-        with torch.no_grad(), warnings.catch_warnings():
+        # Export to temporary files in the same folder, renamed in together (both or neither) once the model checks out.
+        with replace_files([out, sidecar]) as (tmp, sidecar_tmp), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")  # its deprecation notice
             (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
             expected = module(check)
@@ -94,24 +90,20 @@ def export(run: str | Path, out: str | Path, fmt: str, calibrate: str | Path | N
                 got = (run_onnx if fmt == "onnx" else run_torchscript)(tmp, check)
             except Exception as exc:  # e.g. a batch size baked into the graph
                 raise MltkError(f"the exported {fmt} model fails on a batch of {len(check)} ({type(exc).__name__}: {first_line(exc, '')[:200]}); nothing was written") from None
-        # Keep the file only if it computes what PyTorch does.
-        if got.shape != expected.shape:
-            raise MltkError(f"the exported {fmt} model gives shape {tuple(got.shape)}, not {tuple(expected.shape)}; nothing was written")
-        diff = float((got - expected).abs().max())
-        if not diff <= TOLERANCE:  # NaN fails too
-            raise MltkError(f"the exported {fmt} model does not match PyTorch: its embeddings differ by up to {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written")
-        info = describe(model, checkpoint, fmt, out, diff, calibration, digest(tmp))
-        sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
-        commit(tmp, out, sidecar_tmp, sidecar)
+            # Keep the file only if it computes what PyTorch does.
+            if got.shape != expected.shape:
+                raise MltkError(f"the exported {fmt} model gives shape {tuple(got.shape)}, not {tuple(expected.shape)}; nothing was written")
+            diff = float((got - expected).abs().max())
+            if not diff <= TOLERANCE:  # NaN fails too
+                raise MltkError(f"the exported {fmt} model does not match PyTorch: its embeddings differ by up to {diff:.3g} (tolerance {TOLERANCE:g}); nothing was written")
+            info = describe(model, checkpoint, fmt, out, diff, calibration, digest(tmp))
+            sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
     except BaseException as exc:  # an error or Ctrl-C: a folder made for the export goes again
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk, a folder in the way of FILE.json, ...
             raise disk_error(exc, f"{str(out)!r} and its {sidecar.name!r}", "nothing was written; an earlier file there is as it was") from None
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
-        sidecar_tmp.unlink(missing_ok=True)
     return Exported(out, sidecar, diff, info)
 
 
@@ -187,30 +179,6 @@ def digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
-
-
-def commit(tmp: Path, out: Path, sidecar_tmp: Path, sidecar: Path) -> None:
-    """Rename both temporaries into place, or neither: if the sidecar's rename fails, ``out`` is put back as it was."""
-    backup = None
-    if out.exists():  # a second name for the earlier file, to put back
-        backup = aside(out)
-        try:
-            os.link(out, backup)
-        except OSError:  # a file system without hard links
-            shutil.copy2(out, backup)
-    try:
-        os.replace(tmp, out)
-        try:
-            os.replace(sidecar_tmp, sidecar)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, out)
-            else:
-                out.unlink(missing_ok=True)
-            raise
-    finally:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
 
 
 def describe(model, checkpoint: Path, fmt: str, out: Path, diff: float, calibration=None, sha256: str | None = None) -> dict:

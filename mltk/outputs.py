@@ -11,7 +11,7 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,24 +164,69 @@ def writing(name: str, kept: str):
 def replace_file(path: str | Path, writing: str | None = None, kept: str = ""):
     """A hidden sibling of ``path`` (``temporary``) to write a whole file into, renamed over ``path`` when the block ends.
 
-    The one way mltk writes a file whole (checkpoints, a run's records, compare's tables): the file is flushed to disk
-    before the rename, so ``path`` holds the earlier version or the new one, never part of either. If the block fails
-    or is interrupted, the sibling goes and ``path`` is as it was. An OSError (a full disk) is one line,
-    ``disk_error(exc, writing, kept)``; with no ``writing``, it goes to the caller, who says what is intact.
+    The one way mltk writes a file whole (checkpoints, a run's records, streamed embeddings): ``replace_files`` for
+    one file. ``path`` holds the earlier version or the new one, never part of either.
     """
-    path = Path(path)
-    tmp = temporary(path)
+    with replace_files([path], writing, kept) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def replace_files(paths: Sequence[str | Path], writing: str | None = None, kept: str = ""):
+    """Hidden siblings of ``paths`` (``temporary``) to write whole files into, all renamed into place when the block
+    ends, or none: files that belong together (compare's pages, an export and its FILE.json) are never half-replaced.
+
+    What killed processes left beside them is removed first. Each file is flushed to disk before the renames, so a
+    crash after them keeps it whole. When a rename fails, the files already renamed are put back as they were (an
+    earlier version from a second name made for it, a new one removed). If the block fails or is interrupted, the
+    siblings go and every path is as it was. An OSError (a full disk) is one line, ``disk_error(exc, writing,
+    kept)``; with no ``writing``, it goes to the caller, who says what is intact.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        for stale in stale_temporaries(path.parent, path.name):
+            stale.unlink(missing_ok=True)
+    tmps = [temporary(path) for path in paths]
+    backups: list[Path] = []
     try:
         try:
-            yield tmp
-            _flush(tmp)
-            os.replace(tmp, path)
+            yield tmps
+            for tmp in tmps:
+                _flush(tmp)
+            if len(paths) > 1:  # a second name for each earlier file, to put back if a later rename fails
+                backups = [_second_name(path) for path in paths if path.exists()]
+            _rename_all(tmps, paths)
         except OSError as exc:
             if writing is None:
                 raise
             raise disk_error(exc, writing, kept) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        for leftover in tmps + backups:
+            leftover.unlink(missing_ok=True)
+
+
+def _second_name(path: Path) -> Path:
+    backup = aside(path)
+    try:
+        os.link(path, backup)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, backup)
+    return backup
+
+
+def _rename_all(tmps: list[Path], paths: list[Path]) -> None:
+    """Each temporary over its path, in order; if one fails, those before it are undone and the error goes on."""
+    for i, (tmp, path) in enumerate(zip(tmps, paths)):
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            for done in paths[:i]:
+                backup = aside(done)
+                if backup.exists():
+                    os.replace(backup, done)
+                else:
+                    done.unlink(missing_ok=True)
+            raise
 
 
 def _flush(path: Path) -> None:

@@ -136,3 +136,37 @@ def test_replace_file_swaps_in_a_whole_file_or_leaves_the_earlier_one(tmp_path, 
         with replace_file(path) as tmp:
             tmp.write_text("half")
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]  # no temporary left
+
+
+def test_replace_files_renames_all_or_none_and_clears_what_a_killed_process_left(tmp_path, monkeypatch):
+    import errno
+
+    from mltk.outputs import replace_files
+
+    page, sidecar, fresh = tmp_path / "m.pt", tmp_path / "m.pt.json", tmp_path / "new.md"
+    page.write_text("earlier page")
+    sidecar.write_text("earlier sidecar")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".m.pt.tmp-{dead.pid}").write_text("left by a kill -9")
+    with replace_files([page, sidecar]) as (a, b):
+        a.write_text("page")
+        b.write_text("sidecar")
+        assert page.read_text() == "earlier page"  # written aside until the block ends
+    assert (page.read_text(), sidecar.read_text()) == ("page", "sidecar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.json"]
+
+    real = os.replace
+
+    def third_fails(src, dst):  # the disk goes read-only between two renames
+        if str(dst).endswith(".json"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", third_fails)
+    with pytest.raises(MltkError, match=r"^Read-only file system writing the pages; each is as it was$"):
+        with replace_files([fresh, page, sidecar], "the pages", "each is as it was") as (a, b, c):
+            for tmp in (a, b, c):
+                tmp.write_text("later")
+    assert (page.read_text(), sidecar.read_text()) == ("page", "sidecar")  # the first renames undone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.json"]  # the new file gone, no temporary left
