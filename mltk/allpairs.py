@@ -239,10 +239,12 @@ def _one_blas_thread():
 
 def _device(ev) -> str:
     """Where the blockwise pass runs: the evaluation's ``device`` where it is a CUDA one, the CPU where it is any other
-    (the pass's consumers are the numba kernels there); with none given, the GPU when torch sees one."""
+    (the pass's consumers are the numba kernels there); with none given, where ``mltk.devices`` puts ``auto``."""
+    import torch
+
     from mltk.devices import resolve_device
 
-    device = resolve_device(ev.device)
+    device = resolve_device(None) if ev.device is None else torch.device(ev.device)
     return str(device) if device.type == "cuda" else "cpu"
 
 

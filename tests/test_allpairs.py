@@ -28,6 +28,7 @@ class _NoGpuPass:
 def see_a_gpu(patch):
     """torch says a GPU is there; the GPU consumers fail the test if the pass builds one."""
     patch.setattr(torch.cuda, "is_available", lambda: True)
+    patch.setattr(torch.cuda, "device_count", lambda: 1)
     patch.setattr(gpu_pass, "BlockConsumer", _NoGpuPass)
     patch.setattr(gpu_pass, "RecountConsumer", _NoGpuPass)
 

@@ -60,13 +60,9 @@ def test_the_metrics_pass_and_inference_use_the_same_resolver(monkeypatch):
     from mltk import allpairs
     from mltk.model import inference_device
 
-    fake_gpus(monkeypatch, 0)
-    assert inference_device(None) == torch.device("cpu")
-
     class Evaluation:
         device = None
 
-    assert allpairs._device(Evaluation()) == "cpu"
-    Evaluation.device = "cuda:0"
-    with pytest.raises(UsageError, match="no such CUDA GPU"):
-        allpairs._device(Evaluation())
+    for gpus, expected in ((0, "cpu"), (2, "cuda:0")):
+        fake_gpus(monkeypatch, gpus)
+        assert str(inference_device(None)) == allpairs._device(Evaluation()) == expected
