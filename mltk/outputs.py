@@ -125,12 +125,13 @@ def stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
     found = []
     for entry in folder.iterdir():
         match = _TEMPORARY.match(entry.name)
-        if match and (name is None or match["name"] == name) and not _alive(int(match["pid"])):
+        if match and (name is None or match["name"] == name) and not process_alive(int(match["pid"])):
             found.append(entry)
     return sorted(found)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (another user's counts)."""
     if pid == os.getpid():
         return True
     try:

@@ -210,6 +210,34 @@ def score_plot(scores: ScoreHistogram, points: Sequence = ()) -> bytes:
     return _png(fig)
 
 
+def study_figures(study) -> dict[str, bytes]:
+    """An Optuna study's views, drawn by Optuna's own matplotlib plots: the optimisation history, the parameters'
+    importances and a slice plot (each left out while the study has too few finished trials to draw it)."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as views
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    wanted = [("Optimisation history", views.plot_optimization_history, 1)]
+    if done and done[0].params:
+        wanted += [("Parameter importances (fANOVA)", views.plot_param_importances, 2), ("Slice: each setting against the objective", views.plot_slice, 1)]
+    _figure()
+    figures = {}
+    for title, plot, needed in wanted:
+        if len(done) < needed:
+            continue
+        with warnings.catch_warnings():  # Optuna marks its matplotlib views experimental, on every call
+            warnings.simplefilter("ignore")
+            try:
+                drawn = plot(study)
+            except (ValueError, RuntimeError):  # e.g. importances of settings that never varied
+                continue
+        axes = drawn.flatten()[0] if isinstance(drawn, np.ndarray) else drawn
+        figures[title] = _png(axes.figure)
+    return figures
+
+
 def sample_classes(labels: np.ndarray, max_classes: int, seed: int = 0) -> np.ndarray:
     """Indices of the items of at most ``max_classes`` classes (a random sample when there are more)."""
     classes = np.unique(labels)

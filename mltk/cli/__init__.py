@@ -193,9 +193,11 @@ from mltk.cli.evaluate import evaluate  # noqa: E402
 from mltk.cli.export import export  # noqa: E402
 from mltk.cli.index import index, search  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
+from mltk.cli.tune import tune  # noqa: E402
 from mltk.cli.verify import verify  # noqa: E402
 
 app.command()(run)
+app.command()(tune)
 app.command()(evaluate)
 app.command()(compare)
 app.command()(embed)
