@@ -399,8 +399,14 @@ def fail_orphans(study) -> list[int]:
     ]
     for t in orphans:
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        run_again(study, t)
     return [t.number for t in orphans]
+
+
+def run_again(study, trial) -> None:
+    """Queue ``trial``'s settings as a new trial, once: the next process to start a trial runs it first."""
+    if not any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
 
 
 def finished(study) -> int:
@@ -464,9 +470,8 @@ def tune(search: Search, tune_dir: Path, data, told: Trial | None = None) -> Tun
             study.optimize(objective(search, tune_dir, data, told), callbacks=[after], catch=(TrialFailed,), gc_after_trial=True)
         except KeyboardInterrupt:  # Optuna failed the trial it cut short: it is run again, first, by the next process
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-                if t.user_attrs.get("pid") == os.getpid() and "error" not in t.user_attrs and not t.user_attrs.get("requeued"):
-                    study._storage.set_trial_user_attr(t._trial_id, "requeued", True)
-                    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+                if t.user_attrs.get("pid") == os.getpid() and "error" not in t.user_attrs:
+                    run_again(study, t)
             write_outputs(search, tune_dir, study)
             raise
     write_outputs(search, tune_dir, study)

@@ -18,7 +18,10 @@ from conftest import REPO, run_mltk
 FACES = Path(os.environ.get("MLTK_ATT_FACES", REPO.parent / "shared" / "data" / "att_faces"))  # see its SOURCE.md
 ENROLLED, STRANGERS = range(21, 33), range(33, 41)
 
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason=f"AT&T faces not at {FACES}")
+pytestmark = [
+    pytest.mark.skipif(not FACES.is_dir(), reason=f"AT&T faces not at {FACES}"),
+    pytest.mark.xdist_group("faces_search"),  # one worker builds the module's index once (pyproject.toml: --dist loadgroup)
+]
 
 
 def faces(subjects, images) -> list[Path]:

@@ -28,6 +28,8 @@ from mltk.registry import create_logger, list_loggers  # noqa: E402
 from mltk.run_dir import read_history  # noqa: E402
 from mltk.train import RunResult, train  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("plugin_mlflow")  # its module fixtures are built once, on one worker (pyproject.toml: --dist loadgroup)
+
 PLUGIN = REPO / "plugins" / "mltk-mlflow"
 FILES = ["best.pt", "config.yaml", "metrics.jsonl", "skipped_images.txt", "tensorboard"]  # what a run directory holds but last.pt
 

@@ -11,6 +11,8 @@ from mltk import thresholds
 from mltk.errors import MltkError, UsageError
 from mltk.metrics import Pairs, evaluate_embeddings
 
+pytestmark = pytest.mark.xdist_group("thresholds")  # its module fixtures are built once, on one worker (pyproject.toml: --dist loadgroup)
+
 
 def pair_calibration(scores, same, **kw):
     result = evaluate_embeddings(None, pairs=Pairs(np.asarray(scores, np.float32), np.asarray(same, bool)), metrics=["tar_at_far"])
