@@ -54,7 +54,7 @@ def dataset_config(example: str, dataset: str) -> dict:
     """
     config = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
     spec = DATASETS[dataset]
-    config.update(data=str(spec["root"]), data_classes=spec["train"], val_data=None, val_data_classes=[])
+    config.update(data=str(spec["root"]), data_classes=spec["train"], val_data=None, val_data_classes=[], val_classes=0.0)
     for key, value in spec["changes"].items():
         if key != "augment_options" or config.get("augment"):
             config[key] = value

@@ -139,23 +139,6 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> No
         time.sleep(0.2)
 
 
-def test_a_kill_9_mid_trial_then_resume_completes_the_study_and_keeps_every_earlier_trial(setup, tmp_path):
-    out = tmp_path / "t"
-    process = _tune_process(setup, out, *tune_args(setup, out, "--trials", "2", "--pruner", "none", folds=1))
-    _wait_for(out / "trials" / "0001" / "fold0" / "metrics.jsonl", process)  # trial 0 scored, trial 1 training
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    before = read_trials(out)
-    assert before[0]["state"] == "complete"
-    done = subprocess.run([sys.executable, "-m", "mltk", "tune", str(out), "--resume"], capture_output=True, text=True, env={**os.environ, "MLTK_LOAD_PLUGINS": ""}, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "trial(s) 1 had been left running by a process that is gone: run again" in done.stdout
-    trials = read_trials(out)
-    assert trials[0] == before[0]  # the earlier trial, as it was
-    assert [t["state"] for t in trials] == ["complete", "fail", "complete"]
-    assert trials[2]["note"] == "run again as trial of #1" and trials[2]["lr"] == trials[1]["lr"]  # the killed trial's settings
-
-
 def test_two_processes_share_one_study_and_finish_the_budget_between_them(setup, tmp_path):
     out = tmp_path / "t"
     first = _tune_process(setup, out, *tune_args(setup, out, "--trials", "4", "--pruner", "none", folds=1))
@@ -169,15 +152,24 @@ def test_two_processes_share_one_study_and_finish_the_budget_between_them(setup,
     assert sorted(int(line.split()[1]) for line in said) == [0, 1, 2, 3]  # each trial run by one process, once
 
 
-def test_ctrl_c_mid_trial_is_one_line_and_resume_runs_that_trial_again(setup, tmp_path):
+def test_ctrl_c_then_a_kill_9_mid_trial_each_resume_keeping_every_earlier_trial_and_running_the_cut_one_again(setup, tmp_path):
     out = tmp_path / "t"
-    process = _tune_process(setup, out, *tune_args(setup, out, "--trials", "2", "--pruner", "none", folds=1))
-    _wait_for(out / "trials" / "0001" / "fold0" / "metrics.jsonl", process)
+    env = {**os.environ, "MLTK_LOAD_PLUGINS": ""}
+    process = _tune_process(setup, out, *tune_args(setup, out, "--trials", "3", "--pruner", "none", folds=1))
+    _wait_for(out / "trials" / "0001" / "fold0" / "metrics.jsonl", process)  # trial 0 scored, trial 1 training
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.strip() == f"interrupted; every finished trial is kept in {str(out)!r} (the one running is run again): go on with mltk tune {out} --resume"
-    done = subprocess.run([sys.executable, "-m", "mltk", "tune", str(out), "--resume"], capture_output=True, text=True, env={**os.environ, "MLTK_LOAD_PLUGINS": ""}, timeout=600)
+    before = read_trials(out)
+    process = _tune_process(setup, out, "tune", out, "--resume")
+    _wait_for(out / "trials" / "0003" / "fold0" / "metrics.jsonl", process)  # trial 2 (trial 1 again) scored, 3 training
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = subprocess.run([sys.executable, "-m", "mltk", "tune", str(out), "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
+    assert "trial(s) 3 had been left running by a process that is gone: run again" in done.stdout
     trials = read_trials(out)
-    assert [t["state"] for t in trials] == ["complete", "fail", "complete"]
-    assert trials[2]["note"] == "run again as trial of #1" and trials[2]["lr"] == trials[1]["lr"]
+    assert trials[0] == before[0]  # the earlier trial, as it was
+    assert [t["state"] for t in trials] == ["complete", "fail", "complete", "fail", "complete"]
+    for cut, again in ((1, 2), (3, 4)):  # each cut trial's settings, run again
+        assert trials[again]["note"] == f"run again as trial of #{cut}" and trials[again]["lr"] == trials[cut]["lr"]
