@@ -298,10 +298,11 @@ def objective(search: Search, tune_dir: Path, data, told: Trial):
         except MltkError as exc:
             trial.set_user_attr("error", str(exc))
             raise TrialFailed(str(exc)) from None
-        finally:
-            trial.set_user_attr("checkpoint_bytes", disk)
-            if not search.keep_checkpoints and folder.exists():
-                for run_dir in folder.iterdir():
+        finally:  # a pruned or failed fold's checkpoints count, and go, too
+            folds = list(folder.iterdir()) if folder.exists() else []
+            trial.set_user_attr("checkpoint_bytes", max([disk] + [_checkpoint_bytes(d) for d in folds]))
+            if not search.keep_checkpoints:
+                for run_dir in folds:
                     _drop_checkpoints(run_dir)
         return sum(values) / len(values)
 
@@ -383,7 +384,12 @@ def make_sampler(name: str, seed: int):
 def make_pruner(name: str):
     import optuna
 
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1), "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}[name]()
+    pruners = {  # the median pruner never judges step 1, a trial's first epoch
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": optuna.pruners.NopPruner,
+    }
+    return pruners[name]()
 
 
 def fail_orphans(study) -> list[int]:
@@ -493,8 +499,11 @@ def rows(search: Search, study) -> tuple[list[str], list[list]]:
         per_fold = list(t.user_attrs.get("folds", []))
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         note = t.user_attrs.get("error") or (f"run again as trial of #{t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
+        if t.state.name == "PRUNED":  # Optuna gives a pruned trial its last validation recall@1 as its value: not the objective
+            step, recall = max(t.intermediate_values.items(), default=(0, float("nan")))
+            note = f"pruned at step {step} (fold epochs so far): validation recall@1 {recall:.4f}" + (f"; {note}" if note else "")
         table.append([
-            t.number, t.state.name.lower(), t.value, *(per_fold + [None] * (folds - len(per_fold))), *(t.params.get(n) for n in names),
+            t.number, t.state.name.lower(), t.value if t.state.name == "COMPLETE" else None, *(per_fold + [None] * (folds - len(per_fold))), *(t.params.get(n) for n in names),
             None if seconds is None else round(seconds, 1), round(t.user_attrs.get("checkpoint_bytes", 0) / 2**20, 1), note,
         ])
     return header, table
@@ -585,7 +594,10 @@ def interval(values: list[float], confidence: float = 0.95) -> tuple[float, floa
     return mean, float(stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n))
 
 
-def final(search: Search, tune_dir: Path, test: str, seeds: int, data: str | None = None, on_seed: Callable[[int, int], None] = lambda s, n: None) -> Final:
+def final(
+    search: Search, tune_dir: Path, test: str, seeds: int, data: str | None = None, test_classes: list[str] | None = None,
+    on_seed: Callable[[int, int], None] = lambda s, n: None,
+) -> Final:
     """The best trial's settings trained on all the training classes (``data``: by default the search's) with ``seeds``
     seeds, each scored once on ``test``; the runs go to final/seedS, and final.md / final.json say mean ± 95 % interval."""
     from mltk.evaluate import EvaluateRequest, execute, prepare
@@ -602,7 +614,7 @@ def final(search: Search, tune_dir: Path, test: str, seeds: int, data: str | Non
         on_seed(s, seeds)
         run_dir = tune_dir / "final" / f"seed{s}"
         train(replace(cfg, seed=s), run_dir, overwrite=run_dir.exists())
-        request = EvaluateRequest(run=run_dir, data=test, report=False).check()
+        request = EvaluateRequest(run=run_dir, data=test, classes=test_classes or None, report=False).check()
         result = execute(prepare(request, lambda line: None))
         for key, value in result.values.items():
             if (FIGURE.fullmatch(key) or key == search.metric) and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -610,25 +622,29 @@ def final(search: Search, tune_dir: Path, test: str, seeds: int, data: str | Non
         runs.append(run_dir)
     metrics = {k: dict(zip(("mean", "half_width"), interval(v)), values=v) for k, v in values.items() if len(v) == seeds}
     done = Final(metrics, runs, best.number)
-    write_final(search, tune_dir, done, test, cfg)
+    write_final(search, tune_dir, done, test, cfg, test_classes or [])
     return done
 
 
-def write_final(search: Search, tune_dir: Path, done: Final, test: str, cfg: RunConfig) -> None:
+def write_final(search: Search, tune_dir: Path, done: Final, test: str, cfg: RunConfig, test_classes: list[str]) -> None:
     seeds = len(done.runs)
     lines = [
         f"# mltk tune {tune_dir.name}: the final step", "",
         f"Trial {done.trial}'s settings (chosen by {search.metric} over {len(search.folds)} class-disjoint fold(s) of the training classes), "
-        f"trained on {cfg.data!r} with {seeds} seed(s) and scored once on {test!r}: mean ± half-width of the 95 % interval (Student's t).", "",
+        f"trained on {cfg.data!r}{_classes(cfg.data_classes)} with {seeds} seed(s) and scored once on {test!r}{_classes(test_classes)}: mean ± half-width of the 95 % interval (Student's t).", "",
         "| metric | mean ± 95 % | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |", "|---|---|" + "---|" * seeds,
     ]
     for key, m in done.metrics.items():
         lines.append(f"| {key} | {m['mean']:.4f} ± {m['half_width']:.4f} | " + " | ".join(f"{v:.4f}" for v in m["values"]) + " |")
     with replace_file(tune_dir / "final.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    record = {"trial": done.trial, "data": cfg.data, "test": test, "seeds": seeds, "runs": [str(r) for r in done.runs], "metrics": done.metrics}
+    record = {"trial": done.trial, "data": cfg.data, "data_classes": cfg.data_classes, "test": test, "test_classes": test_classes, "seeds": seeds, "runs": [str(r) for r in done.runs], "metrics": done.metrics}
     with replace_file(tune_dir / "final.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2))
+
+
+def _classes(patterns: list[str]) -> str:
+    return f" (classes {', '.join(patterns)})" if patterns else ""
 
 
 def disk_per_trial(study) -> float:

@@ -64,7 +64,7 @@ def test_a_bad_search_space_is_one_line_before_any_training(setup, tmp_path, mlt
     (["--folds", "5"], "--folds 5 on 8 classes leaves a fold, or what trains beside it, with fewer than 2 classes; give --folds 4 or fewer"),
     (["--metric", "recal@1"], "unknown --metric 'recal@1'"),
     (["--sampler", "grid"], "unknown --sampler 'grid'; choose tpe, random, cmaes, qmc"),
-    (["--test", "x"], "--test goes with --final: the search itself never reads the test classes"),
+    (["--test", "x"], "--test and --test-classes go with --final: the search itself never reads the test classes"),
     (["--storage", "nosuch://x"], "cannot open the study storage 'nosuch://x'"),
 ])
 def test_options_that_cannot_work_are_one_line(setup, tmp_path, mltk_main, args, message):

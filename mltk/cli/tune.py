@@ -29,6 +29,7 @@ def tune(
     resume: Annotated[bool, typer.Option("--resume", help="Go on with the search in TUNE_DIR (or join it from another process).")] = False,
     final: Annotated[bool, typer.Option("--final", help="Retrain the best settings on all training classes with --seeds seeds and score each once on --test.")] = False,
     test: Annotated[Optional[str], typer.Option(help="With --final: the test images (classes never seen by the search).")] = None,
+    test_classes: Annotated[Optional[list[str]], classes_option("--test")] = None,
     seeds: Annotated[int, typer.Option(help="With --final: the seeds to train.")] = 3,
     workers: Workers = None,
     device: Device = None,
@@ -43,10 +44,10 @@ def tune(
     if from_environment().launched:
         raise UsageError("mltk tune trains each trial in one process: start several mltk tune processes on one study (one per GPU, --device cuda:N) instead of torchrun")
     if final:
-        _final(tuning, tune_dir, test, seeds, data)
+        _final(tuning, tune_dir, test, seeds, data, test_classes)
         return
-    if test is not None:
-        raise UsageError("--test goes with --final: the search itself never reads the test classes")
+    if test is not None or test_classes:
+        raise UsageError("--test and --test-classes go with --final: the search itself never reads the test classes")
     if resume:
         search, tune_dir = tuning.start(None, tune_dir, resume=True)
     else:
@@ -109,14 +110,15 @@ def _search(tuning, search, tune_dir: Path) -> None:
         def on_end(frozen) -> None:
             settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in frozen.params.items())
             state = frozen.state.name.lower()
-            if frozen.value is not None:
+            if state == "complete":
                 best.append(frozen.value)
                 shown = (min if search.direction == "minimize" else max)(best)
                 progress.update(task, best=f"{shown:.4f}")
                 folds = ", ".join(f"{v:.4f}" for v in frozen.user_attrs.get("folds", []))
                 said = f"{search.metric} {frozen.value:.4f} (folds {folds})"
             else:
-                said = frozen.user_attrs.get("error", "") if state == "fail" else "stopped early on its validation recall@1"
+                step, recall = max(frozen.intermediate_values.items(), default=(0, float("nan")))
+                said = frozen.user_attrs.get("error", "interrupted") if state == "fail" else f"stopped at step {step}, its validation recall@1 {recall:.4f} below the median of the trials before it"
             progress.console.print(escape(f"trial {frozen.number} {state}: {said}; {settings}"), highlight=False, soft_wrap=True)
             progress.update(task, completed=tuning.finished(frozen_study[0]) if frozen_study else 0, refresh=True)
 
@@ -139,7 +141,7 @@ def _search(tuning, search, tune_dir: Path) -> None:
     console.print(escape(f"written to {tune_dir}: trials.csv, trials.md, best.yaml, report.html; checkpoints of a fold: {disk:.1f} MiB at most, {'kept' if search.keep_checkpoints else 'deleted once scored'}"), highlight=False, soft_wrap=True)
 
 
-def _final(tuning, tune_dir: Path, test: str | None, seeds: int, data: str | None) -> None:
+def _final(tuning, tune_dir: Path, test: str | None, seeds: int, data: str | None, test_classes: list[str] | None) -> None:
     from rich.markup import escape
 
     from mltk.cli.output import console
@@ -149,7 +151,7 @@ def _final(tuning, tune_dir: Path, test: str | None, seeds: int, data: str | Non
     if seeds < 1:
         raise UsageError("--seeds takes 1 or more")
     search, tune_dir = tuning.start(None, tune_dir, resume=True)
-    done = tuning.final(search, tune_dir, test, seeds, data, on_seed=lambda s, n: console.print(f"seed {s + 1} of {n}: training, then scoring on the test classes", highlight=False))
+    done = tuning.final(search, tune_dir, test, seeds, data, test_classes, on_seed=lambda s, n: console.print(f"seed {s + 1} of {n}: training, then scoring on the test classes", highlight=False))
     for key, m in done.metrics.items():
         console.print(escape(f"{key}: {m['mean']:.4f} ± {m['half_width']:.4f}"), highlight=False, soft_wrap=True)
     console.print(escape(f"written to {tune_dir}: final.md, final.json, final/seed0..seed{seeds - 1} (mltk compare reads them)"), highlight=False, soft_wrap=True)
