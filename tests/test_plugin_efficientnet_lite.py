@@ -6,14 +6,13 @@ the 1000-way ImageNet head into ImageNet's classes for them. Tests that need a w
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, install_plugin
 from mltk.errors import MltkError
 from mltk.registry import create_backbone
 
@@ -30,14 +29,7 @@ NAMES = [f"efficientnet_lite{i}_imagenet" for i in range(3)]
 @pytest.fixture(scope="module")
 def lite_site(tmp_path_factory):
     """plugins/mltk-efficientnet-lite installed with pip into a folder of its own (the wheels it needs are not)."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(REPO / "plugins" / "mltk-efficientnet-lite")],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return install_plugin("mltk-efficientnet-lite", tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture

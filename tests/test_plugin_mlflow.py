@@ -21,7 +21,7 @@ pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from conftest import REPO, TINY, make_image_folder, snapshot  # noqa: E402
+from conftest import REPO, TINY, install_plugin, make_image_folder, snapshot  # noqa: E402
 from mltk.config import make_config  # noqa: E402
 from mltk.errors import Interrupted, MltkError, UsageError  # noqa: E402
 from mltk.registry import create_logger, list_loggers  # noqa: E402
@@ -51,7 +51,7 @@ def http_settings(monkeypatch):
         monkeypatch.delenv(name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: the module's xdist_group keeps its tests on one worker
 def empty_store(tmp_path_factory):
     """An MLflow SQLite database with its tables made: MLflow's migrations take seconds, so each test copies this one."""
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
@@ -348,15 +348,10 @@ def test_ctrl_c_while_mlflow_connects_is_one_line_and_the_mlflow_run_is_killed(m
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: the module's xdist_group keeps its tests on one worker
 def mlflow_site(tmp_path_factory):
     """plugins/mltk-mlflow installed with pip into a folder of its own, entry point and all (mlflow is already here)."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(PLUGIN)],
-        check=True, capture_output=True,
-    )
-    return target
+    return install_plugin(PLUGIN.name, tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture

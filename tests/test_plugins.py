@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, install_plugin
 
 
 @pytest.fixture(scope="module")
 def gem_site(tmp_path_factory):
     """plugins/mltk-gem installed with pip into a folder of its own (the machine's site-packages stays as it is)."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO / "plugins" / "mltk-gem")],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return install_plugin("mltk-gem", tmp_path_factory.mktemp("site"))
 
 
 def plugin_env(site: Path, load: str | None = None) -> dict:
