@@ -258,8 +258,9 @@ def project(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
         umap = _umap()
         neighbours = int(min(15, max(2, len(embeddings) - 1)))
-        with warnings.catch_warnings():  # its note that a seed means one thread, on every run
+        with warnings.catch_warnings():  # its notes that a seed means one thread, and that given neighbours allow no transform of new data
             warnings.filterwarnings("ignore", message=r"n_jobs value .* overridden")
+            warnings.filterwarnings("ignore", message=r"precomputed_knn")
             found = cosine_neighbours(embeddings, neighbours)
             return umap.UMAP(n_components=2, metric="cosine", n_neighbors=neighbours, random_state=seed, precomputed_knn=found).fit_transform(embeddings)
     raise ValueError(f"unknown projection {method!r}")

@@ -2,6 +2,7 @@
 fetch nothing, their tables sort on a click, they fit the window, and strings from files stay text."""
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -325,4 +326,6 @@ def test_umap_is_compiled_once_per_machine_not_once_per_report():
     assert umap.umap_.smooth_knn_dist in compiled and len(compiled) > 10
     assert [f.__name__ for f in compiled if isinstance(f._cache, NullCache)] == []
     points = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    assert project(points, "umap").shape == (30, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # umap-learn's notes stay out of the user's terminal
+        assert project(points, "umap").shape == (30, 2)
