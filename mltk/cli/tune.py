@@ -12,7 +12,7 @@ from mltk.errors import Interrupted, UsageError
 
 def tune(
     tune_dir: Annotated[Path, typer.Argument(help="The tune directory: made by the search, read by --resume and --final.")],
-    space: Annotated[Optional[Path], typer.Option(help="YAML search space: option: {log: [lo, hi]} | {float: [lo, hi]} | {int: [lo, hi]} | {choice: [...]}.")] = None,
+    space: Annotated[Optional[Path], typer.Option(help="YAML search space, a line per option: lr: {log: \\[1e-5, 1e-2]}; also {float: \\[lo, hi]}, {int: \\[lo, hi]}, {choice: \\[a, b]}.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="The base config (YAML, as mltk run takes): what every trial starts from.")] = None,
     data: Annotated[Optional[str], data_option("Training images: the folds are made of their classes (default: the base config's)")] = None,
     classes: Annotated[Optional[list[str]], classes_option("--data")] = None,
