@@ -596,10 +596,13 @@ def interval(values: list[float], confidence: float = 0.95) -> tuple[float, floa
 
 def final(
     search: Search, tune_dir: Path, test: str, seeds: int, data: str | None = None, test_classes: list[str] | None = None,
-    on_seed: Callable[[int, int], None] = lambda s, n: None,
+    on_seed: Callable[[int, int], None] = lambda s, n: None, epochs: int | None = None,
 ) -> Final:
     """The best trial's settings trained on all the training classes (``data``: by default the search's) with ``seeds``
-    seeds, each scored once on ``test``; the runs go to final/seedS, and final.md / final.json say mean ± 95 % interval."""
+    seeds, each scored once on ``test``; the runs go to final/seedS, and final.md / final.json say mean ± 95 % interval.
+
+    ``epochs`` trains the final runs longer (or shorter) than the search's folds: a search run at a short budget, its
+    winner trained at the full one. It is fixed before the test classes are read, so it is no test-set feedback."""
     from mltk.evaluate import EvaluateRequest, execute, prepare
     from mltk.train import train
 
@@ -608,7 +611,7 @@ def final(
     if best is None:
         raise MltkError(f"the study in {str(tune_dir)!r} has no completed trial yet; run the search first")
     cfg = search.config(best.params)
-    cfg = replace(cfg, data=data or cfg.data, val_data=None, val_data_classes=[], val_classes=0.0)
+    cfg = replace(cfg, data=data or cfg.data, val_data=None, val_data_classes=[], val_classes=0.0, epochs=epochs or cfg.epochs)
     runs, values = [], {}
     for s in range(seeds):
         on_seed(s, seeds)
@@ -631,14 +634,14 @@ def write_final(search: Search, tune_dir: Path, done: Final, test: str, cfg: Run
     lines = [
         f"# mltk tune {tune_dir.name}: the final step", "",
         f"Trial {done.trial}'s settings (chosen by {search.metric} over {len(search.folds)} class-disjoint fold(s) of the training classes), "
-        f"trained on {cfg.data!r}{_classes(cfg.data_classes)} with {seeds} seed(s) and scored once on {test!r}{_classes(test_classes)}: mean ± half-width of the 95 % interval (Student's t).", "",
+        f"trained for {cfg.epochs} epochs on {cfg.data!r}{_classes(cfg.data_classes)} with {seeds} seed(s) and scored once on {test!r}{_classes(test_classes)}: mean ± half-width of the 95 % interval (Student's t).", "",
         "| metric | mean ± 95 % | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |", "|---|---|" + "---|" * seeds,
     ]
     for key, m in done.metrics.items():
         lines.append(f"| {key} | {m['mean']:.4f} ± {m['half_width']:.4f} | " + " | ".join(f"{v:.4f}" for v in m["values"]) + " |")
     with replace_file(tune_dir / "final.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    record = {"trial": done.trial, "data": cfg.data, "data_classes": cfg.data_classes, "test": test, "test_classes": test_classes, "seeds": seeds, "runs": [str(r) for r in done.runs], "metrics": done.metrics}
+    record = {"trial": done.trial, "epochs": cfg.epochs, "data": cfg.data, "data_classes": cfg.data_classes, "test": test, "test_classes": test_classes, "seeds": seeds, "runs": [str(r) for r in done.runs], "metrics": done.metrics}
     with replace_file(tune_dir / "final.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2))
 

@@ -73,6 +73,18 @@ def test_options_that_cannot_work_are_one_line(setup, tmp_path, mltk_main, args,
     assert not (tmp_path / "t" / "trials.csv").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    ([], "--final needs --test TEST"),
+    (["--test", "x", "--seeds", "0"], "--seeds and --epochs take 1 or more"),
+    (["--test", "x", "--epochs", "0"], "--seeds and --epochs take 1 or more"),
+    (["--test", "x"], "is not a tune directory (no tune.json)"),
+])
+def test_a_final_step_that_cannot_work_is_one_line(tmp_path, mltk_main, args, message):
+    line = one_line_error(mltk_main("tune", tmp_path / "t", "--final", *args))
+    assert message in line, line
+    assert not (tmp_path / "t" / "final").exists()
+
+
 def test_folds_are_class_disjoint_cover_the_training_classes_and_follow_the_seed():
     classes = [f"c{i}" for i in range(10)]
     folds = tune.class_folds(classes, 4, seed=0)
@@ -112,11 +124,13 @@ def test_a_search_writes_its_trials_a_best_yaml_mltk_run_takes_and_a_page(setup,
     assert best["lr"] == pytest.approx(float(min(trials, key=lambda t: -float(t["map@r"]))["lr"]), rel=1e-3)
     code, _, err = mltk_main("run", "--config", out / "best.yaml", "--out", tmp_path / "run", "--quiet")
     assert code == 0, err
-    # The final step: the best settings, two seeds, the test classes once each; mltk compare reads the runs.
-    code, said, err = mltk_main("tune", out, "--final", "--test", setup / "test", "--seeds", "2")
+    # The final step: the best settings, two seeds (trained longer than the folds), the test classes once each;
+    # mltk compare reads the runs.
+    code, said, err = mltk_main("tune", out, "--final", "--test", setup / "test", "--seeds", "2", "--epochs", "2")
     assert code == 0, err
     final = json.loads((out / "final.json").read_text())
-    assert final["seeds"] == 2 and final["test"] == str(setup / "test")
+    assert final["seeds"] == 2 and final["test"] == str(setup / "test") and final["epochs"] == 2
+    assert yaml.safe_load((out / "final" / "seed1" / "config.yaml").read_text())["epochs"] == 2 != BASE["epochs"]
     m = final["metrics"]["map@r"]
     assert len(m["values"]) == 2 and m["mean"] == pytest.approx(sum(m["values"]) / 2) and m["half_width"] >= 0
     assert "map@r" in (out / "final.md").read_text() and "±" in said

@@ -16,7 +16,7 @@ def tune(
     config: Annotated[Optional[Path], typer.Option(help="The base config (YAML, as mltk run takes): what every trial starts from.")] = None,
     data: Annotated[Optional[str], data_option("Training images: the folds are made of their classes (default: the base config's)")] = None,
     classes: Annotated[Optional[list[str]], classes_option("--data")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each fold's training (default: the base config's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each fold's training (default: the base config's); with --final, of the final runs (default: the search's).")] = None,
     folds: Annotated[int, typer.Option(help="Class-disjoint folds of the training classes (1: one held-out part of --holdout).")] = 4,
     holdout: Annotated[float, typer.Option(help="With --folds 1: the fraction of the training classes held out.")] = 0.25,
     trials: Annotated[int, typer.Option(help="Trials to finish (completed or pruned), by every process sharing the study.")] = 20,
@@ -44,7 +44,7 @@ def tune(
     if from_environment().launched:
         raise UsageError("mltk tune trains each trial in one process: start several mltk tune processes on one study (one per GPU, --device cuda:N) instead of torchrun")
     if final:
-        _final(tuning, tune_dir, test, seeds, data, test_classes)
+        _final(tuning, tune_dir, test, seeds, data, test_classes, epochs)
         return
     if test is not None or test_classes:
         raise UsageError("--test and --test-classes go with --final: the search itself never reads the test classes")
@@ -141,17 +141,17 @@ def _search(tuning, search, tune_dir: Path) -> None:
     console.print(escape(f"written to {tune_dir}: trials.csv, trials.md, best.yaml, report.html; checkpoints of a fold: {disk:.1f} MiB at most, {'kept' if search.keep_checkpoints else 'deleted once scored'}"), highlight=False, soft_wrap=True)
 
 
-def _final(tuning, tune_dir: Path, test: str | None, seeds: int, data: str | None, test_classes: list[str] | None) -> None:
+def _final(tuning, tune_dir: Path, test: str | None, seeds: int, data: str | None, test_classes: list[str] | None, epochs: int | None) -> None:
     from rich.markup import escape
 
     from mltk.cli.output import console
 
     if test is None:
         raise UsageError("--final needs --test TEST: the test images, scored once per seed")
-    if seeds < 1:
-        raise UsageError("--seeds takes 1 or more")
+    if seeds < 1 or (epochs is not None and epochs < 1):
+        raise UsageError("--seeds and --epochs take 1 or more")
     search, tune_dir = tuning.start(None, tune_dir, resume=True)
-    done = tuning.final(search, tune_dir, test, seeds, data, test_classes, on_seed=lambda s, n: console.print(f"seed {s + 1} of {n}: training, then scoring on the test classes", highlight=False))
+    done = tuning.final(search, tune_dir, test, seeds, data, test_classes, on_seed=lambda s, n: console.print(f"seed {s + 1} of {n}: training, then scoring on the test classes", highlight=False), epochs=epochs)
     for key, m in done.metrics.items():
         console.print(escape(f"{key}: {m['mean']:.4f} ± {m['half_width']:.4f}"), highlight=False, soft_wrap=True)
     console.print(escape(f"written to {tune_dir}: final.md, final.json, final/seed0..seed{seeds - 1} (mltk compare reads them)"), highlight=False, soft_wrap=True)
