@@ -13,6 +13,7 @@ import math
 import os
 import reprlib
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +22,17 @@ import numpy as np
 from mltk.embedding import EmbedSettings
 from mltk.errors import MltkError, UsageError, first_line
 from mltk.knn import KINDS, OPTIONS, Progress, build, check_options, configure, kind_of, neighbours, search, settings
-from mltk.outputs import check_dir, check_replaceable, replace_folder
+from mltk.outputs import check_dir, check_replaceable, locked_folder, replace_folder, restore_aside
 from mltk.rules import Choice, MappingOf, Number, Options, Text, Where, from_file
 from mltk.thresholds import Calibration, OperatingPoint
 
 FORMAT = "mltk-index-1"
+ENROLLED = "enrolled"  # images added by upload (mltk serve's /enrol) live in the index directory, named by their content
 
 
 # Everything ``write_index_dir`` puts in an index directory: a folder holding anything else is not
 # only an index, and replacing it (a removal of the whole folder) would take the rest with it.
-WRITTEN = ("index.faiss", "embeddings.npy", "paths.txt", "labels.npy", "classes.json", "model.pt", "meta.json", "skipped_images.txt")
+WRITTEN = ("index.faiss", "embeddings.npy", "paths.txt", "labels.npy", "classes.json", "model.pt", "meta.json", "skipped_images.txt", ENROLLED)
 META_MAX = 1 << 20  # meta.json holds a few hundred bytes: a larger file of that name is not one
 TEXT = Text(r"(?s).*")
 #: meta.json, checked whole: what a search relies on (required), then the record of what made it (text when present)
@@ -42,7 +44,7 @@ META = Options(
         "dim": Number(1, whole=True),
         "count": Number(1, whole=True),
         "params": MappingOf(Number(-(2**63), 2**63 - 1, whole=True, what="a whole number")),
-        **{key: TEXT for key in ("run", "data", "model", "mltk_version", "faiss_version", "torch_version", "created", "operating_point")},
+        **{key: TEXT for key in ("run", "data", "model", "mltk_version", "faiss_version", "torch_version", "created", "modified", "operating_point")},
         "calibration": Where(lambda v: isinstance(v, dict), what="a calibration (what thresholds.json holds)"),  # checked by calibration_of
     },
     required=("format", "kind", "metric", "dim", "count", "params"),
@@ -167,11 +169,11 @@ def check_request(out: str | Path, kind: str = "flat", batch_size: int = 128, wo
         except (OSError, RuntimeError):
             raise MltkError(f"--out {given!r} is a symbolic link to nowhere; give a folder") from None
     check_dir(out.parent, f"the folder of --out {given!r}")  # the index is made beside it, then renamed
-    _check_replaceable(out, given, inputs)
+    check_index_replaceable(out, given, inputs)
     return out
 
 
-def _check_replaceable(out: Path, given: str, inputs: dict | None = None) -> None:
+def check_index_replaceable(out: Path, given: str, inputs: dict | None = None) -> None:
     """mltk replaces only what it wrote, never its own input: ``out`` (as ``given``) is none of ``inputs`` and only an index."""
     check_replaceable(given, inputs, mine=lambda path: _not_only_an_index(out, given), advice="give a new or empty folder")
 
@@ -234,7 +236,7 @@ def write_index_dir(
         from mltk.calibrate import resolve
 
         calibration = resolve(model, calibrate, far, settings=EmbedSettings(batch_size, workers), progress=progress)
-    with replace_folder(out, f"index directory {given!r}", "nothing there was changed", recheck=lambda: _check_replaceable(out, given)) as tmp:
+    with replace_folder(out, f"index directory {given!r}", "nothing there was changed", recheck=lambda: check_index_replaceable(out, given), exclusive=True) as tmp:
         vectors = embed(model, data, batch_size, workers, progress=progress, out=tmp / "embeddings.npy")
         index = build(vectors, kind, progress=progress, **options)
         faiss.write_index(index, str(tmp / "index.faiss"))
@@ -267,7 +269,7 @@ def image_paths(data) -> list[str]:
     return paths
 
 
-def open_index_dir(path: str | Path) -> IndexDir:
+def open_index_dir(path: str | Path, locked: bool = True) -> IndexDir:
     """An index directory written by ``write_index_dir``, checked whole; a problem is one line naming its file.
 
     Every file is untrusted: each must agree with meta.json (kind, dimensions, count), labels.npy is
@@ -275,13 +277,26 @@ def open_index_dir(path: str | Path) -> IndexDir:
     gallery without classes: classes.json is [] and every label -1).
     embeddings.npy, which a search does not read, is checked (its header) only when it is there: it
     may be deleted to save space. model.pt is checked when ``search_images`` loads it.
+    The files are read as one version: an edit swapping the folder meanwhile waits (``locked_folder``), unless the
+    caller holds it already (``locked=False``: an edit reading what it changes). An earlier version that a killed
+    edit left aside, with nothing in its place, is put back first.
     """
     import faiss
 
     path = Path(path)
+    if not os.path.lexists(path):
+        try:
+            restore_aside(path)  # an edit killed between its two renames (a system without renameat2) left it aside
+        except OSError:
+            pass
     if not path.is_dir():
         where = "is a file, not a folder" if path.exists() else "does not exist"
         raise MltkError(f"index directory {str(path)!r} {where}; write one with `mltk index RUN --data GALLERY --out DIR`")
+    with locked_folder(path) if locked else nullcontext():
+        return _read_index_dir(path, faiss)
+
+
+def _read_index_dir(path: Path, faiss) -> IndexDir:
     meta = read_meta(path)
     if meta is None:
         raise MltkError(f"{str(path)!r} is not an mltk index directory (no meta.json of format {FORMAT})")

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from mltk.errors import MltkError
@@ -240,7 +240,7 @@ def _flush(path: Path) -> None:
 
 
 @contextmanager
-def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[], None] | None = None):
+def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[], None] | None = None, exclusive: bool = False):
     """A hidden sibling of ``out`` (``.NAME.tmp-PID``) to write a whole folder into, renamed to ``out`` when the block ends.
 
     The one way mltk writes a folder whole (evaluate, index, embed, data fetch). What killed processes left beside
@@ -251,6 +251,7 @@ def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[
     folder is made or swapped in, is one line: ``disk_error(exc, writing, kept)``.
     """
     out = Path(out).resolve()
+    restore_aside(out)
     for stale in stale_temporaries(out.parent, out.name):
         _remove(stale)
     made = [p for p in out.parents if not p.exists()]  # the deepest first: removed again if nothing comes of it
@@ -263,9 +264,10 @@ def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise disk_error(exc, writing, kept) from None
             raise
-        if recheck is not None:
-            recheck()
-        _step(lambda: _swap_in(tmp, out), writing, kept)
+        with locked_folder(out, exclusive=True) if exclusive and out.is_dir() else nullcontext():
+            if recheck is not None:
+                recheck()
+            _step(lambda: _swap_in(tmp, out), writing, kept)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # one that holds something now is kept
@@ -276,6 +278,40 @@ def replace_folder(out: str | Path, writing: str, kept: str, recheck: Callable[[
         raise
 
 
+@contextmanager
+def locked_folder(path: str | Path, exclusive: bool = False, tries: int = 100):
+    """Hold the version of the folder ``path`` that is there now: shared, to read its files as one whole, or exclusive,
+    to replace it (one writer at a time, and no reader in the middle of its files while it is swapped).
+
+    A folder is replaced by swapping a new one in (``replace_folder``), never edited in place, so the lock is taken on
+    the folder itself (``flock``), then ``path`` is checked to still name it: a version swapped out while this waited
+    is let go and the new one taken. Where there is no ``flock`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield Path(path)
+        return
+    path = Path(path)
+    for _ in range(tries):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:
+            raise MltkError(f"cannot open folder {str(path)!r}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+                yield path
+                return
+        finally:
+            os.close(fd)  # the lock goes with it
+    raise MltkError(f"folder {str(path)!r} was replaced {tries} times while mltk waited to read it; try again when it is quiet")
+
+
 def _step(step: Callable[[], None], writing: str, kept: str) -> None:
     try:
         step()
@@ -284,7 +320,14 @@ def _step(step: Callable[[], None], writing: str, kept: str) -> None:
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed after (put back if the rename fails)."""
+    """Rename ``tmp`` to ``out``, which a kill at any moment leaves as it was or as it is after.
+
+    On Linux the two folders are exchanged in one step (``exchange``), and ``tmp`` then holds the earlier ``out`` and is
+    removed. Elsewhere the earlier ``out`` is moved aside first, then removed (put back if the rename fails); a kill
+    between the two renames leaves it aside, and ``restore_aside`` puts it back."""
+    if out.exists() and exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = aside(out)
     if out.exists():
         os.replace(out, old)
@@ -295,6 +338,55 @@ def _swap_in(tmp: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the entries ``a`` and ``b`` of one file system in one atomic step (Linux's renameat2 with RENAME_EXCHANGE);
+    False where the system or the file system cannot, and nothing was changed."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = _find_renameat2()
+    if not _renameat2:
+        return False
+    import ctypes
+
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # not offered here: the two-rename way
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_renameat2 = None  # libc's renameat2 once looked up; False where there is none
+
+
+def _find_renameat2():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def restore_aside(out: Path) -> None:
+    """Put back the earlier version of ``out`` that a killed two-rename swap left aside (``.NAME.old-PID``) with nothing
+    at ``out``: the kill came between its two renames, and that version is the one to keep."""
+    if os.path.lexists(out):
+        return
+    left = [p for p in stale_temporaries(out.parent, out.name) if p.name.startswith(f".{out.name}.old-")]
+    if left:
+        os.replace(left[-1], out)
 
 
 def _remove(path: Path) -> None:

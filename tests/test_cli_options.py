@@ -8,16 +8,20 @@ from mltk.cli.options import IndexKind
 from mltk.errors import UsageError
 
 SHARED = {  # option -> the commands that take it
-    "--device": ("run", "evaluate", "index", "embed", "search"),
-    "--workers": ("run", "evaluate", "index", "embed"),
-    "--batch-size": ("run", "evaluate", "index", "embed"),
+    "--device": ("run", "evaluate", "index build", "index add", "embed", "search"),
+    "--workers": ("run", "evaluate", "index build", "index add", "embed"),
+    "--batch-size": ("run", "evaluate", "index build", "index add", "embed"),
     "--pretrained": ("run", "evaluate"),
 }
 
 
 def params(command: str) -> dict:
-    """The click parameters of ``mltk COMMAND``, by their first name (``--device``; ``run`` for the argument)."""
-    return {p.opts[0]: p for p in typer.main.get_command(app).commands[command].params}
+    """The click parameters of ``mltk COMMAND`` (a subcommand: "index add"), by their first name (``--device``; ``run``
+    for the argument)."""
+    found = typer.main.get_command(app)
+    for name in command.split():
+        found = found.commands[name]
+    return {p.opts[0]: p for p in found.params}
 
 
 def test_index_kinds_are_the_library_s():
@@ -39,10 +43,10 @@ def test_pretrained_is_a_pair_a_config_file_can_be_overruled_by():
 
 def test_each_command_keeps_its_own_default_and_required_of_a_shared_declaration():
     assert params("run")["--workers"].default is None and params("evaluate")["--workers"].default == 2  # run: the config's
-    assert params("index")["--batch-size"].default == 128 and params("run")["--batch-size"].default is None
+    assert params("index build")["--batch-size"].default == 128 and params("run")["--batch-size"].default is None
     assert not params("evaluate")["run"].required  # evaluate also takes --backbone instead
-    assert params("index")["run"].required and params("export")["run"].required
-    assert params("index")["--data"].required and not params("run")["--data"].required
+    assert params("index build")["run"].required and params("export")["run"].required
+    assert params("index build")["--data"].required and not params("run")["--data"].required
     assert params("export")["--out"].required and not params("evaluate")["--out"].required
 
 

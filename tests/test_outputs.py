@@ -170,3 +170,38 @@ def test_replace_files_renames_all_or_none_and_clears_what_a_killed_process_left
                 tmp.write_text("later")
     assert (page.read_text(), sidecar.read_text()) == ("page", "sidecar")  # the first renames undone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.json"]  # the new file gone, no temporary left
+
+
+def _folder(path, text: str):
+    path.mkdir()
+    (path / "a.txt").write_text(text)
+    return path
+
+
+def test_replace_folder_swaps_a_folder_in_one_step_where_the_system_can(tmp_path):
+    from mltk import outputs
+
+    out = _folder(tmp_path / "out", "before")
+    with outputs.replace_folder(out, "out", "kept") as tmp:
+        (tmp / "a.txt").write_text("after")
+    assert (out / "a.txt").read_text() == "after" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    if sys.platform.startswith("linux"):  # renameat2 exchanges the two folders: no moment without `out`
+        a, b = _folder(tmp_path / "x", "x"), _folder(tmp_path / "y", "y")
+        assert outputs.exchange(a, b) and (a / "a.txt").read_text() == "y" and (b / "a.txt").read_text() == "x"
+
+
+def test_a_kill_between_the_two_renames_leaves_the_earlier_folder_which_comes_back(tmp_path, monkeypatch):
+    from mltk import outputs
+
+    monkeypatch.setattr(outputs, "exchange", lambda a, b: False)  # a system without renameat2: the two-rename swap
+    out = _folder(tmp_path / "out", "before")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.replace(out, outputs.aside(out).with_name(f".out.old-{dead.pid}"))  # what a kill after the first rename leaves
+    _folder(tmp_path / f".out.tmp-{dead.pid}", "half")
+    with pytest.raises(RuntimeError), outputs.replace_folder(out, "out", "kept"):
+        raise RuntimeError("the next writer fails")
+    assert (out / "a.txt").read_text() == "before" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with outputs.replace_folder(out, "out", "kept") as tmp:
+        (tmp / "a.txt").write_text("after")
+    assert (out / "a.txt").read_text() == "after" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -191,7 +191,7 @@ from mltk.cli.data import data  # noqa: E402
 from mltk.cli.embed import embed  # noqa: E402
 from mltk.cli.evaluate import evaluate  # noqa: E402
 from mltk.cli.export import export  # noqa: E402
-from mltk.cli.index import index, search  # noqa: E402
+from mltk.cli.index import index_app, search  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
 from mltk.cli.tune import tune  # noqa: E402
 from mltk.cli.verify import verify  # noqa: E402
@@ -201,7 +201,7 @@ app.command()(tune)
 app.command()(evaluate)
 app.command()(compare)
 app.command()(embed)
-app.command()(index)
+app.add_typer(index_app, name="index")
 app.command()(search)
 app.command()(verify)
 app.command()(export)

@@ -1,14 +1,34 @@
-"""``mltk index`` and ``mltk search``: a faiss index of a gallery, and its nearest images to query images."""
+"""``mltk index`` and ``mltk search``: a faiss index of a gallery, its edits (``mltk index add`` / ``remove``), and its
+nearest images to query images."""
 
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mltk.cli.options import IMAGES, BatchSize, Calibrate, Device, Far, IndexKind, Rerank, Run, Workers, ef_search_option, nprobe_option, out_option
 
 
+class BuildByDefault(TyperGroup):
+    """``mltk index RUN --data ... --out ...`` builds an index, as it always has; ``mltk index add|remove INDEX ...``
+    edits one. Arguments that do not start with a subcommand's name go to ``build``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+index_app = typer.Typer(
+    cls=BuildByDefault, no_args_is_help=True, rich_markup_mode="rich",
+    help="Build an index of a gallery (`mltk index RUN --data GALLERY --out DIR`, the same as `mltk index build ...`), "
+    "or edit one: `mltk index add INDEX DATA`, `mltk index remove INDEX --class NAME`.",
+)
+
+
+@index_app.command("build")
 def index(
     run: Run,
     data: Annotated[str, typer.Option(help=f"Gallery images: {IMAGES}; or a folder of images without classes, directly in it (or anywhere under it, with --unlabelled).")],
@@ -60,8 +80,60 @@ def index(
     console.print(f"written to [bold]{escape(shown(out))}[/bold]: index.faiss, embeddings.npy, paths.txt, labels.npy, classes.json, model.pt, meta.json")
 
 
+IndexDirArg = Annotated[Path, typer.Argument(help="Index directory written by `mltk index`.")]
+
+
+@index_app.command("add")
+def add(
+    index_dir: IndexDirArg,
+    data: Annotated[str, typer.Argument(help=f"Images to add: {IMAGES}, matched to the index's classes by name; with --class, or for an index without classes, a folder of images.")],
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Every image of DATA belongs to this class (made if the index has none of that name).")] = None,
+    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="DATA is a folder of images without classes (every image under it), as `mltk index --unlabelled` reads one.")] = False,
+    batch_size: BatchSize = 128,
+    workers: Workers = 2,
+    device: Device = None,
+) -> None:
+    """Add images to an index directory without building it again: embedded with the index's model, swapped in whole
+    (a kill leaves the index as it was or as it is after), one edit at a time."""
+    from rich.markup import escape
+
+    from mltk.cli.output import console, interrupted_means, phases, warn
+    from mltk.data import describe_files
+    from mltk.display import shown
+    from mltk.embedding import EmbedSettings
+    from mltk.index import load_gallery
+    from mltk.index_edits import add_images, check_class_name
+
+    settings = EmbedSettings(batch_size, workers, device).check()
+    if class_name is not None:
+        check_class_name(class_name, "--class")
+    gallery = load_gallery(data, unlabelled or class_name is not None)
+    with interrupted_means(f"the index in {str(index_dir)!r} is as it was"), phases() as progress:
+        edit, skipped = add_images(index_dir, gallery, class_name=class_name, settings=settings, progress=progress)
+    if skipped:
+        warn(f"{len(skipped)} unreadable images were left out: {describe_files(skipped)}")
+    into = f" to {'the new ' if edit.new_class else ''}class {edit.class_name!r}" if edit.class_name is not None else ""
+    console.print(escape(f"added {edit.added} images{into}: {shown(index_dir)} holds {edit.count} images of {edit.classes} classes"), highlight=False, soft_wrap=True)
+
+
+@index_app.command("remove")
+def remove(
+    index_dir: IndexDirArg,
+    class_name: Annotated[str, typer.Option("--class", help="The class to remove: every image of it leaves the index, its listing and its labels.")],
+) -> None:
+    """Remove a class from an index directory: its vectors, paths, labels and uploaded images, in one swap."""
+    from rich.markup import escape
+
+    from mltk.cli.output import console
+    from mltk.display import shown
+    from mltk.index_edits import remove_class
+
+    edit = remove_class(index_dir, class_name)
+    console.print(escape(f"removed class {class_name!r} ({edit.removed} images): {shown(index_dir)} holds {edit.count} images of {edit.classes} classes"), highlight=False, soft_wrap=True)
+
+
 def search(
-    index_dir: Annotated[Path, typer.Argument(help="Index directory written by `mltk index`.")],
+    index_dir: IndexDirArg,
     images: Annotated[list[Path], typer.Argument(help="Query image files.")],
     k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts: [{query, match, threshold, neighbours: [{rank, path, label, class, score, match}]}]; match is null for an index without a threshold, label and class for a gallery without classes.")] = False,
