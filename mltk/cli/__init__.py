@@ -192,6 +192,7 @@ from mltk.cli.embed import embed  # noqa: E402
 from mltk.cli.evaluate import evaluate  # noqa: E402
 from mltk.cli.export import export  # noqa: E402
 from mltk.cli.index import index_app, search  # noqa: E402
+from mltk.cli.serve import serve  # noqa: E402
 from mltk.cli.run import run  # noqa: E402
 from mltk.cli.tune import tune  # noqa: E402
 from mltk.cli.verify import verify  # noqa: E402
@@ -203,6 +204,7 @@ app.command()(compare)
 app.command()(embed)
 app.add_typer(index_app, name="index")
 app.command()(search)
+app.command()(serve)
 app.command()(verify)
 app.command()(export)
 app.add_typer(data, name="data")
