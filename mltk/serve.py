@@ -30,6 +30,8 @@ from mltk.errors import MltkError, UsageError, first_line
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # the decoders an upload may reach
 TOKEN_ENV = "MLTK_SERVE_TOKEN"
+ENGINES = ("auto", "torch", "onnx")
+AGREEMENT = 1e-5  # largest difference from PyTorch's embeddings at which ONNX Runtime may serve them
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ServeSettings:
     max_images: int = 32  # per /enrol
     max_batch: int = 16  # query images embedded together
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    engine: str = "auto"  # what embeds the queries: torch, onnx, or auto (the faster of the two that agree, ``choose_engine``)
     device: str | None = None
 
     def check(self) -> "ServeSettings":
@@ -59,6 +62,8 @@ class ServeSettings:
                 raise UsageError(f"{name} {value} is out of range")
         if not 0 <= self.max_wait_ms <= 1000:
             raise UsageError(f"--max-wait-ms {self.max_wait_ms} is out of range (0 to 1000)")
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown --engine {self.engine!r}; choose {', '.join(ENGINES)}")
         return self
 
 
@@ -158,13 +163,13 @@ class Gallery:
     """The index being served: ``now`` is one whole version (an ``IndexDir`` and its operating point), replaced after each
     edit; edits are serialised."""
 
-    def __init__(self, path: Path, model):
+    def __init__(self, path: Path, model, device: str | None = None):
         from mltk.index import load_model, open_index_dir, operating_point
 
         self.path, self.model = path, model
         opened = open_index_dir(path)
         if model is None:
-            self.model = load_model(opened)
+            self.model = load_model(opened, device)
         self.now = (opened, operating_point(opened, None))
         self.edits = threading.Lock()
 
@@ -175,7 +180,7 @@ class Gallery:
         self.now = (opened, operating_point(opened, None))
 
 
-def embedder_of(model, device=None):
+def embedder_of(model):
     """``model``'s forward for a preprocessed batch, as ``mltk.embedding`` runs it: float32, L2-normalised, to numpy."""
     import torch
 
@@ -188,6 +193,104 @@ def embedder_of(model, device=None):
     return embed_batch
 
 
+@dataclass
+class Engine:
+    """What embeds the query images: its name, its forward (a preprocessed batch to numpy vectors), and how it was
+    chosen (ONNX Runtime's largest difference from PyTorch on gallery images, each one's time per batch)."""
+
+    name: str
+    embed_batch: object
+    agreement: float | None = None
+    timings_ms: dict | None = None
+    note: str = ""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "agreement": self.agreement, "timings_ms": self.timings_ms, "note": self.note}
+
+
+def choose_engine(model, wanted: str, probe) -> Engine:
+    """``wanted``: torch (eager PyTorch), onnx (the model exported to ONNX, run by ONNX Runtime), or auto: onnx when it
+    agrees with PyTorch to ``AGREEMENT`` on ``probe`` (a preprocessed batch of gallery images) and is faster on it (batches
+    of 1 and of 8, best of 5), else torch. On a GPU, auto is torch."""
+    torch_engine = Engine("torch", embedder_of(model))
+    if wanted == "torch" or (wanted == "auto" and model.device.type != "cpu"):
+        return torch_engine
+    try:
+        run = onnx_embedder(model, probe)
+    except MltkError as exc:
+        if wanted == "onnx":
+            raise
+        torch_engine.note = f"ONNX Runtime not used: {first_line(exc)}"
+        return torch_engine
+    expected = torch_engine.embed_batch(probe)
+    agreement = float(np.abs(run(probe) - expected).max())
+    timings = {"torch": _time(torch_engine.embed_batch, probe), "onnxruntime": _time(run, probe)}
+    if wanted == "onnx":
+        return Engine("onnxruntime", run, agreement, timings)
+    if agreement > AGREEMENT:
+        return Engine("torch", torch_engine.embed_batch, agreement, timings, f"ONNX Runtime differs from PyTorch by {agreement:.1e} (> {AGREEMENT:g})")
+    faster = "onnxruntime" if timings["onnxruntime"]["total"] < timings["torch"]["total"] else "torch"
+    return Engine(faster, run if faster == "onnxruntime" else torch_engine.embed_batch, agreement, timings)
+
+
+def onnx_embedder(model, probe):
+    """The embedder exported to ONNX (``mltk.export``'s exporter) in memory, run by an ONNX Runtime session on the CPU."""
+    import torch
+
+    from mltk.export import Normalised, check_onnx_available, write_onnx
+
+    check_onnx_available()
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory(prefix="mltk-serve-") as scratch:
+        path = Path(scratch) / "model.onnx"
+        module = Normalised(model.embedder).eval()
+        with torch.inference_mode(False), torch.no_grad():
+            write_onnx(module, probe[:2].cpu(), path)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def embed_batch(batch):
+        return session.run(["embeddings"], {"images": batch.cpu().numpy().astype(np.float32)})[0]
+
+    return embed_batch
+
+
+def _time(embed_batch, probe) -> dict:
+    """Milliseconds per batch of 1 and of 8 (best of 5, after a warm-up)."""
+    out = {}
+    for n in (1, 8):
+        batch = probe[:n] if len(probe) >= n else probe[:1].repeat(n, 1, 1, 1)
+        embed_batch(batch)
+        best = min(_timed(embed_batch, batch) for _ in range(5))
+        out[f"batch{n}"] = round(best * 1000, 2)
+    out["total"] = round(out["batch1"] + out["batch8"], 2)
+    return out
+
+
+def _timed(call, batch) -> float:
+    start = time.perf_counter()
+    call(batch)
+    return time.perf_counter() - start
+
+
+def probe_batch(model, opened, n: int = 8):
+    """A preprocessed batch of up to ``n`` gallery images (what the engines are compared on); noise where none decodes."""
+    import torch
+
+    from mltk.data import open_image
+
+    tensors = []
+    for path in opened.paths[:n]:
+        try:
+            tensors.append(model.transform(open_image(path, model.mode)))
+        except (OSError, ValueError):
+            continue
+    if tensors:
+        return torch.stack(tensors)
+    channels, height, width = model.data_config["input_size"]
+    return torch.randn(n, channels, height, width, generator=torch.Generator().manual_seed(0))
+
+
 def create_app(settings: ServeSettings, model=None):
     """The FastAPI app serving ``settings.index`` (``model``: its model, when the caller has it loaded)."""
     from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -196,8 +299,9 @@ def create_app(settings: ServeSettings, model=None):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    gallery = Gallery(Path(settings.index), model)
-    batcher = Batcher(embedder_of(gallery.model), settings.max_batch, settings.max_wait_ms)
+    gallery = Gallery(Path(settings.index), model, settings.device)
+    engine = choose_engine(gallery.model, settings.engine, probe_batch(gallery.model, gallery.now[0]))
+    batcher = Batcher(engine.embed_batch, settings.max_batch, settings.max_wait_ms)
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -206,7 +310,7 @@ def create_app(settings: ServeSettings, model=None):
         batcher.close()
 
     app = FastAPI(title="mltk serve", description=f"Search, verify and enrol against the index {Path(settings.index).name}.", lifespan=lifespan)
-    app.state.gallery, app.state.batcher = gallery, batcher
+    app.state.gallery, app.state.batcher, app.state.engine = gallery, batcher, engine
     open_routes = {"/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/page.js"}
 
     @app.middleware("http")
@@ -276,7 +380,7 @@ def create_app(settings: ServeSettings, model=None):
             "model": opened.meta.get("model"), "kind": opened.meta["kind"], "dim": opened.meta["dim"], "count": opened.index.ntotal,
             "classes": len(opened.classes), "params": opened.meta["params"], "created": opened.meta.get("created"),
             "modified": opened.meta.get("modified"), "calibration": _calibration(opened, point), "max_bytes": settings.max_bytes,
-            "max_images": settings.max_images,
+            "max_images": settings.max_images, "engine": engine.describe(), "batches": batcher.batches,
         }
 
     @app.get("/classes")
@@ -433,12 +537,12 @@ def _thumbnail(path: str, size: int, max_pixels: int) -> bytes:
         raise Refused(404, f"the gallery image cannot be read ({first_line(exc)})") from None
 
 
-def serve(settings: ServeSettings, on_ready=lambda url: None) -> None:
+def serve(settings: ServeSettings, on_ready=lambda url, engine: None) -> None:
     """Load the index and run the server until Ctrl-C."""
     import uvicorn
 
     app = create_app(settings.check())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, server_header=False)
     server = uvicorn.Server(config)
-    on_ready(f"http://{settings.host}:{settings.port}/")
+    on_ready(f"http://{settings.host}:{settings.port}/", app.state.engine)
     server.run()

@@ -51,7 +51,7 @@ def client_for(index: Path, model, **settings):
 
     from mltk.serve import ServeSettings, create_app
 
-    return TestClient(create_app(ServeSettings(index, **settings).check(), model=model))
+    return TestClient(create_app(ServeSettings(index, **{"engine": "torch", **settings}).check(), model=model))
 
 
 @pytest.fixture
@@ -183,11 +183,11 @@ def free_port() -> int:
 class Server:
     """`mltk serve INDEX` in its own process, on a free loopback port."""
 
-    def __init__(self, index: Path, *args: str):
+    def __init__(self, index: Path, *args: str, engine: str = "torch"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MLTK_LOAD_PLUGINS": ""}
-        self.process = subprocess.Popen([sys.executable, "-m", "mltk", "serve", str(index), "--port", str(self.port), *args], cwd=REPO, env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "mltk", "serve", str(index), "--port", str(self.port), "--engine", engine, *args], cwd=REPO, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         import httpx2 as httpx
 
@@ -331,3 +331,21 @@ def test_the_page_searches_enrols_and_removes_in_a_real_browser(index, trained_r
     finally:
         server.stop()
     assert "<img" not in json.dumps(mindex.open_index_dir(index).classes)
+
+
+def test_auto_serves_with_onnx_runtime_only_where_it_agrees_with_pytorch_and_is_faster(index, model, trained_run):
+    from mltk import serve
+
+    with client_for(index, model, engine="auto") as client:
+        engine = client.get("/info").json()["engine"]
+        query = png(trained_run[1] / "class_02" / "1.png")
+        hits = client.post("/search", files={"image": query}, data={"k": "5"}).json()["neighbours"]
+    assert engine["agreement"] is not None and set(engine["timings_ms"]) == {"torch", "onnxruntime"}
+    faster = min(engine["timings_ms"], key=lambda name: engine["timings_ms"][name]["total"])
+    assert engine["name"] == (faster if engine["agreement"] <= serve.AGREEMENT else "torch")
+    want = mindex.search_images(index, [trained_run[1] / "class_02" / "1.png"], 5, workers=0)[0]["neighbours"]
+    assert [h["path"] for h in hits] == [h["path"] for h in want]
+    assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    probe = serve.probe_batch(model, mindex.open_index_dir(index))
+    onnx = serve.choose_engine(model, "onnx", probe)
+    assert onnx.name == "onnxruntime" and np.abs(onnx.embed_batch(probe) - serve.embedder_of(model)(probe)).max() <= serve.AGREEMENT
