@@ -113,19 +113,31 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, what: str = "the
 
 class Batcher:
     """Embeds images from many requests together: a request adds its preprocessed image and waits; one thread takes
-    what is queued (up to ``max_batch``, waiting at most ``max_wait_ms`` for more after the first) and embeds it as
-    one batch."""
+    what is queued (up to ``max_batch``) and embeds it as one batch. It waits up to ``max_wait_ms`` for more only while
+    other requests are on their way (``coming``: announced, still being decoded), so a lone request never waits."""
 
     def __init__(self, embed_batch, max_batch: int = 16, max_wait_ms: float = 5.0):
         self.embed_batch, self.max_batch, self.max_wait = embed_batch, max_batch, max_wait_ms / 1000
         self.queue: queue.Queue = queue.Queue()
         self.batches = 0
+        self.coming = 0  # requests that will submit an image soon (``announce``)
+        self._count = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="mltk-batcher", daemon=True)
         self.thread.start()
+
+    def announce(self, n: int = 1) -> None:
+        """``n`` images are on their way (their requests are decoding them); ``submit`` or ``withdraw`` each."""
+        with self._count:
+            self.coming += n
+
+    def withdraw(self, n: int = 1) -> None:
+        with self._count:
+            self.coming -= n
 
     def submit(self, tensor) -> Future:
         future: Future = Future()
         self.queue.put((tensor, future))
+        self.withdraw()
         return future
 
     def close(self) -> None:
@@ -141,6 +153,8 @@ class Batcher:
                 return
             items, deadline = [first], time.monotonic() + self.max_wait
             while len(items) < self.max_batch:
+                if self.coming <= 0 and self.queue.empty():
+                    break  # nobody else is on the way: no reason to wait
                 try:
                     item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -247,7 +261,10 @@ def onnx_embedder(model, probe):
         module = Normalised(model.embedder).eval()
         with torch.inference_mode(False), torch.no_grad():
             write_onnx(module, probe[:2].cpu(), path)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the cores torch would use, no more
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: the server's other threads need the cores
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def embed_batch(batch):
         return session.run(["embeddings"], {"images": batch.cpu().numpy().astype(np.float32)})[0]
@@ -357,8 +374,13 @@ def create_app(settings: ServeSettings, model=None):
     async def vector(file: UploadFile, what: str) -> np.ndarray:
         import asyncio
 
-        image = await upload(file, what)
-        tensor = await run_in_threadpool(lambda: gallery.model.transform(image.convert(gallery.model.mode)))
+        batcher.announce()
+        try:
+            image = await upload(file, what)
+            tensor = await run_in_threadpool(lambda: gallery.model.transform(image.convert(gallery.model.mode)))
+        except BaseException:
+            batcher.withdraw()
+            raise
         return await asyncio.wrap_future(batcher.submit(tensor))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

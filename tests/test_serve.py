@@ -349,3 +349,26 @@ def test_auto_serves_with_onnx_runtime_only_where_it_agrees_with_pytorch_and_is_
     probe = serve.probe_batch(model, mindex.open_index_dir(index))
     onnx = serve.choose_engine(model, "onnx", probe)
     assert onnx.name == "onnxruntime" and np.abs(onnx.embed_batch(probe) - serve.embedder_of(model)(probe)).max() <= serve.AGREEMENT
+
+
+def test_the_batcher_embeds_concurrent_images_together_and_never_holds_a_lone_one():
+    import torch
+
+    from mltk.serve import Batcher
+
+    sizes = []
+    batcher = Batcher(lambda batch: sizes.append(len(batch)) or batch.numpy() * 2, max_batch=4, max_wait_ms=60_000)
+    try:
+        batcher.announce()
+        lone = batcher.submit(torch.ones(3))
+        assert lone.result(timeout=30).tolist() == [2.0, 2.0, 2.0]  # nothing else on the way: not held for the 60 s
+        batcher.announce(3)  # three requests decoding: the first to arrive waits for the others
+        futures = [batcher.submit(torch.full((3,), float(i))) for i in range(3)]
+        assert [f.result(timeout=30)[0] for f in futures] == [0.0, 2.0, 4.0]
+        assert sizes == [1, 3] and batcher.batches == 2 and batcher.coming == 0
+        batcher.announce(5)
+        futures = [batcher.submit(torch.zeros(3)) for _ in range(5)]
+        [f.result(timeout=30) for f in futures]
+        assert sizes[2:] == [4, 1]  # at most max_batch at a time
+    finally:
+        batcher.close()
