@@ -560,11 +560,27 @@ def _thumbnail(path: str, size: int, max_pixels: int) -> bytes:
 
 
 def serve(settings: ServeSettings, on_ready=lambda url, engine: None) -> None:
-    """Load the index and run the server until Ctrl-C."""
+    """Take the port (one that cannot be taken is one line, before anything loads), load the index, and run the server
+    until Ctrl-C."""
+    import socket
+
     import uvicorn
 
-    app = create_app(settings.check())
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, server_header=False)
-    server = uvicorn.Server(config)
-    on_ready(f"http://{settings.host}:{settings.port}/", app.state.engine)
-    server.run()
+    settings.check()
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((settings.host, settings.port))
+    except OSError as exc:
+        listener.close()
+        raise MltkError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; give another --port (or --host)") from None
+    try:
+        app = create_app(settings)
+    except BaseException:
+        listener.close()
+        raise
+    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
+    port = listener.getsockname()[1]
+    on_ready(f"http://{settings.host if family == socket.AF_INET else f'[{settings.host}]'}:{port}/", app.state.engine)
+    uvicorn.Server(config).run(sockets=[listener])

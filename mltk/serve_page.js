@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("mltk-token") || "";
+let generation = 0; // bumped by every edit: gallery rows are renumbered, so older results and thumbnails are stale
 
 function headers() {
   return token ? { Authorization: "Bearer " + token } : {};
@@ -33,18 +34,23 @@ async function api(method, path, body) {
   return data;
 }
 
-async function thumbnail(row) {
-  const img = document.createElement("img");
-  img.alt = "gallery image " + row;
+async function loadThumbnail(img, row, seen) {
+  if (seen !== generation) return; // the gallery changed since the search: row is another image now
   const response = await fetch("/gallery/" + row + "/image", { headers: headers() });
-  if (response.ok) img.src = URL.createObjectURL(await response.blob());
-  return img;
+  if (response.ok && seen === generation) img.src = URL.createObjectURL(await response.blob());
 }
 
 function verdict(match, threshold) {
   if (match === null || match === undefined) return text("span", "no threshold: ranked only");
   const shown = " (threshold " + threshold.score.toFixed(4) + ", " + threshold.operating_point + ")";
   return text("span", (match ? "match" : "no match") + shown, match ? "match" : "nomatch");
+}
+
+function galleryChanged() {
+  generation += 1;
+  $("hits").replaceChildren();
+  $("query").replaceChildren();
+  $("search-verdict").replaceChildren();
 }
 
 async function loadInfo() {
@@ -64,8 +70,10 @@ async function loadClasses() {
   const list = $("classes");
   const classes = await api("GET", "/classes");
   list.replaceChildren();
+  $("classes-count").textContent = classes.length + " identities";
   for (const c of classes) {
     const item = document.createElement("li");
+    item.dataset.name = c.name.toLowerCase();
     item.append(text("span", c.name + " (" + c.images + " images) "));
     const remove = text("button", "Remove");
     remove.dataset.name = c.name;
@@ -82,17 +90,25 @@ async function search(file) {
   form.append("k", "8");
   const preview = document.createElement("img");
   preview.className = "preview";
+  preview.alt = "query";
+  preview.addEventListener("error", () => preview.replaceWith(text("span", "query: " + file.name))); // a type the browser cannot show (PGM)
   preview.src = URL.createObjectURL(file);
   $("query").replaceChildren(preview);
   $("hits").replaceChildren();
   $("search-verdict").replaceChildren();
   try {
+    const seen = generation;
     const result = await api("POST", "/search", form);
+    if (seen !== generation) return;
     $("search-verdict").replaceChildren(verdict(result.match, result.threshold));
+    const loads = [];
     for (const hit of result.neighbours) {
       const figure = document.createElement("figure");
       figure.className = "hit";
-      figure.append(await thumbnail(hit.row));
+      const img = document.createElement("img");
+      img.alt = "gallery image " + hit.row;
+      loads.push(loadThumbnail(img, hit.row, seen));
+      figure.append(img);
       const caption = document.createElement("figcaption");
       caption.append(text("div", "#" + hit.rank + "  " + hit.score.toFixed(4)));
       if (hit.class !== null) caption.append(text("div", hit.class, "hit-class"));
@@ -100,6 +116,7 @@ async function search(file) {
       figure.append(caption);
       $("hits").append(figure);
     }
+    await Promise.all(loads);
   } catch (e) {
     showError(e.message);
   }
@@ -129,6 +146,7 @@ async function enrol() {
   for (const f of files) form.append("images", f);
   try {
     const result = await api("POST", "/enrol", form);
+    galleryChanged();
     $("enrol-result").textContent = "enrolled " + result.added + " images of " + result.class + "; the gallery holds " + result.count;
     await loadInfo();
   } catch (e) {
@@ -140,6 +158,7 @@ async function removeClass(name) {
   if (!confirm("Remove " + name + " and all their images from the gallery?")) return;
   try {
     const result = await api("DELETE", "/classes/" + encodeURIComponent(name));
+    galleryChanged();
     $("enrol-result").textContent = "removed " + result.class + " (" + result.removed + " images); the gallery holds " + result.count;
     await loadInfo();
   } catch (e) {
@@ -153,6 +172,10 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); search(e.dataTransfer.files[0]); });
 $("search-file").addEventListener("change", (e) => search(e.target.files[0]));
 $("verify").addEventListener("click", verify);
+$("classes-filter").addEventListener("input", (e) => {
+  const wanted = e.target.value.toLowerCase();
+  for (const item of $("classes").children) item.hidden = !item.dataset.name.includes(wanted);
+});
 $("enrol").addEventListener("click", enrol);
 $("token-save").addEventListener("click", () => {
   token = $("token").value;

@@ -294,12 +294,14 @@ def test_the_page_searches_enrols_and_removes_in_a_real_browser(index, trained_r
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.on("request", lambda request: request.url.startswith((server.url, "blob:" + server.url, "data:")) or outside.append(request.url))
             page.on("dialog", lambda dialog: dialog.accept())
+            page.on("response", lambda response: response.status >= 400 and errors.append(f"{response.status} {response.url}"))
             page.goto(server.url + "/")
             expect(page.locator("#info")).to_contain_text("28 images of 7 identities; flat index, 16 dimensions; threshold")
 
             page.set_input_files("#search-file", str(folder / "class_04" / "2.png"))
             expect(page.locator("#hits figure")).to_have_count(8)
             expect(page.locator("#hits figure").first).to_contain_text("class_04")
+            expect(page.locator("#hits img[src^='blob:']")).to_have_count(8)
             expect(page.locator("#search-verdict")).to_contain_text("match")
             widths = page.eval_on_selector_all("#hits img", "imgs => imgs.map(i => i.naturalWidth)")
             assert len(widths) == 8 and min(widths) > 0  # the thumbnails loaded
@@ -313,10 +315,12 @@ def test_the_page_searches_enrols_and_removes_in_a_real_browser(index, trained_r
             assert page.locator("#classes img").count() == 0  # the name is text, not markup
             page.set_input_files("#search-file", str(folder / "class_09" / "1.png"))
             expect(page.locator("#hits .hit-class").first).to_have_text(name)
+            expect(page.locator("#hits img[src^='blob:']")).to_have_count(8)  # every thumbnail fetched before the next edit
 
             page.locator("#classes li", has_text=name).get_by_role("button", name="Remove").click()
             expect(page.locator("#info")).to_contain_text("28 images of 7 identities")
             expect(page.locator("#classes li")).to_have_count(7)
+            expect(page.locator("#hits figure")).to_have_count(0)  # results of the gallery before the edit are cleared
 
             page.set_input_files("#verify-a", str(folder / "class_01" / "0.png"))
             page.set_input_files("#verify-b", str(folder / "class_01" / "1.png"))
@@ -325,7 +329,7 @@ def test_the_page_searches_enrols_and_removes_in_a_real_browser(index, trained_r
 
             page.set_input_files("#search-file", str(REPO / "README.md"))  # not an image: the server's message, shown
             expect(page.locator("#error")).to_contain_text("not an image of a type mltk decodes")
-            assert errors == [] or all("415" in e for e in errors), errors
+            assert errors == [] or all("415" in e for e in errors), errors  # the non-image upload's answer, and only it
             assert outside == []
             browser.close()
     finally:
@@ -372,3 +376,12 @@ def test_the_batcher_embeds_concurrent_images_together_and_never_holds_a_lone_on
         assert sizes[2:] == [4, 1]  # at most max_batch at a time
     finally:
         batcher.close()
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(index, mltk_main):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_error(mltk_main("serve", index, "--port", port, "--engine", "torch"))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "give another --port" in line
