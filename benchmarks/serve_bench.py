@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40, help="per level, at most")
     parser.add_argument("--soak", type=float, default=180, help="seconds of 32 clients (0: none)")
     parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json", help="where the figures go (JSON)")
     args = parser.parse_args()
 
     index = build(args.work)
@@ -173,9 +174,9 @@ def main() -> None:
                       f"p99 {s['p99_ms']} ms, server RSS MiB {s['rss_mib']}", flush=True)
         finally:
             served.stop()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_bench.json").write_text(json.dumps(results, indent=2))
-    print(f"written to {RESULTS / 'serve_bench.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

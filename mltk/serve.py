@@ -310,6 +310,8 @@ def probe_batch(model, opened, n: int = 8):
 
 def create_app(settings: ServeSettings, model=None):
     """The FastAPI app serving ``settings.index`` (``model``: its model, when the caller has it loaded)."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, Response
@@ -319,7 +321,6 @@ def create_app(settings: ServeSettings, model=None):
     gallery = Gallery(Path(settings.index), model, settings.device)
     engine = choose_engine(gallery.model, settings.engine, probe_batch(gallery.model, gallery.now[0]))
     batcher = Batcher(engine.embed_batch, settings.max_batch, settings.max_wait_ms)
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
