@@ -4,7 +4,9 @@
 #   pip install ./plugins/mltk-efficientnet-lite ./plugins/mltk-gem     # CUB's backbone and pooling
 #   bash benchmarks/tune_recipes.sh [omniglot|cub ...]                 # both by default; runs/tune_<name>/
 # Budget on 2 CPU cores: a search of 6 trials (2 class-disjoint folds each, Omniglot's folds at 8 epochs, CUB's at
-# the recipe's 6) and a final step of 3 seeds at the recipe's epochs (15 and 6).
+# the recipe's 6) and a final step of 3 seeds at the recipe's epochs (15 and 6). CUB takes about 31 minutes; Omniglot
+# about 30 minutes of search and 30 of final step on an idle machine (docs/results.md's run stopped its search after
+# 4 trials, for time, with Ctrl-C: `mltk tune runs/tune_omniglot --resume` goes on with it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
