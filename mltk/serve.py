@@ -7,7 +7,7 @@ enrolments and removals are ``mltk.index_edits``' edits, one at a time, then the
 
 Security: uploads are bounded in bytes and in pixels (the size is read from the header before anything is decoded),
 only image types are decoded, no path from a request is ever opened (gallery images are served by row number), a
-bearer token guards every route but the page and /health when one is set, and CORS stays off. Errors are JSON,
+bearer token guards every route but the page, /health and the API description when one is set, and CORS stays off. Errors are JSON,
 ``{"error": "one plain message"}``, with their status; never a traceback.
 """
 
