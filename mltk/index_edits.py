@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,30 +162,15 @@ def _enrolled_name(source) -> str:
     return digest + Path(source).suffix.lower()
 
 
-class _next_version:
-    """The index's next version in a hidden sibling, with its vectors (the kept rows, then ``added``) and faiss index
-    (``index``); renamed over the index when the block ends, or removed if it fails."""
-
-    def __init__(self, path: Path, current: IndexDir, keep: np.ndarray, added: np.ndarray | None):
-        self.path, self.current, self.keep, self.added = path, current, keep, added
-
-    def __enter__(self):
-        shown = str(self.path)
-        self._folder = replace_folder(
-            self.path, f"index directory {shown!r}", "the index is as it was", recheck=lambda: check_index_replaceable(self.path.resolve(), shown),
-        )
-        tmp = self._folder.__enter__()
-        try:
-            (tmp / ENROLLED).mkdir()
-            vectors = _write_vectors(tmp, self.current, self.keep, self.added)
-            self.index = _next_index(self.current, self.keep, vectors, self.added)
-        except BaseException as exc:
-            self._folder.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        return tmp, self.index
-
-    def __exit__(self, kind, exc, tb):
-        return self._folder.__exit__(kind, exc, tb)
+@contextmanager
+def _next_version(path: Path, current: IndexDir, keep: np.ndarray, added: np.ndarray | None):
+    """The index's next version in a hidden sibling, with its vectors (the kept rows, then ``added``) and its faiss
+    index: yields (folder, index); renamed over the index when the block ends, or removed if it fails."""
+    shown = str(path)
+    with replace_folder(path, f"index directory {shown!r}", "the index is as it was", recheck=lambda: check_index_replaceable(path.resolve(), shown)) as tmp:
+        (tmp / ENROLLED).mkdir()
+        vectors = _write_vectors(tmp, current, keep, added)
+        yield tmp, _next_index(current, keep, vectors, added)
 
 
 def _gallery_vectors(current: IndexDir) -> np.ndarray:
