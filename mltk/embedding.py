@@ -50,6 +50,16 @@ def float32_convolutions():
 
 
 @torch.no_grad()
+def embed_batch(embedder: torch.nn.Module, images: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
+    """One preprocessed batch (on the embedder's device) to L2-normalised float32 embeddings, as every mltk loop embeds:
+    autocast off, float32 convolutions; ``flip_tta`` averages with the mirrored images'."""
+    with torch.autocast(images.device.type, enabled=False), float32_convolutions():
+        vectors = embedder.embed(images)
+        if flip_tta:
+            vectors = torch.nn.functional.normalize(vectors + embedder.embed(images.flip(-1)), dim=1)
+    return vectors
+
+
 def embed_dataset(
     embedder: torch.nn.Module, dataset, device: torch.device, batch_size: int = 128, workers: int = 2, flip_tta: bool = False,
     progress: Progress | None = None, into: np.ndarray | None = None, world: World = World(),
@@ -71,10 +81,7 @@ def embed_dataset(
     kept, failed, done = [], [], 0  # kept: this process's vectors, gathered at the end across processes
     for images, _, bad in loader:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=False), float32_convolutions():
-            vectors = embedder.embed(images)
-            if flip_tta:
-                vectors = torch.nn.functional.normalize(vectors + embedder.embed(images.flip(-1)), dim=1)
+        vectors = embed_batch(embedder, images, flip_tta)
         if world.distributed:
             kept.append(vectors)
         else:

@@ -198,13 +198,13 @@ def embedder_of(model):
     """``model``'s forward for a preprocessed batch, as ``mltk.embedding`` runs it: float32, L2-normalised, to numpy."""
     import torch
 
-    from mltk.embedding import float32_convolutions
+    from mltk.embedding import embed_batch
 
-    def embed_batch(batch):
-        with torch.inference_mode(), torch.autocast(model.device.type, enabled=False), float32_convolutions():
-            return model.embedder.embed(batch.to(model.device)).cpu().numpy()
+    def embed(batch):
+        with torch.inference_mode():
+            return embed_batch(model.embedder, batch.to(model.device)).cpu().numpy()
 
-    return embed_batch
+    return embed
 
 
 @dataclass
@@ -513,6 +513,7 @@ def _enrol(gallery: Gallery, name: str, images: list) -> dict:
     """Uploaded images added to the gallery as class ``name``: saved to a scratch folder (as PNG, never under a client's
     name), added with copies kept in the index (``enrolled/``), then the new version read back."""
     from mltk.data import LabelledImages
+    from mltk.embedding import EmbedSettings
     from mltk.index_edits import add_images
 
     with gallery.edits, tempfile.TemporaryDirectory(prefix="mltk-enrol-") as scratch:
@@ -521,15 +522,9 @@ def _enrol(gallery: Gallery, name: str, images: list) -> dict:
             files.append(Path(scratch) / f"{i}.png")
             image.save(files[-1], format="PNG")
         edit, _ = add_images(gallery.path, LabelledImages(files, [-1] * len(files), []), class_name=name, keep_copies=True, model=gallery.model,
-                             settings=_settings())
+                             settings=EmbedSettings(batch_size=32, workers=0))
         gallery.reload()
     return {"class": name, "added": edit.added, "new_class": edit.new_class, "count": edit.count, "classes": edit.classes}
-
-
-def _settings():
-    from mltk.embedding import EmbedSettings
-
-    return EmbedSettings(batch_size=32, workers=0)
 
 
 def _remove(gallery: Gallery, name: str) -> dict:
