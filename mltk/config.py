@@ -131,7 +131,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     grad_clip: float | None = 5.0
-    amp: bool | None = None  # None: on with a GPU or a CPU with AMX (fast bf16)
+    amp: bool | None = None  # None: on with a GPU or a CPU with bf16 dot products (AMX, AVX512-BF16)
     early_stop: int | None = None  # stop after this many epochs without a better best score (None: never)
     # run
     seed: int = 0

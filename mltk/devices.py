@@ -29,3 +29,50 @@ def resolve_device(requested: str | None = "auto", local_rank: int = 0, distribu
     if chosen.type in ("mps", "xpu") and not (backend is not None and backend.is_available()):
         raise UsageError(f"--device {requested!r}: {chosen.type.upper()} is not available here; give --device cpu")
     return chosen
+
+
+#: The CPU features that make oneDNN's bf16 convolutions and matmuls faster than float32: (name, torch.cpu's test of
+#: it, Linux's /proc/cpuinfo flag). AMX tiles: Intel Sapphire Rapids and later. AVX512-BF16 dot products: AMD Zen 4
+#: and Zen 5, Intel Cooper Lake. Without either, bf16 is emulated with float32 arithmetic and runs slower than float32.
+BF16_FEATURES = (("AMX", "_is_amx_tile_supported", "amx_bf16"), ("AVX512-BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's bf16 dot-product feature (``'AMX'`` or ``'AVX512-BF16'``, the faster first), or None where it has
+    neither, or where this torch has no oneDNN to use it.
+
+    torch's own tests answer (they also ask the OS for AMX's tile state); a torch without them gets, on Linux only,
+    the flags of /proc/cpuinfo. Any other system without them: None, float32 being the safe side.
+    """
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return None
+    flags = None
+    for name, test, flag in BF16_FEATURES:
+        found = getattr(torch.cpu, test, None)
+        if found is not None:
+            if found():
+                return name
+            continue
+        if flags is None:
+            flags = cpu_flags()
+        if flag in flags:
+            return name
+    return None
+
+
+CPUINFO = "/proc/cpuinfo"  # Linux's: a line "flags : fpu vme ..." for each CPU
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags Linux lists for the first CPU; an empty set where there is no such file (not Linux)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()

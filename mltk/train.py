@@ -20,6 +20,7 @@ from torch import nn
 
 from mltk import distributed, registry
 from mltk.config import RunConfig, check_training, to_dict
+from mltk.devices import cpu_bf16
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
     load_data, make_transform, select_classes, split_classes, write_skipped,
@@ -77,6 +78,8 @@ class RunResult:
     stopped: str = ""  # why the run stopped before its last epoch (--early-stop, a plugin), if it did
     in_memory: int = 0  # bytes of the training images decoded once and kept in memory (0: read from disk each epoch)
     skipped: list[tuple[Source, str]] = field(default_factory=list)  # unreadable images and why (skipped_images.txt)
+    precision: str = ""  # the training steps' precision (bf16, fp16, fp32)
+    precision_reason: str = ""  # what chose it: an option, the resumed run's setting, or the device's default
 
 
 @contextmanager
@@ -388,11 +391,12 @@ def channels_last(model: nn.Module) -> bool:
 
 
 def default_amp(device: torch.device) -> bool:
-    """Mixed precision where it pays: on a GPU, and on CPUs with AMX tiles (bf16 matmuls ~1.3x faster)."""
+    """Mixed precision where it pays: on a CUDA GPU, and on a CPU with bf16 dot products (AMX or AVX512-BF16), where
+    oneDNN's bf16 convolutions and matmuls run about 1.5 times float32's rate. Elsewhere (other CPUs, MPS, XPU) float32:
+    a CPU without them emulates bf16, slower than float32."""
     if device.type == "cuda":
         return True
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return device.type == "cpu" and is_amx()
+    return device.type == "cpu" and cpu_bf16() is not None
 
 
 def mixed_precision(cfg: RunConfig, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
@@ -400,6 +404,26 @@ def mixed_precision(cfg: RunConfig, device: torch.device) -> tuple[bool, torch.d
     amp = cfg.amp if cfg.amp is not None else default_amp(device)
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     return amp, amp_dtype, torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=amp and amp_dtype == torch.float16)
+
+
+def precision(amp: bool, amp_dtype: torch.dtype) -> str:
+    """The training steps' precision as metrics.jsonl names it: ``bf16`` or ``fp16`` (autocast), else ``fp32``."""
+    return ("bf16" if amp_dtype == torch.bfloat16 else "fp16") if amp else "fp32"
+
+
+def precision_reason(given: bool | None, resumed: bool, device: torch.device) -> str:
+    """Why the steps run in the precision they do, for the run's summary: the resumed run's own setting, the one
+    asked for (``given``), or the default for ``device`` (default_amp's rule)."""
+    if resumed:  # its config.yaml's amp, whatever was given (a different one is refused)
+        return "the run's own setting"
+    if given is not None:  # --amp / --no-amp, or amp in a config file
+        return f"as asked: amp {str(given).lower()}"
+    if device.type == "cuda":
+        return "default on a GPU"
+    if device.type != "cpu":
+        return f"default on {device.type.upper()}"
+    feature = cpu_bf16()
+    return f"default: this CPU has {feature}" if feature else "default: this CPU has no AMX or AVX512-BF16"
 
 
 #: float16's first loss scale. At torch's default, 2**16, a scaled gradient passes float16's 65504 on the first steps of
@@ -531,13 +555,14 @@ class StepValues:
             yield values.tolist(), context
 
 
-def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, lrs: list[float], seen: int, elapsed: float, world) -> dict:
+def epoch_record(epoch: int, sums: dict[str, float], steps: int, optimizer, lrs: list[float], seen: int, elapsed: float, world, precision: str) -> dict:
     """An epoch's metrics.jsonl line: each loss term averaged over the steps, the learning rates of its last step
-    (``lrs``, one per parameter group), throughput, seconds."""
+    (``lrs``, one per parameter group), the steps' precision, throughput, seconds."""
     record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
     for position, (group, lr) in enumerate(zip(optimizer.param_groups, lrs)):
         key = LR_KEYS[group.get("name", ("model", "losses")[min(position, 1)])]
         record[key] = max(lr, record.get(key, lr))  # layer-wise rates: the backbone's last layer's
+    record["precision"] = precision
     record["images_per_s"] = seen / elapsed
     if world.distributed:
         record["processes"] = world.size
@@ -619,13 +644,15 @@ class Parts:
     amp_dtype: torch.dtype
     scaler: torch.amp.GradScaler
     loggers: dict
+    precision: str  # the steps' precision as metrics.jsonl names it (bf16, fp16, fp32)
+    precision_reason: str  # what chose it
 
 
 def prepare(cfg: RunConfig, home: RunDirectory, world, device: torch.device, resume: bool, warn: Callable[[str], None]) -> Parts:
     """Everything the run needs, in order: last.pt's settings when resuming, the data, the model, the losses, the optimiser,
     the loggers."""
     # Resume: the run's own settings, read before the data (only how the run proceeds may change).
-    state = None
+    state, given_amp = None, cfg.amp
     if resume:
         state = load_checkpoint(home.path / "last.pt", run=True)  # every field checked: an untrusted file
         cfg = resumed_config(cfg, state, home.path / "last.pt")
@@ -664,6 +691,7 @@ def prepare(cfg: RunConfig, home: RunDirectory, world, device: torch.device, res
         cfg, state, train_data, val_data, skipped, sampler, model, layout, pre, train_set, val_set,
         train_loader(train_set, sampler, cfg, device, world), backbone, losses, net, objective, miner,
         optimizer, scheduler, amp, amp_dtype, scaler, loggers,
+        precision(amp, amp_dtype), precision_reason(given_amp, resume, device),
     )
 
 
@@ -769,7 +797,7 @@ def close_epoch(
 ) -> dict:
     """The epoch's record, with validation recall@1; the best epoch so far; then the writes: the metrics line, best.pt,
     then last.pt (a run killed, or a disk that fills, before last.pt is replaced redoes this epoch). Returns the record."""
-    record = epoch_record(epoch, log.sums, log.steps, p.optimizer, log.lrs, log.seen, log.elapsed, world)
+    record = epoch_record(epoch, log.sums, log.steps, p.optimizer, log.lrs, log.seen, log.elapsed, world, p.precision)
     bad = [p.train_data.sources[i] for i in sorted(unreadable)]
     if p.val_set is not None:
         embeddings, kept_rows, failed = validate(p.model, p.val_set, cfg, device, world)
@@ -819,7 +847,10 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
     progress = Progress(run_dir, p.cfg.epochs, None if p.state is None else p.state["epoch"])
     with said_when_stopped(progress.kept):  # Ctrl-C or a plugin's exit from here on: one line, what is kept
         cfg = replace(p.cfg, amp=p.amp, out=str(run_dir))  # config.yaml records what ran, and where
-        result = RunResult(run_dir, train_images=len(p.train_data), train_classes=len(p.train_data.classes), warnings=warn.said, skipped=p.skipped)
+        result = RunResult(
+            run_dir, train_images=len(p.train_data), train_classes=len(p.train_data.classes), warnings=warn.said, skipped=p.skipped,
+            precision=p.precision, precision_reason=p.precision_reason,
+        )
         result.in_memory = p.train_set.decoded_bytes
         if p.val_data:
             result.val_images, result.val_classes = len(p.val_data), len(p.val_data.classes)

@@ -33,7 +33,7 @@ def run(
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone/--train-backbone", help="Train only the neck and the losses.")] = None,
     freeze_backbone_epochs: Annotated[Optional[int], typer.Option(help="Train the neck and the losses alone for this many epochs, then the backbone too.")] = None,
     freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--train-bn", help="Keep the backbone's BatchNorm statistics and scales as loaded (pretrained).")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on the CPU, fp16/bf16 on a GPU (default: on with a GPU or an AMX CPU).")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision: bf16 on the CPU, bf16 (fp16 where it lacks bf16) on a GPU. Default: on with a GPU or a CPU with bf16 dot products (AMX, AVX512-BF16), else off.")] = None,
     early_stop: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better best epoch (validation recall@1, else training loss).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Workers = None,
@@ -113,6 +113,10 @@ def run(
     render_summary(result)
 
 
+#: metrics.jsonl's precision, in the summary's words
+PRECISION_WORDS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, loss scaling", "fp32": "float32"}
+
+
 def render_summary(result) -> None:
     """The end of a run: a table of the last epoch and where the run directory is."""
     from rich.markup import escape
@@ -133,6 +137,8 @@ def render_summary(result) -> None:
         for key in sorted(k for k in last if k.startswith("loss") and k != "loss_lr"):
             table.add_row(key, f"{last[key]:.4f}")
         table.add_row("images/s", f"{last['images_per_s']:.0f}")
+    if result.precision:
+        table.add_row("precision", f"{PRECISION_WORDS[result.precision]} ({result.precision_reason})")
         if "val_recall@1" in last:
             table.add_row("val recall@1", f"{last['val_recall@1']:.4f}")
     if result.best:
