@@ -30,13 +30,14 @@ def image_folder(root, patterns, transform):
     return full
 
 
-def train_plain(root, patterns, backbone="resnet18", image_size=64, dim=512, epochs=15, batch_size=64, m=4, lr=1e-3, loss_lr=1e-2, workers=2, seed=0, augment=False, augment_options=None, model=None, log=print, in_memory=False):
+def train_plain(root, patterns, backbone="resnet18", image_size=64, dim=512, epochs=15, batch_size=64, m=4, lr=1e-3, loss_lr=1e-2, workers=2, seed=0, augment=False, augment_options=None, model=None, log=print, in_memory=False, amp=False):
     """Train for ``epochs``; returns (model, transform, images_per_s, seconds).
 
     ``model``: a timm model to start from (pretrained, say); its classifier becomes the ``dim``-wide embedding layer.
     ``in_memory`` (no augmentation): every image is decoded and transformed once into one tensor, and the epochs
     train from a TensorDataset without DataLoader workers, the fastest a hand-written loop gets on data that fits in
     memory; the decoding is not timed.
+    ``amp``: the forward under ``torch.autocast`` (bf16 on the CPU, as ``mltk run --amp`` has it), the loss in float32.
     """
     torch.manual_seed(seed)
     c_f.NUMPY_RANDOM = np.random.RandomState(seed)  # MPerClassSampler draws from it
@@ -61,7 +62,9 @@ def train_plain(root, patterns, backbone="resnet18", image_size=64, dim=512, epo
     for epoch in range(epochs):
         model.train()
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                embeddings = model(x)
+            loss = loss_fn(embeddings.float(), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -11,6 +11,9 @@ images from disk through a DataLoader with ``--workers`` workers runs once more 
 (metrics.jsonl), its seconds include starting the command, building the model and decoding the
 images into memory. Setup as in the issue: Omniglot's five training alphabets, ResNet-18, 64 px,
 128 dimensions, ArcFace, batches of 64 with 4 a class, no augmentation.
+Both sides train in the same precision (``--precision``): by default what ``mltk run`` takes on this machine, bf16
+autocast on a CPU with AMX or AVX512-BF16, else float32; ``--precision both`` measures float32, then bf16. Each row
+says the precision its steps used (mltk run's from its metrics.jsonl).
 Prints the figures and writes benchmarks/results/throughput.{json,md}.
 """
 
@@ -43,6 +46,13 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def precisions(asked: str) -> list[str]:
+    """``--precision``: auto is what ``mltk run`` takes by default here (bf16 on a CPU with AMX or AVX512-BF16)."""
+    from mltk.devices import cpu_bf16
+
+    return {"auto": ["bf16" if cpu_bf16() else "fp32"], "both": ["fp32", "bf16"]}.get(asked, [asked])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(OMNIGLOT))
@@ -52,38 +62,53 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
+                        help="both sides' training precision: auto is mltk run's default on this machine; both runs fp32, then bf16")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
     settings = dict(backbone=args.backbone, image_size=args.image_size, dim=args.dim, batch_size=args.batch_size, epochs=args.epochs, workers=args.workers)
-    rows = []
-    for label in (REFERENCE, "mltk run", f"{REFERENCE} (again)", "plain loop, from disk"):
-        if label.startswith("plain"):
-            _, _, ips, seconds = train_plain(args.data, TRAIN, m=4, in_memory="in memory" in label, log=lambda *_: None, **settings)
-        else:  # the real command, in its own process; images/s over the epochs it reports
-            config = {**settings, "data": args.data, "data_classes": TRAIN, "loss": "arcface", "m_per_class": 4}
-            with tempfile.TemporaryDirectory() as run_dir:
-                Path(run_dir, "c.yaml").write_text(yaml.safe_dump(config))
-                started = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "mltk", "run", "--config", f"{run_dir}/c.yaml", "--out", f"{run_dir}/run", "--quiet"], check=True, stdout=subprocess.DEVNULL)
-                seconds = time.perf_counter() - started
-                history = [json.loads(line) for line in Path(run_dir, "run", "metrics.jsonl").read_text().splitlines()]
-            ips = sum(r["images_per_s"] * r["seconds"] for r in history) / sum(r["seconds"] for r in history)
-        rows.append({"what": label, "images_per_s": round(ips, 1), "seconds": round(seconds, 1)})
-        print(f"{label:36s} {ips:8.1f} images/s   {seconds:7.1f} s", flush=True)
-    reference = sum(r["images_per_s"] for r in rows if r["what"].startswith(REFERENCE)) / 2
-    mltk = next(r for r in rows if r["what"] == "mltk run")
-    ratio = mltk["images_per_s"] / reference
-    print(f"mltk run / {REFERENCE} (mean of its two runs): {ratio:.2f}x")
+    rows, ratios = [], {}
+    for precision in precisions(args.precision):
+        amp, batch = precision == "bf16", []
+        for label in (REFERENCE, "mltk run", f"{REFERENCE} (again)", "plain loop, from disk"):
+            if label.startswith("plain"):
+                _, _, ips, seconds = train_plain(args.data, TRAIN, m=4, in_memory="in memory" in label, log=lambda *_: None, amp=amp, **settings)
+                used = precision
+            else:  # the real command, in its own process; images/s over the epochs it reports, precision as it says
+                config = {**settings, "data": args.data, "data_classes": TRAIN, "loss": "arcface", "m_per_class": 4, "amp": amp}
+                with tempfile.TemporaryDirectory() as run_dir:
+                    Path(run_dir, "c.yaml").write_text(yaml.safe_dump(config))
+                    started = time.perf_counter()
+                    subprocess.run([sys.executable, "-m", "mltk", "run", "--config", f"{run_dir}/c.yaml", "--out", f"{run_dir}/run", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+                    seconds = time.perf_counter() - started
+                    history = [json.loads(line) for line in Path(run_dir, "run", "metrics.jsonl").read_text().splitlines()]
+                ips = sum(r["images_per_s"] * r["seconds"] for r in history) / sum(r["seconds"] for r in history)
+                used = "/".join(sorted({r["precision"] for r in history}))
+                assert used == precision, f"mltk run trained in {used}, not {precision}"
+            batch.append({"what": label, "precision": used, "images_per_s": round(ips, 1), "seconds": round(seconds, 1)})
+            print(f"{label:36s} {used:5s} {ips:8.1f} images/s   {seconds:7.1f} s", flush=True)
+        reference = sum(r["images_per_s"] for r in batch if r["what"].startswith(REFERENCE)) / 2
+        ratios[precision] = next(r["images_per_s"] for r in batch if r["what"] == "mltk run") / reference
+        for r in batch:
+            r["over_reference"] = round(r["images_per_s"] / reference, 3)
+        rows += batch
+        print(f"{precision}: mltk run / {REFERENCE} (mean of its two runs): {ratios[precision]:.2f}x")
+    if len(ratios) == 2:
+        print(f"bf16 / fp32, mltk run: {rows[5]['images_per_s'] / rows[1]['images_per_s']:.2f}x; plain loop in memory: "
+              f"{(rows[4]['images_per_s'] + rows[6]['images_per_s']) / (rows[0]['images_per_s'] + rows[2]['images_per_s']):.2f}x")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/throughput.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
-    meta = {**settings, "data": args.data, "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_name(), "command": command}
-    (out / "throughput.json").write_text(json.dumps({"settings": meta, "rows": rows, "mltk_over_reference": round(ratio, 3)}, indent=2))
-    lines = ["| what | images/s | seconds | × the in-memory plain loop |", "|---|---|---|---|"]
-    lines += [f"| {r['what']} | {r['images_per_s']} | {r['seconds']} | {r['images_per_s'] / reference:.2f} |" for r in rows]
-    where = f"{meta['cpu']}, {meta['torch_threads']} torch threads, torch {meta['torch']}"
+    command = "python benchmarks/throughput.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in {**settings, "precision": args.precision}.items())
+    from mltk.devices import cpu_bf16
+
+    meta = {**settings, "precision": args.precision, "data": args.data, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": cpu_name(), "cpu_bf16": cpu_bf16(), "command": command}
+    (out / "throughput.json").write_text(json.dumps({"settings": meta, "rows": rows, "mltk_over_reference": {p: round(r, 3) for p, r in ratios.items()}}, indent=2))
+    lines = ["| what | precision | images/s | seconds | × the in-memory plain loop in the same precision |", "|---|---|---|---|---|"]
+    lines += [f"| {r['what']} | {r['precision']} | {r['images_per_s']} | {r['seconds']} | {r['over_reference']:.2f} |" for r in rows]
+    where = f"{meta['cpu']}, bf16 dot products: {meta['cpu_bf16'] or 'none'}, {meta['torch_threads']} torch threads, torch {meta['torch']}"
     (out / "throughput.md").write_text(f"`{command}` ({where})\n\n" + "\n".join(lines) + "\n")
 
 
