@@ -20,11 +20,11 @@ from torch import nn
 
 from mltk import distributed, registry
 from mltk.config import RunConfig, check_training, to_dict
-from mltk.devices import cpu_bf16
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
     load_data, make_transform, select_classes, split_classes, write_skipped,
 )
+from mltk.devices import cpu_bf16
 from mltk.embedding import embed_dataset
 from mltk.errors import Interrupted, MltkError, UsageError, is_out_of_memory, out_of_memory
 from mltk.lifecycle import Lifecycle, PluginExit, Silent

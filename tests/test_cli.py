@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -250,8 +249,9 @@ def test_an_error_with_newlines_and_escapes_is_still_one_plain_line(mltk_main, m
 
 def test_a_run_directory_with_markup_is_printed_as_it_is(capsys):
     from mltk.cli.run import render_summary
+    from mltk.train import RunResult
 
-    result = SimpleNamespace(train_images=4, train_classes=2, val_images=0, in_memory=0, history=[], best=None, stopped="", run_dir=Path("runs/[red]x[/red]\x1b[2J"))
+    result = RunResult(Path("runs/[red]x[/red]\x1b[2J"), train_images=4, train_classes=2, precision="fp32", precision_reason="as asked: amp false")
     render_summary(result)
     out = capsys.readouterr().out
     assert "runs/[red]x[/red]" in out and "\x1b" not in out
@@ -259,9 +259,10 @@ def test_a_run_directory_with_markup_is_printed_as_it_is(capsys):
 
 def test_a_plugins_reason_to_stop_is_printed_as_it_is(capsys, tmp_path):
     from mltk.cli.run import render_summary
+    from mltk.train import RunResult
 
     reason = "[bold]plateau[/bold]\x1b[2J"  # what a plugin's epoch_ended returned
-    render_summary(SimpleNamespace(train_images=4, train_classes=2, val_images=0, in_memory=0, history=[], best=None, stopped=reason, run_dir=tmp_path))
+    render_summary(RunResult(tmp_path, train_images=4, train_classes=2, stopped=reason))
     out = capsys.readouterr().out
     assert "[bold]plateau[/bold]" in out and "\x1b" not in out
 

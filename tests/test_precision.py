@@ -134,3 +134,13 @@ def test_a_resumed_run_keeps_its_precision_on_a_cpu_without_bf16(mltk_main, imag
     assert "precision bf16 autocast (the run's own setting)" in words(out)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["precision"] for r in records] == ["bf16", "bf16"]
+
+
+def test_the_summary_shows_the_precision_beside_the_last_epoch(capsys, tmp_path):
+    from mltk.cli.run import render_summary
+    from mltk.train import RunResult
+
+    record = {"epoch": 3, "loss": 1.5, "precision": "bf16", "images_per_s": 250.0, "seconds": 2.0, "val_recall@1": 0.75}
+    render_summary(RunResult(tmp_path, history=[record], train_images=4, train_classes=2, precision="bf16", precision_reason="default: this CPU has AMX"))
+    out = words(capsys.readouterr().out)
+    assert "images/s 250 val recall@1 0.7500 precision bf16 autocast (default: this CPU has AMX)" in out

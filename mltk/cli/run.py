@@ -137,10 +137,10 @@ def render_summary(result) -> None:
         for key in sorted(k for k in last if k.startswith("loss") and k != "loss_lr"):
             table.add_row(key, f"{last[key]:.4f}")
         table.add_row("images/s", f"{last['images_per_s']:.0f}")
-    if result.precision:
-        table.add_row("precision", f"{PRECISION_WORDS[result.precision]} ({result.precision_reason})")
         if "val_recall@1" in last:
             table.add_row("val recall@1", f"{last['val_recall@1']:.4f}")
+    if result.precision:
+        table.add_row("precision", f"{PRECISION_WORDS[result.precision]} ({result.precision_reason})")
     if result.best:
         table.add_row("best epoch", f"{result.best['epoch']} ({result.best['by']})")
     if result.stopped:
