@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mltk.devices import cpu_bf16
 from plain_loop import train_plain
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot_background_small"
@@ -48,9 +49,16 @@ def cpu_name() -> str:
 
 def precisions(asked: str) -> list[str]:
     """``--precision``: auto is what ``mltk run`` takes by default here (bf16 on a CPU with AMX or AVX512-BF16)."""
-    from mltk.devices import cpu_bf16
-
     return {"auto": ["bf16" if cpu_bf16() else "fp32"], "both": ["fp32", "bf16"]}.get(asked, [asked])
+
+
+def mltk_rate(batch: list[dict]) -> float:
+    return next(r["images_per_s"] for r in batch if r["what"] == "mltk run")
+
+
+def reference_rate(batch: list[dict]) -> float:
+    """The in-memory plain loop's images/s, the mean of its two runs."""
+    return sum(r["images_per_s"] for r in batch if r["what"].startswith(REFERENCE)) / 2
 
 
 def main() -> None:
@@ -68,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = dict(backbone=args.backbone, image_size=args.image_size, dim=args.dim, batch_size=args.batch_size, epochs=args.epochs, workers=args.workers)
-    rows, ratios = [], {}
+    batches = {}  # precision -> its rows
     for precision in precisions(args.precision):
         amp, batch = precision == "bf16", []
         for label in (REFERENCE, "mltk run", f"{REFERENCE} (again)", "plain loop, from disk"):
@@ -88,24 +96,23 @@ def main() -> None:
                 assert used == precision, f"mltk run trained in {used}, not {precision}"
             batch.append({"what": label, "precision": used, "images_per_s": round(ips, 1), "seconds": round(seconds, 1)})
             print(f"{label:36s} {used:5s} {ips:8.1f} images/s   {seconds:7.1f} s", flush=True)
-        reference = sum(r["images_per_s"] for r in batch if r["what"].startswith(REFERENCE)) / 2
-        ratios[precision] = next(r["images_per_s"] for r in batch if r["what"] == "mltk run") / reference
+        reference = reference_rate(batch)
         for r in batch:
             r["over_reference"] = round(r["images_per_s"] / reference, 3)
-        rows += batch
-        print(f"{precision}: mltk run / {REFERENCE} (mean of its two runs): {ratios[precision]:.2f}x")
-    if len(ratios) == 2:
-        print(f"bf16 / fp32, mltk run: {rows[5]['images_per_s'] / rows[1]['images_per_s']:.2f}x; plain loop in memory: "
-              f"{(rows[4]['images_per_s'] + rows[6]['images_per_s']) / (rows[0]['images_per_s'] + rows[2]['images_per_s']):.2f}x")
+        batches[precision] = batch
+        print(f"{precision}: mltk run / {REFERENCE} (mean of its two runs): {mltk_rate(batch) / reference:.2f}x")
+    if len(batches) == 2:
+        fp32, bf16 = batches["fp32"], batches["bf16"]
+        print(f"bf16 / fp32, mltk run: {mltk_rate(bf16) / mltk_rate(fp32):.2f}x; plain loop in memory: {reference_rate(bf16) / reference_rate(fp32):.2f}x")
+    rows = [r for batch in batches.values() for r in batch]
+    ratios = {p: next(r["over_reference"] for r in batch if r["what"] == "mltk run") for p, batch in batches.items()}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/throughput.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in {**settings, "precision": args.precision}.items())
-    from mltk.devices import cpu_bf16
-
     meta = {**settings, "precision": args.precision, "data": args.data, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": cpu_name(), "cpu_bf16": cpu_bf16(), "command": command}
-    (out / "throughput.json").write_text(json.dumps({"settings": meta, "rows": rows, "mltk_over_reference": {p: round(r, 3) for p, r in ratios.items()}}, indent=2))
+    (out / "throughput.json").write_text(json.dumps({"settings": meta, "rows": rows, "mltk_over_reference": ratios}, indent=2))
     lines = ["| what | precision | images/s | seconds | × the in-memory plain loop in the same precision |", "|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['precision']} | {r['images_per_s']} | {r['seconds']} | {r['over_reference']:.2f} |" for r in rows]
     where = f"{meta['cpu']}, bf16 dot products: {meta['cpu_bf16'] or 'none'}, {meta['torch_threads']} torch threads, torch {meta['torch']}"

@@ -48,16 +48,9 @@ def cpu_bf16() -> str | None:
 
     if not torch.backends.mkldnn.is_available():
         return None
-    flags = None
     for name, test, flag in BF16_FEATURES:
-        found = getattr(torch.cpu, test, None)
-        if found is not None:
-            if found():
-                return name
-            continue
-        if flags is None:
-            flags = cpu_flags()
-        if flag in flags:
+        asked = getattr(torch.cpu, test, None)
+        if asked() if asked is not None else flag in cpu_flags():
             return name
     return None
 

@@ -390,18 +390,23 @@ def channels_last(model: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 8
 
 
-def default_amp(device: torch.device) -> bool:
-    """Mixed precision where it pays: on a CUDA GPU, and on a CPU with bf16 dot products (AMX or AVX512-BF16), where
-    oneDNN's bf16 convolutions and matmuls run about 1.5 times float32's rate. Elsewhere (other CPUs, MPS, XPU) float32:
-    a CPU without them emulates bf16, slower than float32."""
+def default_amp(device: torch.device) -> tuple[bool, str]:
+    """Whether mixed precision is on when the run leaves it open, and why (in the run summary's words).
+
+    On where it pays: on a CUDA GPU, and on a CPU with bf16 dot products (AMX or AVX512-BF16), where oneDNN's bf16
+    convolutions and matmuls run about 1.5 times float32's rate. Elsewhere (other CPUs, MPS, XPU) float32: a CPU
+    without them emulates bf16, slower than float32."""
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_bf16() is not None
+        return True, "default on a GPU"
+    if device.type != "cpu":
+        return False, f"default on {device.type.upper()}"
+    feature = cpu_bf16()
+    return feature is not None, f"default: this CPU has {feature or 'no AMX or AVX512-BF16'}"
 
 
 def mixed_precision(cfg: RunConfig, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
     """Whether autocast is on, its dtype (bfloat16 where the device has it), and the scaler float16 needs."""
-    amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    amp = cfg.amp if cfg.amp is not None else default_amp(device)[0]
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     return amp, amp_dtype, torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=amp and amp_dtype == torch.float16)
 
@@ -418,12 +423,7 @@ def precision_reason(given: bool | None, resumed: bool, device: torch.device) ->
         return "the run's own setting"
     if given is not None:  # --amp / --no-amp, or amp in a config file
         return f"as asked: amp {str(given).lower()}"
-    if device.type == "cuda":
-        return "default on a GPU"
-    if device.type != "cpu":
-        return f"default on {device.type.upper()}"
-    feature = cpu_bf16()
-    return f"default: this CPU has {feature}" if feature else "default: this CPU has no AMX or AVX512-BF16"
+    return default_amp(device)[1]
 
 
 #: float16's first loss scale. At torch's default, 2**16, a scaled gradient passes float16's 65504 on the first steps of

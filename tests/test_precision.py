@@ -35,7 +35,7 @@ def test_torch_s_own_tests_tell_the_cpu_s_bf16_feature(monkeypatch, amx, avx512_
     fake_cpu(monkeypatch, amx, avx512_bf16)
     monkeypatch.setattr(devices, "CPUINFO", "/nonexistent/cpuinfo")  # torch answers; the flags are not read
     assert cpu_bf16() == found
-    assert default_amp(torch.device("cpu")) is (found is not None)
+    assert default_amp(torch.device("cpu"))[0] is (found is not None)
 
 
 @pytest.mark.parametrize("extra, found", [
@@ -55,7 +55,7 @@ def test_no_cpuinfo_and_no_torch_tests_is_float32(monkeypatch):
     fake_cpu(monkeypatch, None, None)
     monkeypatch.setattr(devices, "CPUINFO", "/nonexistent/cpuinfo")
     assert cpu_flags() == set()
-    assert cpu_bf16() is None and default_amp(torch.device("cpu")) is False
+    assert cpu_bf16() is None and default_amp(torch.device("cpu"))[0] is False
 
 
 def test_a_torch_without_onednn_is_float32_whatever_the_cpu(monkeypatch):
@@ -66,8 +66,8 @@ def test_a_torch_without_onednn_is_float32_whatever_the_cpu(monkeypatch):
 
 def test_the_default_on_other_devices(monkeypatch):
     fake_cpu(monkeypatch, True, True)  # the host CPU does not matter off the CPU
-    assert default_amp(torch.device("cuda")) is True
-    assert default_amp(torch.device("mps")) is False
+    assert default_amp(torch.device("cuda"))[0] is True
+    assert default_amp(torch.device("mps"))[0] is False
     assert precision_reason(None, False, torch.device("cuda")) == "default on a GPU"
     assert precision_reason(None, False, torch.device("mps")) == "default on MPS"
     assert precision_reason(False, False, torch.device("cpu")) == "as asked: amp false"
