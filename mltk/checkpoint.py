@@ -7,6 +7,7 @@ import math
 import warnings
 from pathlib import Path
 
+from mltk import ctrl_c
 from mltk.errors import MltkError, UsageError
 from mltk.outputs import replace_file
 from mltk.rules import AnyOf, Choice, ListOf, Number, Options, Text, Where, from_file, show
@@ -63,10 +64,11 @@ CHECKPOINT_FORMAT = "mltk-checkpoint-1"
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write whole (``outputs.replace_file``): ``path`` holds the earlier checkpoint or this one, never part of one.
-    An OSError goes to the caller, who says which checkpoint is intact."""
+    An OSError goes to the caller, who says which checkpoint is intact. A Ctrl-C waits for the write (in torch's
+    writer it would be a RuntimeError about the zip stream) and is raised after it."""
     import torch
 
-    with replace_file(path) as tmp, open(tmp, "wb") as f:
+    with ctrl_c.deferred(), replace_file(path) as tmp, open(tmp, "wb") as f:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
 
 

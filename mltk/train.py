@@ -6,8 +6,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -18,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mltk import distributed, registry
+from mltk import ctrl_c, distributed, registry
 from mltk.config import RunConfig, check_training, to_dict
 from mltk.data import (
     ImageDataset, LabelledImages, MPerClassSampler, Source, check_image, data_config, describe_files, drop_unreadable,
@@ -83,30 +81,6 @@ class RunResult:
 
 
 @contextmanager
-def remembered_ctrl_c():
-    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: yields ``pressed()``.
-
-    Python prints and drops a KeyboardInterrupt that lands in a finalizer (``Exception ignored in ...``);
-    the training loop asks ``pressed()`` at every step, so such a Ctrl-C still stops the run there.
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
-        yield lambda: False  # only the main thread handles signals; a SIGINT ignored by the caller (nohup, a background job) stays so
-        return
-    pressed: list[int] = []
-
-    def handler(signum, frame):
-        pressed.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(pressed)
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
-@contextmanager
 def said_when_stopped(kept: Callable[[], str]):
     """Ctrl-C, or a plugin that exits, once the run folder is made (a plugin's run_started, run_ended, a save): one line
     that ends with ``kept()``, what the folder keeps and how to go on. The epoch loop says which epoch it cut short."""
@@ -158,7 +132,7 @@ def train(
     world = distributed.from_environment()
     device = distributed.device_for(world, cfg.device)  # one this machine lacks: refused before the run folder is made
     inputs = {"--config": config_file, **run_inputs(cfg)}
-    with RunDirectory(run_dir, resume, overwrite, main=world.is_main, inputs=inputs) as home, remembered_ctrl_c() as pressed:  # checked (and held) before the data is read
+    with RunDirectory(run_dir, resume, overwrite, main=world.is_main, inputs=inputs) as home, ctrl_c.remembered() as pressed:  # checked (and held) before the data is read
         joined = world.distributed and not torch.distributed.is_initialized()
         distributed.start(world, device)
         try:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from mltk import ctrl_c
 from mltk.config import FIELDS, RunConfig, check_values, make_config, to_dict
 from mltk.errors import MltkError, UsageError, first_line
 from mltk.outputs import check_dir, replace_file
@@ -245,7 +246,13 @@ class Trial:
     on_end: Callable[[Any], None] = lambda frozen: None
 
 
-def objective(search: Search, tune_dir: Path, data, told: Trial):
+def stop_if(pressed: Callable[[], bool]) -> None:
+    """A Ctrl-C that Python dropped (it landed in a finalizer) stops the search here, as one it raised would have."""
+    if pressed():
+        raise KeyboardInterrupt
+
+
+def objective(search: Search, tune_dir: Path, data, told: Trial, pressed: Callable[[], bool] = lambda: False):
     """Optuna's objective: the trial's settings trained and scored on each fold in turn; the mean of the folds."""
     import optuna
 
@@ -259,6 +266,11 @@ def objective(search: Search, tune_dir: Path, data, told: Trial):
     measure = metric_function(search.metric)
 
     def run(trial) -> float:
+        with ctrl_c.remembered():  # Ctrl-C stops the trial at once (Optuna fails it, to be run again)
+            stop_if(pressed)  # pressed since the last trial ended
+            return trial_value(trial)
+
+    def trial_value(trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         params = {name: dim.suggest(trial) for name, dim in dimensions.items()}
@@ -286,7 +298,9 @@ def objective(search: Search, tune_dir: Path, data, told: Trial):
 
                 run_dir = folder / f"fold{f}"
                 train(fold_config(cfg, held_out, data.classes), run_dir, overwrite=run_dir.exists(), on_epoch=on_epoch)
+                stop_if(pressed)
                 scored = evaluate(load(run_dir, device=None if cfg.device == "auto" else cfg.device), data=select_classes(data, [_exact(c) for c in held_out]), metrics=[measure], workers=cfg.workers)
+                stop_if(pressed)
                 value = scored.values.get(search.metric)
                 if value is None or not math.isfinite(value):
                     raise TrialFailed(f"fold {f} gives no {search.metric} ({scored.not_measured.get(search.metric, 'not measured')})")
@@ -466,6 +480,7 @@ def tune(search: Search, tune_dir: Path, data, told: Trial | None = None) -> Tun
 
     def after(study, frozen) -> None:
         write_outputs(search, tune_dir, study)
+        stop_if(pressed)  # dropped in the trial's last moments (Optuna's garbage collection): no next trial
         in_a_row[:] = in_a_row + [frozen.user_attrs.get("error", "failed")] if frozen.state == optuna.trial.TrialState.FAIL else []
         told.on_end(frozen)
         if committed(study) >= search.trials or len(in_a_row) >= FAILED_IN_A_ROW:
@@ -473,7 +488,10 @@ def tune(search: Search, tune_dir: Path, data, told: Trial | None = None) -> Tun
 
     if committed(study) < search.trials:
         try:
-            study.optimize(objective(search, tune_dir, data, told), callbacks=[after], catch=(TrialFailed,), gc_after_trial=True)
+            # Ctrl-C: raised inside a trial (its objective); between trials, in Optuna's own bookkeeping, where it
+            # would leave the study half-updated, only remembered, and raised by the next trial or the callback.
+            with ctrl_c.remembered(raise_now=False) as pressed:
+                study.optimize(objective(search, tune_dir, data, told, pressed), callbacks=[after], catch=(TrialFailed,), gc_after_trial=True)
         except KeyboardInterrupt:  # Optuna failed the trial it cut short: it is run again, first, by the next process
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
                 if t.user_attrs.get("pid") == os.getpid() and "error" not in t.user_attrs:

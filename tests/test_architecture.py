@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mltk"
 
 # Lower number: lower layer. A module may import from its own layer or below, never above.
 LAYERS = {
-    0: ["errors", "devices", "display", "outputs", "memory", "rules", "config", "hookspecs", "plugins", "registry", "lifecycle"],  # the ground
+    0: ["errors", "ctrl_c", "devices", "display", "outputs", "memory", "rules", "config", "hookspecs", "plugins", "registry", "lifecycle"],  # the ground
     1: ["data", "datasets", "checkpoint", "model", "embedding", "losses", "knn", "gpu_pass", "metrics_kernels", "allpairs", "roc", "metrics", "pairs", "report", "thresholds", "rerank", "distributed", "run_dir", "default_plugins"],  # the pieces
     2: ["train", "evaluate", "calibrate", "index", "index_edits", "serve", "embed_files", "verify", "export", "compare", "fetch", "tune"],  # the workflows
     3: ["cli", "__main__", "__init__"],  # what users call: the commands, and the package's own names (mltk.load, mltk.hookimpl)
