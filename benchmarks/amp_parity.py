@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -75,7 +76,7 @@ def summary(runs: dict, seeds: int) -> dict:
         fp32 = row["fp32"]["values"]
         differences = [b - f for f, b in zip(fp32, row["bf16"]["values"])]  # paired: the same seed's two runs
         row["difference"], row["difference_half_width"] = interval(differences) if differences else (math.nan, math.nan)
-        row["fp32_sd"] = math.sqrt(sum((v - row["fp32"]["mean"]) ** 2 for v in fp32) / (len(fp32) - 1)) if len(fp32) > 1 else math.nan
+        row["fp32_sd"] = statistics.stdev(fp32) if len(fp32) > 1 else math.nan
         row["within_spread"] = abs(row["difference"]) <= row["fp32_sd"]  # the difference no larger than one seed's sway
         row["zero_in_interval"] = abs(row["difference"]) <= row["difference_half_width"]  # no difference the seeds can show
         out[metric] = row

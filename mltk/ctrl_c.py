@@ -15,10 +15,6 @@ import threading
 from contextlib import contextmanager
 
 
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 @contextmanager
 def remembered(raise_now: bool = True):
     """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: yields ``pressed()``.
@@ -30,7 +26,7 @@ def remembered(raise_now: bool = True):
     a background job) stays ignored; off the main thread, which handles no signals, ``pressed()`` is always False.
     """
     previous = signal.getsignal(signal.SIGINT)
-    if not _main_thread() or previous is signal.SIG_IGN:
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
         yield lambda: False
         return
     presses: list[int] = []
@@ -56,6 +52,12 @@ def remembered(raise_now: bool = True):
     finally:
         sys.unraisablehook = unraisable
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def stop_if(pressed) -> None:
+    """A press Python dropped (it landed in a finalizer) stops the command here, as one it raised would have."""
+    if pressed():
+        raise KeyboardInterrupt
 
 
 @contextmanager

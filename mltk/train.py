@@ -875,8 +875,7 @@ def _train(cfg, home: RunDirectory, world, device, resume, on_step, on_epoch, on
             unreadable: set[int] = set()  # images that failed to decode; another of their class stood in
             for step, (images, labels, failed) in enumerate(p.loader):
                 # Batch: a Ctrl-C that Python dropped (it landed in a finalizer) stops the run here, as does a batch of blanks.
-                if pressed():
-                    raise KeyboardInterrupt
+                ctrl_c.stop_if(pressed)
                 unreadable.update(failed[failed >= 0].tolist())
                 check_batch(failed, p.train_data, step, epoch, progress.done)
                 images, labels = images.to(device, non_blocking=True, memory_format=p.layout), labels.to(device, non_blocking=True)

@@ -246,12 +246,6 @@ class Trial:
     on_end: Callable[[Any], None] = lambda frozen: None
 
 
-def stop_if(pressed: Callable[[], bool]) -> None:
-    """A Ctrl-C that Python dropped (it landed in a finalizer) stops the search here, as one it raised would have."""
-    if pressed():
-        raise KeyboardInterrupt
-
-
 def objective(search: Search, tune_dir: Path, data, told: Trial, pressed: Callable[[], bool] = lambda: False):
     """Optuna's objective: the trial's settings trained and scored on each fold in turn; the mean of the folds."""
     import optuna
@@ -267,7 +261,7 @@ def objective(search: Search, tune_dir: Path, data, told: Trial, pressed: Callab
 
     def run(trial) -> float:
         with ctrl_c.remembered():  # Ctrl-C stops the trial at once (Optuna fails it, to be run again)
-            stop_if(pressed)  # pressed since the last trial ended
+            ctrl_c.stop_if(pressed)  # pressed since the last trial ended
             return trial_value(trial)
 
     def trial_value(trial) -> float:
@@ -298,9 +292,9 @@ def objective(search: Search, tune_dir: Path, data, told: Trial, pressed: Callab
 
                 run_dir = folder / f"fold{f}"
                 train(fold_config(cfg, held_out, data.classes), run_dir, overwrite=run_dir.exists(), on_epoch=on_epoch)
-                stop_if(pressed)
+                ctrl_c.stop_if(pressed)
                 scored = evaluate(load(run_dir, device=None if cfg.device == "auto" else cfg.device), data=select_classes(data, [_exact(c) for c in held_out]), metrics=[measure], workers=cfg.workers)
-                stop_if(pressed)
+                ctrl_c.stop_if(pressed)
                 value = scored.values.get(search.metric)
                 if value is None or not math.isfinite(value):
                     raise TrialFailed(f"fold {f} gives no {search.metric} ({scored.not_measured.get(search.metric, 'not measured')})")
@@ -480,16 +474,17 @@ def tune(search: Search, tune_dir: Path, data, told: Trial | None = None) -> Tun
 
     def after(study, frozen) -> None:
         write_outputs(search, tune_dir, study)
-        stop_if(pressed)  # dropped in the trial's last moments (Optuna's garbage collection): no next trial
         in_a_row[:] = in_a_row + [frozen.user_attrs.get("error", "failed")] if frozen.state == optuna.trial.TrialState.FAIL else []
         told.on_end(frozen)
         if committed(study) >= search.trials or len(in_a_row) >= FAILED_IN_A_ROW:
             study.stop()
+        ctrl_c.stop_if(pressed)  # dropped in the trial's last moments (Optuna's bookkeeping): no next trial
 
     if committed(study) < search.trials:
         try:
             # Ctrl-C: raised inside a trial (its objective); between trials, in Optuna's own bookkeeping, where it
-            # would leave the study half-updated, only remembered, and raised by the next trial or the callback.
+            # would leave the study half-updated, only remembered, and raised by the next trial or by after() above
+            # (which reads this block's ``pressed``).
             with ctrl_c.remembered(raise_now=False) as pressed:
                 study.optimize(objective(search, tune_dir, data, told, pressed), callbacks=[after], catch=(TrialFailed,), gc_after_trial=True)
         except KeyboardInterrupt:  # Optuna failed the trial it cut short: it is run again, first, by the next process
